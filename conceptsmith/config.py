@@ -1,0 +1,102 @@
+"""Typed YAML configs: every file under ``configs/`` is validated by a pydantic model.
+
+Errors name the file, the key (dotted path) and, where the key takes a fixed set of values,
+the allowed values. YAML is parsed with ``yaml.safe_load``: a config never executes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says where and how to fix it."""
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(StrictModel):
+    """``configs/models/*.yaml``: which pipeline to load and how."""
+
+    spec: str = Field(min_length=1, description="hub id, local directory, .safetensors file or builtin:<name>")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+    single_file_config: str | None = None
+
+
+class EditConfig(StrictModel):
+    """``configs/erase/*.yaml`` and ``configs/customize/*.yaml``: a method and its hyper-parameters."""
+
+    method: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely, with errors that name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}. Fix the syntax (indentation, quotes, colons).") from err
+
+
+def load_config(path: str | Path, model: type[M]) -> M:
+    """Read ``path`` and validate it as ``model``."""
+    data = read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}.")
+    return validate(data, model, source=str(path))
+
+
+def validate(data: dict[str, Any], model: type[M], source: str) -> M:
+    """Validate ``data`` as ``model``; ``source`` names where it came from in error messages."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, model)) from err
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """One line per problem: ``file: key 'a.b': message (allowed: ...)``."""
+    lines = [f"{source}: invalid {model.__name__}:"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(_field_names(model, problem["loc"][:-1])))
+            message = f"unknown key (allowed keys: {allowed})"
+        elif problem["type"] == "literal_error":
+            expected = problem.get("ctx", {}).get("expected", "")
+            message = f"got {problem.get('input')!r}; allowed values: {expected}"
+        lines.append(f"  key '{key}': {message}")
+    return "\n".join(lines)
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model at ``loc``; best effort for the error message."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+    return list(getattr(current, "model_fields", {}))

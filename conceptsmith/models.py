@@ -1,0 +1,213 @@
+"""Load a text-to-image pipeline through one door: hub id, local dir, single file or ``builtin:<name>``.
+
+Every editor, evaluator and CLI command obtains its pipeline here, together with a
+:class:`ModelInfo` that records the family (which decides how prompts condition the UNet),
+the cross-attention geometry, and a fingerprint of the base weights that Edits are bound to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Family = Literal["sd1", "sd2", "sdxl"]
+
+#: Modules whose import registers further ``builtin:`` models (imported lazily on first lookup).
+BUILTIN_PROVIDERS: tuple[str, ...] = ("conceptsmith.world.pipeline",)
+
+_FINGERPRINT_SAMPLES = 4096
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded; the message names the spec and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an editor needs to know about a loaded pipeline."""
+
+    spec: str
+    family: Family
+    text_embed_dim: int
+    cross_attention_layers: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    loader: Callable[[torch.dtype, str], object]
+    description: str
+
+
+_BUILTINS: dict[str, _Builtin] = {}
+
+
+def register_builtin(name: str, loader: Callable[[torch.dtype, str], object], description: str) -> None:
+    """Make ``builtin:<name>`` loadable; ``loader(dtype, device)`` returns a diffusers pipeline."""
+    _BUILTINS[name] = _Builtin(loader, description)
+
+
+def list_builtins() -> dict[str, str]:
+    """Registered builtin models (name -> description), providers imported."""
+    _import_providers()
+    return {name: b.description for name, b in sorted(_BUILTINS.items())}
+
+
+def _import_providers() -> None:
+    for module in BUILTIN_PROVIDERS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+
+
+def load_pipeline(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    single_file_config: str | None = None,
+) -> tuple[object, ModelInfo]:
+    """Load ``spec`` and describe it.
+
+    ``spec`` is a hub id (``CompVis/stable-diffusion-v1-4``), a local diffusers directory, a
+    single ``.safetensors`` checkpoint (``single_file_config`` may name a local diffusers
+    directory with the matching architecture, for offline use), or ``builtin:<name>``.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("Empty model spec: pass a hub id, a local directory, a .safetensors file or builtin:<name>.")
+    if spec.startswith("builtin:"):
+        pipe = _load_builtin(spec.removeprefix("builtin:"), dtype, device)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            pipe = _load_directory(path, dtype)
+        elif path.is_file():
+            pipe = _load_single_file(path, dtype, single_file_config)
+        elif _looks_like_path(spec):
+            raise ModelLoadError(f"Model path '{spec}' does not exist. Check the path, or pass a hub id or builtin:<name>.")
+        else:
+            pipe = _load_hub(spec, dtype)
+    pipe = pipe.to(device)
+    return pipe, describe(pipe, spec)
+
+
+def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
+    """ModelInfo of an already loaded pipeline."""
+    from conceptsmith.attention import find_cross_attention
+
+    unet = pipe.unet
+    return ModelInfo(
+        spec=spec,
+        family=detect_family(pipe),
+        text_embed_dim=int(unet.config.cross_attention_dim),
+        cross_attention_layers=len(find_cross_attention(unet)),
+        fingerprint=fingerprint(pipe),
+    )
+
+
+def detect_family(pipe: object) -> Family:
+    """SDXL conditions on two encoders plus time ids; SD 2.x uses linear projections and 1024-d text."""
+    unet_config = pipe.unet.config
+    if getattr(pipe, "text_encoder_2", None) is not None or unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
+        return "sd2"
+    return "sd1"
+
+
+def fingerprint(pipe: object) -> str:
+    """Digest of the current UNet and text-encoder weights (names, shapes, strided value samples).
+
+    Values are sampled after rounding to float16, so the same checkpoint loaded in fp32 or fp16
+    has the same fingerprint, while any edit of a projection changes it.
+    """
+    digest = hashlib.sha256()
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+            sample = flat[::step].to("cpu", torch.float16).contiguous()
+            digest.update(f"{component}.{name}:{tuple(tensor.shape)}".encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that names no file is a missing path."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or spec.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+    )
+
+
+def _load_builtin(name: str, dtype: torch.dtype, device: str) -> object:
+    if name not in _BUILTINS:
+        _import_providers()
+    if name not in _BUILTINS:
+        known = ", ".join(f"builtin:{n}" for n in sorted(_BUILTINS)) or "none registered"
+        raise ModelLoadError(f"Unknown builtin model 'builtin:{name}'. Known builtins: {known}.")
+    return _BUILTINS[name].loader(dtype, device)
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> object:
+    from diffusers import DiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"'{path}' is a directory but not a diffusers pipeline (no model_index.json). "
+            "Pass the folder written by pipe.save_pretrained(), or a single .safetensors checkpoint."
+        )
+    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> object:
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"Refusing to load '{path}': only .safetensors checkpoints are loaded (pickled formats such as "
+            f"{path.suffix or 'this one'} can execute code). Convert it to .safetensors first."
+        )
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        is_xl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+    pipeline_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs = {"torch_dtype": dtype}
+    if config is not None:
+        kwargs["config"] = config
+    try:
+        return pipeline_cls.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Could not load single-file checkpoint '{path}' as {pipeline_cls.__name__}: {err}. Offline, pass "
+            "single_file_config (CLI: --single-file-config) = a local diffusers directory of the same architecture."
+        ) from err
+
+
+def _load_hub(spec: str, dtype: torch.dtype) -> object:
+    from diffusers import DiffusionPipeline
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    try:
+        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, safety_checker=None, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        where = "offline (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache" if offline else "from the hub"
+        raise ModelLoadError(
+            f"Could not resolve hub model '{spec}' {where}. On a machine with network access run "
+            f"`huggingface-cli download {spec} --local-dir ./{spec.split('/')[-1]}` and pass that directory "
+            f"(--model ./{spec.split('/')[-1]}), or use --model builtin:shapes."
+        ) from err

@@ -1,0 +1,181 @@
+"""Plugin registry: editors, metrics and inference-time hooks, by name.
+
+Built-in plugins register when their module is imported (``load_builtin_plugins``); third-party
+packages expose theirs through the entry-point groups ``conceptsmith.editors`` and
+``conceptsmith.metrics`` (the entry point names a module or an object; loading it registers).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from conceptsmith.edits import Edit
+
+EDITOR_GROUP = "conceptsmith.editors"
+METRIC_GROUP = "conceptsmith.metrics"
+BUILTIN_PACKAGES: tuple[str, ...] = ("erasure", "customization", "evaluation")
+
+
+class RegistryError(KeyError):
+    """Unknown or duplicate plugin name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+@dataclass
+class EditRequest:
+    """What to edit: the concepts and everything a method may anchor, preserve or learn from."""
+
+    concepts: list[str]
+    guide: str | None = None
+    preserve: list[str] = field(default_factory=list)
+    synonyms: list[str] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    class_words: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+class EditorConfig(BaseModel):
+    """Base of every editor's hyper-parameters: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Editor(abc.ABC):
+    """An editing method: ``fit(pipe, request)`` returns an Edit and never mutates ``pipe``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type[EditorConfig]] = EditorConfig
+
+    def __init__(self, config: EditorConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = {}
+        self.config = config if isinstance(config, self.Config) else self.Config.model_validate(dict(config))
+
+    @abc.abstractmethod
+    def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        """Compute the edit of ``pipe`` that ``request`` asks for."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    obj: Any
+    description: str
+
+
+_EDITORS: dict[str, _Entry] = {}
+_METRICS: dict[str, _Entry] = {}
+_HOOKS: dict[str, _Entry] = {}
+
+E = TypeVar("E", bound=type[Editor])
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _register(table: dict[str, _Entry], kind: str, name: str, obj: Any, description: str) -> None:
+    existing = table.get(name)
+    if existing is not None and existing.obj is not obj and _qualname(existing.obj) != _qualname(obj):
+        raise RegistryError(f"A {kind} named '{name}' is already registered ({_qualname(existing.obj)}); pick another name.")
+    table[name] = _Entry(obj, description)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def register_editor(name: str, description: str) -> Callable[[E], E]:
+    """Class decorator: make an :class:`Editor` subclass available as ``name``."""
+
+    def decorate(cls: E) -> E:
+        if not (isinstance(cls, type) and issubclass(cls, Editor)):
+            raise TypeError(f"register_editor('{name}') decorates Editor subclasses, got {cls!r}.")
+        cls.name = name
+        cls.description = description
+        _register(_EDITORS, "editor", name, cls, description)
+        return cls
+
+    return decorate
+
+
+def register_metric(name: str, description: str) -> Callable[[F], F]:
+    """Function decorator: make a metric available as ``name``."""
+
+    def decorate(fn: F) -> F:
+        _register(_METRICS, "metric", name, fn, description)
+        return fn
+
+    return decorate
+
+
+def register_hook(name: str, description: str = "") -> Callable[[F], F]:
+    """Decorator for the factory behind ``hook`` Edits: ``factory(edit, pipe)`` returns a handle with ``remove()``."""
+
+    def decorate(fn: F) -> F:
+        _register(_HOOKS, "hook", name, fn, description)
+        return fn
+
+    return decorate
+
+
+def load_builtin_plugins() -> None:
+    """Import every public module of the built-in method packages so that they register."""
+    for package_name in BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{module.name}")
+
+
+def _load_entry_points(group: str) -> None:
+    for entry_point in entry_points(group=group):
+        entry_point.load()
+
+
+def _lookup(table: dict[str, _Entry], kind: str, group: str | None, name: str) -> Any:
+    if name not in table:
+        load_builtin_plugins()
+        if group is not None:
+            _load_entry_points(group)
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise RegistryError(f"Unknown {kind} '{name}'. Available: {known}. (`conceptsmith methods` lists them.)")
+    return table[name].obj
+
+
+def _listing(table: dict[str, _Entry], group: str | None) -> dict[str, str]:
+    load_builtin_plugins()
+    if group is not None:
+        _load_entry_points(group)
+    return {name: entry.description for name, entry in sorted(table.items())}
+
+
+def get_editor(name: str) -> type[Editor]:
+    return _lookup(_EDITORS, "editor", EDITOR_GROUP, name)
+
+
+def get_metric(name: str) -> Callable[..., Any]:
+    return _lookup(_METRICS, "metric", METRIC_GROUP, name)
+
+
+def get_hook(name: str) -> Callable[..., Any]:
+    return _lookup(_HOOKS, "hook", EDITOR_GROUP, name)
+
+
+def list_editors() -> dict[str, str]:
+    return _listing(_EDITORS, EDITOR_GROUP)
+
+
+def list_metrics() -> dict[str, str]:
+    return _listing(_METRICS, METRIC_GROUP)

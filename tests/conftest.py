@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random Stable Diffusion pipelines built in code (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from conceptsmith.models import describe, register_builtin
+from conceptsmith.world.tokenizer import clip_tokenizer
+
+TINY_TEXT_DIM = 32
+
+
+def _text_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    settings = dict(
+        vocab_size=49408,
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TINY_TEXT_DIM,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    settings.update(overrides)
+    return CLIPTextConfig(**settings)
+
+
+def _unet(cross_attention_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        **extra,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=16,
+    )
+
+
+@functools.cache
+def _tiny_sd_pipe():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()).eval(),
+        tokenizer=clip_tokenizer(),
+        unet=_unet(TINY_TEXT_DIM).eval(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.cache
+def _tiny_sdxl_pipe():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(1)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(pad_token_id=0)).eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=_unet(
+            2 * TINY_TEXT_DIM,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + TINY_TEXT_DIM,
+        ).eval(),
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipe(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A fresh copy of the tiny SD 1.x-like pipeline (same random weights every time)."""
+    return copy.deepcopy(_tiny_sd_pipe()).to(device=device, dtype=dtype)
+
+
+register_builtin("tiny-test", build_tiny_pipe, "tiny random SD 1.x-like pipeline for tests")
+
+
+@pytest.fixture
+def tiny_pipe():
+    """(pipe, ModelInfo) of a fresh tiny SD 1.x-like pipeline; free to mutate."""
+    pipe = build_tiny_pipe()
+    return pipe, describe(pipe, "builtin:tiny-test")
+
+
+@pytest.fixture
+def tiny_sdxl_pipe():
+    """(pipe, ModelInfo) of a fresh tiny SDXL-like pipeline (two text encoders, text_time embedding)."""
+    pipe = copy.deepcopy(_tiny_sdxl_pipe())
+    return pipe, describe(pipe, "<tiny-sdxl>")
