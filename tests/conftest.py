@@ -16,6 +16,7 @@ from conceptsmith.models import describe, register_builtin
 from conceptsmith.world.tokenizer import clip_tokenizer
 
 TINY_TEXT_DIM = 32
+TINY_GENERATION_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 2.0, "height": 16, "width": 16}
 
 
 def _text_config(**overrides):
@@ -81,7 +82,7 @@ def _tiny_sd_pipe():
         text_encoder=CLIPTextModel(_text_config()).eval(),
         tokenizer=clip_tokenizer(),
         unet=_unet(TINY_TEXT_DIM).eval(),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -116,7 +117,11 @@ def _tiny_sdxl_pipe():
 
 def build_tiny_pipe(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A fresh copy of the tiny SD 1.x-like pipeline (same random weights every time)."""
-    return copy.deepcopy(_tiny_sd_pipe()).to(device=device, dtype=dtype)
+    pipe = copy.deepcopy(_tiny_sd_pipe())
+    if dtype != torch.float32 or device != "cpu":
+        pipe.to(device=device, dtype=dtype)
+    pipe.conceptsmith_defaults = dict(TINY_GENERATION_DEFAULTS)
+    return pipe
 
 
 register_builtin("tiny-test", build_tiny_pipe, "tiny random SD 1.x-like pipeline for tests")
@@ -133,4 +138,5 @@ def tiny_pipe():
 def tiny_sdxl_pipe():
     """(pipe, ModelInfo) of a fresh tiny SDXL-like pipeline (two text encoders, text_time embedding)."""
     pipe = copy.deepcopy(_tiny_sdxl_pipe())
+    pipe.conceptsmith_defaults = dict(TINY_GENERATION_DEFAULTS)
     return pipe, describe(pipe, "<tiny-sdxl>")

@@ -1,0 +1,182 @@
+"""The ``conceptsmith`` command line (typer). Each command is a thin layer over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="conceptsmith",
+    help="Erase, compose and benchmark concepts in diffusers text-to-image pipelines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="hub id, local dir, .safetensors file or builtin:<name>")]
+DTYPES = {"float32", "float16", "bfloat16"}
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the library's user-facing errors into one red line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+    return run
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype '{name}'; allowed values: {', '.join(sorted(DTYPES))}.")
+    return getattr(torch, name)
+
+
+def _load(model: str, dtype: str = "float32", device: str = "cpu"):
+    from conceptsmith.models import load_pipeline
+
+    pipe, info = load_pipeline(model, dtype=_torch_dtype(dtype), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, info
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
+
+
+def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
+    collected = [p for p in prompts]
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise FileNotFoundError(f"Prompts file '{prompts_file}' does not exist.")
+        collected += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not collected or not all(p.strip() for p in collected):
+        raise ValueError("No prompts given (or an empty prompt): pass --prompt TEXT (repeatable) or --prompts-file FILE.")
+    return collected
+
+
+@app.command()
+@user_errors
+def generate(
+    model: ModelOption = "builtin:shapes",
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt (repeatable)")] = [],  # noqa: B006
+    prompts_file: Annotated[Path | None, typer.Option(help="text file, one prompt per line")] = None,
+    seeds: Annotated[str, typer.Option(help="seeds, e.g. 0,1,2 or 0-7")] = "0",
+    edit: Annotated[list[Path], typer.Option("--edit", "-e", help="edit file to apply (repeatable, in order)")] = [],  # noqa: B006
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale")] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per forward pass")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out/generate"),
+) -> None:
+    """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json."""
+    from conceptsmith.edits import Edit
+    from conceptsmith.generation import default_settings, generate as run_generation, image_grid, parse_seeds
+
+    prompts = _read_prompts(prompt, prompts_file)
+    seed_list = parse_seeds(seeds)
+    edits = [Edit.load(path) for path in edit]
+    pipe, info = _load(model, dtype)
+    for loaded in edits:
+        loaded.apply(pipe)
+    settings = default_settings(pipe, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                                width=width, batch_size=batch_size)
+    results = run_generation(pipe, prompts, seed_list, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, (text, seed, image) in enumerate(results):
+        name = f"{index // len(seed_list):03d}_{_slug(text)}_s{seed}.png"
+        image.save(out / name)
+        records.append({"prompt": text, "seed": seed, "file": name})
+    grid = image_grid([image for _, _, image in results], columns=len(seed_list),
+                      labels=[f"{text} | {seed}" for text, seed, _ in results])
+    grid.save(out / "grid.png")
+    manifest = {
+        "model": info.spec,
+        "family": info.family,
+        "base_fingerprint": info.fingerprint,
+        "edits": [{"file": str(path), "method": e.method, "concepts": e.concepts} for path, e in zip(edit, edits)],
+        "settings": settings.pipeline_kwargs(),
+        "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
+        "images": records,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    typer.echo(f"wrote {len(records)} images, grid.png and manifest.json to {out}")
+
+
+@app.command()
+@user_errors
+def methods() -> None:
+    """List the registered editors, metrics and builtin models."""
+    from conceptsmith.models import list_builtins
+    from conceptsmith.registry import list_editors, list_metrics
+
+    for title, table in (("editors", list_editors()), ("metrics", list_metrics()), ("models", list_builtins())):
+        typer.echo(f"{title}:")
+        prefix = "builtin:" if title == "models" else ""
+        for name, description in table.items():
+            typer.echo(f"  {prefix + name:<24} {description}")
+        if not table:
+            typer.echo("  (none)")
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="hub id, local dir, .safetensors file or builtin:<name>")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show a model's family, cross-attention layers, dimensions and base fingerprint."""
+    from conceptsmith.attention import find_cross_attention
+
+    pipe, info = _load(model)
+    layers = find_cross_attention(pipe.unet)
+    report = {
+        "spec": info.spec,
+        "family": info.family,
+        "text_embed_dim": info.text_embed_dim,
+        "cross_attention_layers": info.cross_attention_layers,
+        "kv_matrices": 2 * len(layers),
+        "fingerprint": info.fingerprint,
+        "layers": [{"name": layer.name, "d_in": layer.d_in, "d_out": layer.d_out} for layer in layers],
+    }
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key in ("spec", "family", "text_embed_dim", "cross_attention_layers", "kv_matrices", "fingerprint"):
+        typer.echo(f"{key:<24} {report[key]}")
+    for layer in report["layers"]:
+        typer.echo(f"  {layer['name']:<64} {layer['d_in']:>5} -> {layer['d_out']}")
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps that live beside their feature (e.g. ``conceptsmith world``)."""
+    from conceptsmith.world.cli import app as world_app
+
+    app.add_typer(world_app, name="world", help="ShapesWorld: train and check the builtin micro world.")
+
+
+def main() -> None:
+    _mount_subcommands()
+    app(prog_name="conceptsmith")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
