@@ -88,7 +88,8 @@ def generate(
 ) -> None:
     """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json."""
     from conceptsmith.edits import Edit
-    from conceptsmith.generation import default_settings, generate as run_generation, image_grid, parse_seeds
+    from conceptsmith.generation import default_settings, image_grid, parse_seeds
+    from conceptsmith.generation import generate as run_generation
 
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = parse_seeds(seeds)

@@ -104,12 +104,12 @@ def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
     """ModelInfo of an already loaded pipeline."""
     from conceptsmith.attention import find_cross_attention
 
-    unet = pipe.unet
+    layers = find_cross_attention(pipe.unet)
     return ModelInfo(
         spec=spec,
         family=detect_family(pipe),
-        text_embed_dim=int(unet.config.cross_attention_dim),
-        cross_attention_layers=len(find_cross_attention(unet)),
+        text_embed_dim=layers[0].d_in if layers else int(pipe.unet.config.cross_attention_dim),
+        cross_attention_layers=len(layers),
         fingerprint=fingerprint(pipe),
     )
 

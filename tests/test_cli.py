@@ -78,3 +78,36 @@ def test_methods_lists_builtin_models():
     result = _run("methods")
     assert result.exit_code == 0, result.output
     assert "builtin:tiny-test" in result.output
+
+
+def test_generate_applies_edits_in_order_and_records_them(tiny_pipe, tmp_path):
+    """--edit changes the images; the manifest names the edit; a mismatched base is refused clearly."""
+    import torch
+
+    from conceptsmith.attention import kv_projections
+    from conceptsmith.edits import Edit
+
+    pipe, info = tiny_pipe
+    name, layer = next(iter(kv_projections(pipe.unet).items()))
+    torch.manual_seed(0)
+    up, down = torch.randn(layer.out_features, 1), torch.randn(1, layer.in_features)
+    edit = Edit.from_weight_deltas("test", ["red"], {}, info.fingerprint, info.family, {f"unet.{name}": (up, down)})
+    edit.save(tmp_path / "e.safetensors")
+    args = ["generate", "-m", "builtin:tiny-test", "-p", "a red circle", "--seeds", "0"]
+    plain = _run(*args, "-o", str(tmp_path / "plain"))
+    edited = _run(*args, "--edit", str(tmp_path / "e.safetensors"), "-o", str(tmp_path / "edited"))
+    assert plain.exit_code == 0 and edited.exit_code == 0, edited.output
+    manifest = json.loads((tmp_path / "edited" / "manifest.json").read_text())
+    assert manifest["edits"][0]["method"] == "test"
+    a = np.asarray(Image.open(tmp_path / "plain" / "000_a-red-circle_s0.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "edited" / "000_a-red-circle_s0.png"), dtype=np.int16)
+    assert np.abs(a - b).max() > 1
+
+    foreign = Edit.from_weight_deltas("test", ["red"], {}, "0000000000000000", info.family, {f"unet.{name}": (up, down)})
+    foreign.save(tmp_path / "foreign.safetensors")
+    refused = _run(*args, "--edit", str(tmp_path / "foreign.safetensors"), "-o", str(tmp_path / "x"))
+    assert refused.exit_code == 2
+    assert "0000000000000000" in refused.output and info.fingerprint in refused.output
+
+    missing = _run(*args, "--edit", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "y"))
+    assert missing.exit_code == 2 and "none.safetensors" in missing.output
