@@ -167,6 +167,73 @@ def inspect(
         typer.echo(f"  {layer['name']:<64} {layer['d_in']:>5} -> {layer['d_out']}")
 
 
+def _read_lines(path: Path | None, what: str) -> list[str]:
+    if path is None:
+        return []
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file '{path}' does not exist.")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _editor_from_options(method: str | None, config: Path | None):
+    """The editor named by --method, with hyper-parameters from --config (whose method must agree)."""
+    from conceptsmith.config import EditConfig, load_config
+    from conceptsmith.registry import get_editor
+
+    params: dict[str, Any] = {}
+    if config is not None:
+        loaded = load_config(config, EditConfig)
+        if method is not None and method != loaded.method:
+            raise ValueError(f"--method {method} disagrees with '{config}', which configures '{loaded.method}'.")
+        method, params = loaded.method, loaded.params
+    if method is None:
+        raise ValueError("Name a method: --method NAME (see `conceptsmith methods`) or --config FILE.")
+    editor_cls = get_editor(method)
+    try:
+        return editor_cls(params)
+    except ValueError as err:
+        raise ValueError(f"{config or 'defaults'}: invalid parameters for '{method}': {err}") from None
+
+
+@app.command()
+@user_errors
+def erase(
+    model: ModelOption = "builtin:shapes",
+    method: Annotated[str | None, typer.Option(help="erasure method (see `conceptsmith methods`)")] = None,
+    concept: Annotated[list[str], typer.Option("--concept", "-c", help="concept to erase (repeatable)")] = [],  # noqa: B006
+    concepts_file: Annotated[Path | None, typer.Option(help="text file, one concept per line")] = None,
+    guide: Annotated[str | None, typer.Option(help="what the concept becomes ('' = nothing; default: the method's)")] = None,
+    preserve: Annotated[list[str], typer.Option("--preserve", help="concept to keep intact (repeatable)")] = [],  # noqa: B006
+    preserve_file: Annotated[Path | None, typer.Option(help="text file, one preserved concept per line")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with `method:` and `params:` (configs/erase/*.yaml)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for any random choice of the method")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("edit.safetensors"),
+) -> None:
+    """Erase concepts: fit an erasure method and write the Edit (the model itself is never modified)."""
+    import time
+
+    from conceptsmith.registry import EditRequest
+
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out '{out}' must end in .safetensors (edits are saved as safetensors).")
+    concepts = concept + _read_lines(concepts_file, "Concepts")
+    if not concepts:
+        raise ValueError("No concept given: pass --concept TEXT (repeatable) or --concepts-file FILE.")
+    editor = _editor_from_options(method, config)
+    pipe, info = _load(model)
+    request = EditRequest(concepts=concepts, guide=guide, preserve=preserve + _read_lines(preserve_file, "Preserve"),
+                          seed=seed)
+    started = time.perf_counter()
+    result = editor.fit(pipe, request)
+    seconds = time.perf_counter() - started
+    result.save(out)
+    typer.echo(f"{editor.name}: erased {len(concepts)} concept(s) from {info.spec} [{info.fingerprint}] "
+               f"in {seconds:.2f} s -> {out}")
+    for key, value in sorted(result.metadata.items()):
+        if isinstance(value, (int, float, str)) and key not in {"created", "conceptsmith_version"}:
+            typer.echo(f"  {key}: {value}")
+
+
 def _mount_subcommands() -> None:
     """Sub-apps that live beside their feature (e.g. ``conceptsmith world``)."""
     from conceptsmith.world.cli import app as world_app

@@ -1,0 +1,62 @@
+"""`conceptsmith erase`: writes a loadable Edit; bad inputs name the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from conceptsmith.cli import app
+from conceptsmith.edits import Edit
+
+runner = CliRunner()
+
+
+def test_erase_writes_an_edit_bound_to_the_base(tmp_path):
+    out = tmp_path / "e.safetensors"
+    result = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "uce", "-c", "red circle",
+                                 "--preserve", "blue star", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    edit = Edit.load(out)
+    assert edit.method == "uce" and edit.concepts == ["red circle"]
+    assert edit.kind == "weights"
+    inspect = runner.invoke(app, ["inspect", "builtin:tiny-test", "--json"])
+    assert edit.base_fingerprint in inspect.stdout
+
+
+def test_erase_with_config_file(tmp_path):
+    config = tmp_path / "uce.yaml"
+    config.write_text("method: uce\nparams:\n  lam: 0.1\n  token_policy: phrase\n")
+    out = tmp_path / "e.safetensors"
+    result = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--config", str(config), "-c", "red circle",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Edit.load(out).params["token_policy"] == "phrase"
+
+
+@pytest.mark.parametrize(
+    ("extra", "config_text", "message"),
+    [
+        (["--method", "no-such"], None, "Unknown editor 'no-such'"),
+        (["--method", "uce", "-c", ""], None, "empty"),
+        ([], None, "Name a method"),
+        (["--method", "rece"], "method: uce\n", "disagrees"),
+        ([], "method: uce\nparams:\n  lamda: 1\n", "lamda"),
+        ([], "method: uce\nparams:\n  token_policy: first_word\n", "last_word"),
+    ],
+)
+def test_erase_bad_inputs(tmp_path, extra, config_text, message):
+    args = ["erase", "-m", "builtin:tiny-test", "-o", str(tmp_path / "e.safetensors")]
+    if "-c" not in extra:
+        args += ["-c", "red circle"]
+    if config_text is not None:
+        (tmp_path / "c.yaml").write_text(config_text)
+        args += ["--config", str(tmp_path / "c.yaml")]
+    result = runner.invoke(app, args + extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_erase_without_concepts():
+    result = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "uce"])
+    assert result.exit_code == 2 and "No concept given" in result.output
