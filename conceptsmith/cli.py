@@ -234,6 +234,40 @@ def erase(
             typer.echo(f"  {key}: {value}")
 
 
+@app.command()
+@user_errors
+def bench(
+    config: Annotated[str, typer.Argument(help="configs/bench/NAME.yaml or a bench name such as shapes-objects")],
+    methods: Annotated[str | None, typer.Option(help="comma-separated subset of the config's methods")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="override the config's model")] = None,
+    evaluator: Annotated[str | None, typer.Option(help="override the config's evaluator")] = None,
+    cache: Annotated[str | None, typer.Option(help="image/edit cache directory")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="report directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run a benchmark: fit every method, generate, score, write results.json and a report."""
+    from evaluation.bench import bench_command
+
+    bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    bench_config: Annotated[str, typer.Option("--bench", help="benchmark config naming prompts, seeds, evaluator")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="override the config's model")] = None,
+    edit: Annotated[list[str], typer.Option("--edit", "-e", help="saved edit to score (repeatable)")] = [],  # noqa: B006
+    evaluator: Annotated[str | None, typer.Option(help="override the config's evaluator")] = None,
+    cache: Annotated[str | None, typer.Option(help="image cache directory")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="report directory")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Score the unedited model and each saved edit on a benchmark's prompts."""
+    from evaluation.bench import evaluate_command
+
+    evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json)
+
+
 def _mount_subcommands() -> None:
     """Sub-apps that live beside their feature (e.g. ``conceptsmith world``)."""
     from conceptsmith.world.cli import app as world_app

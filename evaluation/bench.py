@@ -1,0 +1,800 @@
+"""Benchmark runner: a YAML under ``configs/bench/`` -> generations -> metrics -> results.json + report.
+
+A benchmark names the model, the evaluator, the erasure tasks (erase / preserve / synonyms /
+indirect concept sets), generation templates, seeds, the methods (each an editor with its config)
+and the attacks. For every task the runner scores the unedited model (always a row) and each
+method's edit:
+
+* ``acc_e`` on prompts naming an erased concept, ``acc_g`` on synonym prompts, ``acc_i`` on indirect
+  prompts (all: classified as the erased concept; lower is better), ``acc_s`` on preserved concepts
+  (higher is better), ``h_o`` / ``h_c`` -- both accuracy conventions recorded, ``accuracy`` picks the
+  headline one;
+* ``fd_clip`` and ``paired_specificity`` against the unedited model on preserve + neutral prompts, and
+  the CLIP score (torchmetrics convention) on preserve prompts;
+* attack success rates (``embedding`` = RECE's closed-form attack, ``ring_a_bell``,
+  ``textual_inversion``).
+
+Generation uses one CPU generator per image and fixed batches that do not depend on the number of
+processes, so an image depends only on (model, edit, prompt, seed, settings). Images are cached as
+PNG under ``<cache>/<base fingerprint>/<edit key>/``; fitted edits under ``<cache>/<base>/edits/``;
+a re-run only generates what is new. Under ``accelerate launch`` the batches are dealt round-robin
+to the processes; the main process fits/caches edits first, scores and writes the results::
+
+    accelerate launch --multi_gpu --num_processes 2 -m evaluation.bench shapes-smoke --out runs/smoke
+
+(on a CPU-only machine ``--multi_gpu`` selects accelerate's torchrun launcher, which runs CPU
+processes with the gloo backend; ``--cpu`` alone starts a single process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from pydantic import Field
+
+from conceptsmith.config import StrictModel, load_config, validate
+
+__all__ = [
+    "AttackSpec",
+    "BenchConfig",
+    "GenerationConfig",
+    "MethodSpec",
+    "TaskSpec",
+    "load_bench_config",
+    "run_bench",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+
+
+# ============================================================================================
+# config
+# ============================================================================================
+class GenerationConfig(StrictModel):
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = Field(
+        4, ge=1, description="images per pipeline call (fixed batches, shard-independent)"
+    )
+
+
+class TaskSpec(StrictModel):
+    name: str = Field(min_length=1)
+    erase: list[str] = Field(min_length=1, description="concepts erased together")
+    preserve: list[str] = Field(default_factory=list, description="concepts that must survive")
+    synonyms: dict[str, list[str]] = Field(default_factory=dict, description="erased concept -> paraphrases")
+    indirect: dict[str, list[str]] = Field(
+        default_factory=dict, description="erased concept -> indirect descriptions (never its name)"
+    )
+    guide: str | None = None
+
+
+class MethodSpec(StrictModel):
+    name: str | None = Field(None, description="row label (default: the method)")
+    method: str | None = Field(None, description="registered editor name (default: from `config`)")
+    config: str | None = Field(
+        None, description="configs/erase/*.yaml file (relative to the repo or the bench)"
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's params")
+
+    def label(self) -> str:
+        return self.name or self.method or Path(self.config or "method").stem
+
+
+class AttackSpec(StrictModel):
+    kind: Literal["embedding", "ring_a_bell", "textual_inversion"]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BenchConfig(StrictModel):
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: str = Field(min_length=1)
+    evaluator: str = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    templates: list[str] = Field(default_factory=lambda: ["a {}"], min_length=1)
+    eval_templates: list[str] = Field(default_factory=lambda: ["a photo of a {}"], min_length=1)
+    classes: list[str] | None = Field(None, description="zero-shot label set (default: every task concept)")
+    neutral_prompts: list[str] = Field(default_factory=list)
+    accuracy: Literal["argmax", "prob"] = "argmax"
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    methods: list[MethodSpec] = Field(default_factory=list)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+
+    def class_list(self) -> list[str]:
+        if self.classes:
+            return list(self.classes)
+        names: dict[str, None] = {}
+        for task in self.tasks:
+            names.update(dict.fromkeys([*task.erase, *task.preserve]))
+        return list(names)
+
+
+def load_bench_config(path_or_name: str | Path) -> tuple[BenchConfig, Path | None]:
+    """A bench YAML by path or by name under ``configs/bench/`` (``shapes-smoke``)."""
+    path = Path(path_or_name)
+    if not path.is_file() and not path.suffix:
+        path = BENCH_DIR / f"{path_or_name}.yaml"
+    cfg = load_config(path, BenchConfig)
+    names = set(cfg.class_list())
+    for task in cfg.tasks:
+        missing = [c for c in [*task.erase, *task.preserve] if c not in names]
+        if missing:
+            raise ValueError(f"{path}: task '{task.name}': concepts {missing} are not in `classes`")
+    return cfg, path
+
+
+# ============================================================================================
+# prompts and images
+# ============================================================================================
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    set: str  # erase | synonym | indirect | preserve | neutral
+    target: str | None  # the class the evaluator should (erase sets: should no longer) see
+
+
+def task_prompts(cfg: BenchConfig, task: TaskSpec) -> list[Prompt]:
+    out: list[Prompt] = []
+    for template in cfg.templates:
+        out += [Prompt(template.format(c), "erase", c) for c in task.erase]
+        out += [
+            Prompt(template.format(s), "synonym", c) for c in task.erase for s in task.synonyms.get(c, [])
+        ]
+        out += [
+            Prompt(template.format(s), "indirect", c) for c in task.erase for s in task.indirect.get(c, [])
+        ]
+        out += [Prompt(template.format(p), "preserve", p) for p in task.preserve]
+    out += [Prompt(p, "neutral", None) for p in cfg.neutral_prompts]
+    return list(dict.fromkeys(out))
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Generator:
+    """Cached, shardable generation for one pipeline."""
+
+    pipe: Any
+    settings: GenerationConfig
+    cache: Path
+    state: Any  # accelerate PartialState
+    progress: bool = True
+    generated: int = 0
+    cached: int = 0
+
+    def _kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "num_inference_steps": self.settings.num_inference_steps,
+            "guidance_scale": self.settings.guidance_scale,
+        }
+        if self.settings.height:
+            kw["height"] = self.settings.height
+        if self.settings.width:
+            kw["width"] = self.settings.width
+        return kw
+
+    def path(self, edit_key: str, condition_key: str, seed: int) -> Path:
+        settings = _digest(self._kwargs())
+        return self.cache / edit_key / f"{_digest(condition_key, settings)}-{seed}.png"
+
+    def run(
+        self,
+        edit_key: str,
+        conditions: Sequence[tuple[str, Callable[[], dict[str, torch.Tensor]] | str]],
+        seeds: Sequence[int],
+        desc: str = "generate",
+    ) -> dict[tuple[str, int], Path]:
+        """Images for every (condition, seed); a condition is a prompt string or (key, kwargs-maker)
+        for prompt embeddings. Batches are fixed from the full job list and dealt to processes."""
+        from tqdm.auto import tqdm
+
+        jobs = [(key, cond, int(s)) for key, cond in conditions for s in seeds]
+        paths = {(key, s): self.path(edit_key, key, s) for key, _, s in jobs}
+        size = self.settings.batch_size
+        batches = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+        mine = batches[self.state.process_index :: self.state.num_processes]
+        todo = [b for b in mine if not all(paths[(k, s)].is_file() for k, _, s in b)]
+        self.cached += sum(len(b) for b in mine) - sum(len(b) for b in todo)
+        bar = tqdm(
+            total=sum(len(b) for b in todo),
+            desc=desc,
+            unit="img",
+            disable=not self.progress or not todo,
+            position=self.state.process_index,
+        )
+        for batch in todo:
+            generators = [torch.Generator("cpu").manual_seed(s) for _, _, s in batch]
+            if all(isinstance(c, str) for _, c, _ in batch):
+                inputs: dict[str, Any] = {"prompt": [c for _, c, _ in batch]}
+            else:
+                made = [c() if callable(c) else _encode_kwargs(self.pipe, c) for _, c, _ in batch]
+                inputs = {k: torch.cat([m[k] for m in made]) for k in made[0]}
+            with torch.no_grad():
+                images = self.pipe(generator=generators, output_type="pil", **inputs, **self._kwargs()).images
+            for (key, _, s), image in zip(batch, images, strict=True):
+                _save_png(image, paths[(key, s)])
+            self.generated += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        self.state.wait_for_everyone()
+        return paths
+
+
+def _encode_kwargs(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
+    from conceptsmith.text import encode_prompts
+
+    kw = {"prompt_embeds": encode_prompts(pipe, [prompt])}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        kw["pooled_prompt_embeds"] = pipe.encode_prompt([prompt], do_classifier_free_guidance=False)[2]
+    return kw
+
+
+# ============================================================================================
+# edits
+# ============================================================================================
+def _method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[str, Any]]:
+    from conceptsmith.config import EditConfig
+
+    method, params = spec.method, {}
+    if spec.config:
+        candidates = [Path(spec.config)]
+        if bench_path is not None:
+            candidates += [bench_path.parent / spec.config, BENCH_DIR.parent.parent / spec.config]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"method config '{spec.config}' not found (tried {[str(c) for c in candidates]})"
+            )
+        edit_cfg = load_config(path, EditConfig)
+        method = method or edit_cfg.method
+        params = dict(edit_cfg.params)
+    if not method:
+        raise ValueError(f"method row '{spec.label()}' names neither `method` nor `config`")
+    params.update(spec.params)
+    return method, params
+
+
+def edit_digest(edit: Any) -> str:
+    """Content fingerprint of an Edit: kind, method, params, base and every tensor's bytes."""
+    h = hashlib.sha256()
+    stack = [edit]
+    while stack:
+        e = stack.pop(0)
+        h.update(
+            json.dumps([e.kind, e.method, e.params, e.base_fingerprint, e.hook], sort_keys=True).encode()
+        )
+        for name in sorted(e.tensors):
+            t = e.tensors[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        stack.extend(e.parts)
+    return h.hexdigest()[:16]
+
+
+def fit_edit(
+    pipe: Any,
+    cache: Path,
+    state: Any,
+    method: str,
+    params: dict[str, Any],
+    task: TaskSpec,
+    seed: int,
+) -> tuple[Any, str, float | None]:
+    """Fit (or load from the cache) the edit of ``method`` for ``task``; returns (edit, image-cache
+    key, seconds spent fitting or None when loaded). The image-cache key is the edit's content digest."""
+    from conceptsmith import __version__
+    from conceptsmith.edits import Edit
+    from conceptsmith.registry import EditRequest, get_editor
+
+    request = EditRequest(
+        concepts=list(task.erase),
+        guide=task.guide,
+        preserve=list(task.preserve),
+        synonyms=[s for c in task.erase for s in task.synonyms.get(c, [])],
+        seed=seed,
+    )
+    request_key = f"{method}-{_digest(method, params, request.__dict__, __version__)}"
+    path = cache / "edits" / f"{request_key}.safetensors"
+    seconds = None
+    with state.main_process_first():
+        if path.is_file():
+            edit = Edit.load(path)
+        else:
+            started = time.perf_counter()
+            edit = get_editor(method)(params).fit(pipe, request)
+            seconds = time.perf_counter() - started
+            if state.is_main_process:
+                edit.save(path)
+    return edit, f"{method}-{edit_digest(edit)}", seconds
+
+
+# ============================================================================================
+# scoring
+# ============================================================================================
+def _load_images(paths: Sequence[Path]) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def _score_row(
+    evaluator: Any,
+    cfg: BenchConfig,
+    prompts: list[Prompt],
+    images: dict[tuple[str, int], Path],
+    unedited: dict[tuple[str, int], Path],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from evaluation.metrics import (
+        ACCURACY_MODES,
+        accuracy_from_probs,
+        fd_clip,
+        harmonic_concept,
+        harmonic_overall,
+        paired_specificity,
+    )
+
+    classes = cfg.class_list()
+    keys = [(p, s) for p in prompts for s in cfg.seeds]
+    pil = _load_images([images[(p.text, s)] for p, s in keys])
+    cls = evaluator.classify(pil, classes, cfg.eval_templates)
+    per_image = []
+    for i, (p, s) in enumerate(keys):
+        row = {
+            "prompt": p.text,
+            "seed": s,
+            "set": p.set,
+            "target": p.target,
+            "path": str(images[(p.text, s)]),
+        }
+        row["pred"] = classes[int(cls.pred[i])]
+        if p.target is not None and p.target in classes:
+            row["p_target"] = float(cls.probs[i, classes.index(p.target)])
+        per_image.append(row)
+
+    metrics: dict[str, Any] = {}
+    for name, set_name in (
+        ("acc_e", "erase"),
+        ("acc_g", "synonym"),
+        ("acc_i", "indirect"),
+        ("acc_s", "preserve"),
+    ):
+        idx = [i for i, (p, _) in enumerate(keys) if p.set == set_name and p.target in classes]
+        if idx:
+            acc = accuracy_from_probs(cls.probs[idx], [classes.index(keys[i][0].target) for i in idx])
+            metrics[name] = acc.to_dict()
+    for mode in ACCURACY_MODES:
+        if "acc_e" in metrics and "acc_s" in metrics:
+            e, s = metrics["acc_e"][mode], metrics["acc_s"][mode]
+            metrics.setdefault("h_c", {})[mode] = harmonic_concept(e, s)
+            if "acc_g" in metrics:
+                metrics.setdefault("h_o", {})[mode] = harmonic_overall(e, s, metrics["acc_g"][mode])
+
+    spec_keys = [(p.text, s) for p in prompts if p.set in ("preserve", "neutral") for s in cfg.seeds]
+    if spec_keys:
+        edited_imgs = _load_images([images[k] for k in spec_keys])
+        base_imgs = _load_images([unedited[k] for k in spec_keys])
+        metrics["paired_specificity"] = paired_specificity(evaluator, edited_imgs, base_imgs)
+        if len(spec_keys) >= 2:
+            metrics["fd_clip"] = fd_clip(evaluator, edited_imgs, base_imgs)
+    pres = [(p.text, s) for p in prompts if p.set == "preserve" for s in cfg.seeds]
+    if pres:
+        score = evaluator.clip_score(_load_images([images[k] for k in pres]), [k[0] for k in pres])
+        metrics["clip_score"] = {"mean": score.mean, "scale": score.scale, "clamp_min": score.clamp_min}
+    return metrics, per_image
+
+
+# ============================================================================================
+# attacks
+# ============================================================================================
+def _run_attacks(
+    cfg: BenchConfig,
+    task: TaskSpec,
+    pipe: Any,
+    edit: Any,
+    edit_key: str,
+    gen: Generator,
+    evaluator: Any,
+    unedited: dict[tuple[str, int], Path],
+    state: Any,
+) -> dict[str, Any]:
+    """Attack the applied ``edit`` on every erase prompt; returns per-attack success rates."""
+    from evaluation import attacks as A
+
+    results: dict[str, Any] = {}
+    classes = cfg.class_list()
+    erase_prompts = [Prompt(t.format(c), "erase", c) for t in cfg.templates for c in task.erase]
+    for spec in cfg.attacks:
+        params = dict(spec.params)
+        conditions: list[tuple[str, Any]] = []
+        targets: list[str] = []
+        info: dict[str, Any] = {}
+        if spec.kind == "embedding":
+            if edit.kind not in ("weights", "lora", "composite"):
+                results[spec.kind] = {"skipped": f"{edit.kind} edits have no K/V weights"}
+                continue
+            attack = A.embedding_attack(pipe, edit, [p.text for p in erase_prompts], **params)
+            info = {k: v for k, v in attack.info.items()}
+            for i, p in enumerate(erase_prompts):
+                kw = attack.pipeline_kwargs(i)
+                conditions.append((f"embedding:{_digest(p.text, params)}", lambda kw=kw: kw))
+                targets.append(p.target)
+        elif spec.kind == "ring_a_bell":
+            eta = float(params.pop("eta", 3.0))
+            base = [Prompt(t.format(q), "preserve", q) for t in cfg.templates for q in task.preserve] or [
+                Prompt(cfg.neutral_prompts[0] if cfg.neutral_prompts else "", "neutral", None)
+            ]
+            for c in task.erase:
+                pairs = [(t.format(c), t.format(q)) for t in cfg.templates for q in (task.preserve or [""])]
+                attack = A.ring_a_bell(pipe, [b.text for b in base], pairs, eta=eta, **params)
+                for i, b in enumerate(base):
+                    kw = attack.pipeline_kwargs(i)
+                    conditions.append(
+                        (f"ring_a_bell:{_digest(c, b.text, pairs, eta, params)}", lambda kw=kw: kw)
+                    )
+                    targets.append(c)
+            info = {"eta": eta}
+        elif getattr(pipe, "text_encoder_2", None) is not None:
+            results[spec.kind] = {"skipped": "the textual-inversion attack supports SD 1.x / 2.x only"}
+            continue
+        else:  # textual_inversion: learn from the unedited model's images of the concept
+            for c in task.erase:
+                refs = [unedited[(p.text, s)] for p in erase_prompts if p.target == c for s in cfg.seeds][:8]
+                ti_key = _digest("ti", edit_key, c, params, [str(r) for r in refs])
+                ti_path = gen.cache / "attacks" / f"ti-{ti_key}.json"
+                with state.main_process_first():
+                    if ti_path.is_file():
+                        stored = json.loads(ti_path.read_text())
+                        emb = torch.tensor(stored["embedding"])
+                        result = A.TextualInversionAttack(
+                            stored["token"], emb, stored["carrier"], [], stored["before"], stored["after"], {}
+                        )
+                    else:
+                        result = A.textual_inversion_attack(pipe, _load_images(refs), **params)
+                        if state.is_main_process:
+                            ti_path.parent.mkdir(parents=True, exist_ok=True)
+                            ti_path.write_text(
+                                json.dumps(
+                                    {
+                                        "token": result.token,
+                                        "carrier": result.carrier,
+                                        "embedding": result.embedding.tolist(),
+                                        "before": result.eval_loss_before,
+                                        "after": result.eval_loss_after,
+                                    }
+                                )
+                            )
+                info[c] = {
+                    "eval_loss_before": result.eval_loss_before,
+                    "eval_loss_after": result.eval_loss_after,
+                }
+                for t in cfg.templates:
+                    embeds = result.encode(pipe, [t.format(result.token)])
+                    conditions.append((f"ti:{ti_key}:{t}", lambda e=embeds: {"prompt_embeds": e}))
+                    targets.append(c)
+        paths = gen.run(f"{edit_key}/attack-{spec.kind}", conditions, cfg.seeds, desc=f"attack {spec.kind}")
+        if not state.is_main_process:
+            continue
+        keys = [(k, s) for k, _ in conditions for s in cfg.seeds]
+        flat_targets = [t for t in targets for _ in cfg.seeds]
+        cls = evaluator.classify(_load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
+        hits = [classes[int(p)] == t for p, t in zip(cls.pred, flat_targets, strict=True)]
+        results[spec.kind] = {"asr": sum(hits) / len(hits), "n": len(hits), "info": info}
+    return results
+
+
+# ============================================================================================
+# the runner
+# ============================================================================================
+@dataclass
+class BenchRun:
+    results: dict[str, Any]
+    out_dir: Path
+    generated: int
+    cached: int
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def run_bench(
+    config: BenchConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    edits: Sequence[str | Path] = (),
+    model: str | None = None,
+    evaluator: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> BenchRun:
+    """Run a benchmark; writes ``results.json`` (and the report) into ``out_dir`` on the main process.
+
+    ``methods`` keeps only these method rows (by label or method name); ``edits`` adds saved Edit
+    files as rows (evaluated on every task); ``model`` / ``evaluator`` override the config's.
+    """
+    from accelerate import PartialState
+
+    from conceptsmith.edits import Edit
+    from conceptsmith.models import load_pipeline
+    from evaluation.clip import load_evaluator
+
+    if isinstance(config, BenchConfig):
+        cfg, bench_path = config, None
+    else:
+        cfg, bench_path = load_bench_config(config)
+    if model or evaluator:
+        cfg = validate(
+            {
+                **cfg.model_dump(),
+                **({"model": model} if model else {}),
+                **({"evaluator": evaluator} if evaluator else {}),
+            },
+            BenchConfig,
+            "overrides",
+        )
+    state = PartialState(cpu=True)
+    out_dir = Path(out_dir)
+    cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
+    started = time.perf_counter()
+
+    pipe, info = load_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    cache = cache_root / info.fingerprint
+    gen = Generator(pipe, cfg.generation, cache, state, progress=progress)
+    ev = load_evaluator(cfg.evaluator) if state.is_main_process else None
+
+    selected = [
+        m
+        for m in cfg.methods
+        if methods is None or m.label() in methods or (m.method and m.method in methods)
+    ]
+    if methods is not None:
+        unknown = (
+            set(methods) - {m.label() for m in cfg.methods} - {m.method for m in cfg.methods if m.method}
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown methods {sorted(unknown)}; this bench has {[m.label() for m in cfg.methods]}"
+            )
+    external = [(Path(p).stem, Edit.load(p)) for p in edits]
+
+    rows: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    for task in cfg.tasks:
+        prompts = task_prompts(cfg, task)
+        conds = [(p.text, p.text) for p in prompts]
+        unedited = gen.run("unedited", conds, cfg.seeds, desc=f"{task.name}: unedited")
+        candidates: list[tuple[str, str, Any, str | None, dict[str, Any], float | None]] = [
+            ("unedited", "none", None, "unedited", {}, None)
+        ]
+        for spec in selected:
+            method, params = _method_config(spec, bench_path)
+            edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0)
+            candidates.append((spec.label(), method, edit, key, params, seconds))
+        for label, edit in external:
+            candidates.append(
+                (
+                    label,
+                    edit.method,
+                    edit,
+                    f"{edit.method}-{edit_digest(edit)}",
+                    edit.params,
+                    None,
+                )
+            )
+        for label, method, edit, key, params, seconds in candidates:
+            if edit is not None:
+                edit.apply(pipe)
+            try:
+                paths = (
+                    unedited if edit is None else gen.run(key, conds, cfg.seeds, desc=f"{task.name}: {label}")
+                )
+                attack_results = (
+                    _run_attacks(cfg, task, pipe, edit, key, gen, ev, unedited, state)
+                    if edit is not None and cfg.attacks
+                    else {}
+                )
+            finally:
+                if edit is not None:
+                    edit.revert(pipe)
+            if not state.is_main_process:
+                continue
+            metrics, per_image = _score_row(ev, cfg, prompts, paths, unedited)
+            row = {
+                "task": task.name,
+                "method": label,
+                "editor": method,
+                "params": params,
+                "edit_key": key,
+                "edit_seconds": seconds,
+                "metrics": metrics,
+                "attacks": attack_results,
+            }
+            rows.append(row)
+            images += [{"task": task.name, "method": label, **im} for im in per_image]
+
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return BenchRun({}, out_dir, gen.generated, gen.cached)
+    results = {
+        "bench": cfg.name,
+        "description": cfg.description,
+        "config": cfg.model_dump(),
+        "model": {"spec": info.spec, "family": info.family, "fingerprint": info.fingerprint},
+        "evaluator": ev.describe(),
+        "accuracy_headline": cfg.accuracy,
+        "conventions": {
+            "argmax": "share of images whose top-1 zero-shot class is the target",
+            "prob": "mean softmax probability of the target class (MACE)",
+            "clip_score": "torchmetrics: max(100 * cos, 0)",
+            "fd_clip": "Frechet distance of L2-normalized evaluator image embeddings (not FID)",
+        },
+        "processes": state.num_processes,
+        "rows": rows,
+        "images": images,
+        "run": {"seconds": time.perf_counter() - started},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    os.replace(tmp, out_dir / "results.json")
+    run = BenchRun(results, out_dir, gen.generated, gen.cached)
+    if report:
+        from evaluation.report import write_report
+
+        run.report = write_report(results, out_dir)
+    state.wait_for_everyone()
+    return run
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A fixed-width metrics table (headline accuracy convention) for terminals."""
+    mode = results.get("accuracy_headline", "argmax")
+    cols = ["acc_e", "acc_g", "acc_i", "acc_s", "h_o", "h_c", "paired_specificity", "fd_clip"]
+    attack_kinds = sorted({k for r in results["rows"] for k in r.get("attacks", {})})
+    header = ["task", "method", *cols, *[f"asr_{k}" for k in attack_kinds]]
+    lines = [header]
+    for r in results["rows"]:
+        m = r["metrics"]
+        vals = []
+        for c in cols:
+            v = m.get(c)
+            v = v.get(mode) if isinstance(v, dict) else v
+            vals.append("-" if v is None else f"{v:.3f}")
+        for k in attack_kinds:
+            a = r.get("attacks", {}).get(k, {})
+            vals.append(f"{a['asr']:.3f}" if "asr" in a else "-")
+        lines.append([r["task"], r["method"], *vals])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines)
+
+
+# ============================================================================================
+# CLI commands (mounted by conceptsmith.cli)
+# ============================================================================================
+def bench_command(
+    config: str,
+    out: str | None = None,
+    methods: str | None = None,
+    model: str | None = None,
+    evaluator: str | None = None,
+    cache: str | None = None,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table."""
+    cfg, _ = load_bench_config(config)
+    run = run_bench(
+        config,
+        out or Path("conceptsmith-runs") / cfg.name,
+        methods=methods.split(",") if methods else None,
+        model=model,
+        evaluator=evaluator,
+        cache_dir=cache,
+    )
+    _print_run(run, as_json)
+    return run.results
+
+
+def evaluate_command(
+    bench: str,
+    model: str | None = None,
+    edits: Sequence[str] = (),
+    out: str | None = None,
+    evaluator: str | None = None,
+    cache: str | None = None,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """``conceptsmith evaluate --model M [--edit E ...] --bench CONFIG [--json]``: score the unedited
+    model and each saved edit on the benchmark's tasks (the config's own methods are not run)."""
+    cfg, _ = load_bench_config(bench)
+    run = run_bench(
+        bench,
+        out or Path("conceptsmith-runs") / f"{cfg.name}-evaluate",
+        methods=[],
+        edits=list(edits),
+        model=model,
+        evaluator=evaluator,
+        cache_dir=cache,
+    )
+    _print_run(run, as_json)
+    return run.results
+
+
+def _print_run(run: BenchRun, as_json: bool) -> None:
+    if not run.results:  # not the main process
+        return
+    if as_json:
+        keep = ("bench", "model", "evaluator", "accuracy_headline", "conventions", "rows")
+        print(json.dumps({k: run.results[k] for k in keep}, default=float))
+        return
+    print(summary_table(run.results))
+    print(f"generated {run.generated} images, {run.cached} from the cache")
+    print(f"results: {run.out_dir / 'results.json'}")
+    if "markdown" in run.report:
+        print(f"report:  {run.report['html']}  (and {run.report['markdown'].name})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m evaluation.bench CONFIG --out DIR [--methods a,b] [--model M] [--evaluator E]``
+    (the entry point ``accelerate launch`` runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m evaluation.bench")
+    parser.add_argument("config")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--methods", default=None)
+    parser.add_argument("--edit", action="append", default=[])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--evaluator", default=None)
+    parser.add_argument("--cache", default=None)
+    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--setup", default=None, help="module to import first (registers builtins)")
+    args = parser.parse_args(argv)
+    if args.setup:
+        import importlib
+
+        importlib.import_module(args.setup)
+    run = run_bench(
+        args.config,
+        args.out,
+        methods=args.methods.split(",") if args.methods else None,
+        edits=args.edit,
+        model=args.model,
+        evaluator=args.evaluator,
+        cache_dir=args.cache,
+        report=not args.no_report,
+    )
+    _print_run(run, as_json=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The benchmark runner on shapes-smoke with the tiny pipeline and a tiny open_clip evaluator:
+results + report, a cache hit on re-run, and 2 processes (accelerate) giving the numbers of 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.bench import BENCH_DIR, load_bench_config, run_bench, summary_table
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def evaluator_file(tmp_path_factory):
+    """A random tiny open_clip model saved as a local checkpoint with its config beside it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("evaluator")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**json.loads(json.dumps(TINY_CLIP)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "tiny.safetensors"))
+    (d / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    return d / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, evaluator_file):
+    out = tmp_path_factory.mktemp("bench") / "one"
+    run = run_bench(
+        "shapes-smoke", out, model="builtin:tiny-test", evaluator=str(evaluator_file), progress=False
+    )
+    return run
+
+
+def test_bench_configs_validate():
+    names = {p.stem for p in BENCH_DIR.glob("*.yaml")}
+    assert {"shapes-smoke", "shapes-objects", "shapes-artists", "shapes-restricted"} <= names
+    for name in names:
+        cfg, _ = load_bench_config(name)
+        assert cfg.tasks and cfg.seeds
+    objects, _ = load_bench_config("shapes-objects")
+    assert len(objects.tasks) >= 3 and all(t.synonyms for t in objects.tasks)
+    restricted, _ = load_bench_config("shapes-restricted")
+    assert restricted.tasks[0].indirect
+
+
+def test_bench_config_errors(tmp_path):
+    from conceptsmith.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: m\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\nsteeps: 3\n")
+    with pytest.raises(ConfigError, match="steeps"):
+        load_bench_config(bad)
+    bad.write_text(
+        "name: x\nmodel: m\nevaluator: e\nseeds: [0]\nclasses: [b]\ntasks: [{name: t, erase: [a]}]\n"
+    )
+    with pytest.raises(ValueError, match="not in `classes`"):
+        load_bench_config(bad)
+
+
+def test_runner_results_report_and_cache_hit(smoke_run, evaluator_file):
+    results = smoke_run.results
+    assert (
+        smoke_run.generated == 22 and smoke_run.cached == 0
+    )  # 5 prompts x 2 seeds x 2 rows + 2 attack images
+    assert [r["method"] for r in results["rows"]] == ["unedited", "uce"]
+    edited = results["rows"][1]
+    for key in ("acc_e", "acc_g", "acc_s", "h_o", "h_c", "paired_specificity", "fd_clip", "clip_score"):
+        assert key in edited["metrics"], key
+    assert set(edited["metrics"]["acc_e"]) == {"argmax", "prob", "n"}
+    assert edited["metrics"]["clip_score"]["scale"] == 100.0
+    emb = edited["attacks"]["embedding"]
+    assert 0.0 <= emb["asr"] <= 1.0 and emb["info"]["residual_after"] < emb["info"]["residual_before"]
+    assert results["rows"][0]["metrics"]["paired_specificity"] == pytest.approx(1.0)
+    assert len(results["images"]) == 20 and all(Path(im["path"]).is_file() for im in results["images"])
+    out = smoke_run.out_dir
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+    for kind in ("markdown", "html"):
+        assert smoke_run.report[kind].is_file()
+    assert "uce" in (out / "report.md").read_text() and "<table>" in (out / "report.html").read_text()
+    assert any(k.startswith("grid:") for k in smoke_run.report) and any(
+        k.startswith("plot:") for k in smoke_run.report
+    )
+    assert "uce" in summary_table(results)
+    # a re-run only does what is new: here nothing
+    again = run_bench(
+        "shapes-smoke",
+        out,
+        model="builtin:tiny-test",
+        evaluator=str(evaluator_file),
+        progress=False,
+        report=False,
+    )
+    assert again.generated == 0 and again.cached == 22
+    assert [r["metrics"] for r in again.results["rows"]] == [r["metrics"] for r in results["rows"]]
+
+
+def test_two_processes_match_one(smoke_run, evaluator_file, tmp_path):
+    setup = tmp_path / "cs_bench_setup.py"
+    setup.write_text(
+        "import sys, torch\ntorch.set_num_threads(1)\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\nimport conftest  # noqa: F401  registers builtin:tiny-test\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    out = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "evaluation.bench", "shapes-smoke", "--out", str(out), "--setup", "cs_bench_setup",
+        "--model", "builtin:tiny-test", "--evaluator", str(evaluator_file), "--no-report",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((out / "results.json").read_text())
+    assert two["processes"] == 2
+    one = smoke_run.results
+    assert [r["metrics"] for r in two["rows"]] == json.loads(json.dumps([r["metrics"] for r in one["rows"]]))
+    assert [r["attacks"] for r in two["rows"]] == json.loads(json.dumps([r["attacks"] for r in one["rows"]]))
+    strip = [{k: v for k, v in im.items() if k != "path"} for im in one["images"]]
+    assert [{k: v for k, v in im.items() if k != "path"} for im in two["images"]] == json.loads(
+        json.dumps(strip)
+    )
+
+
+def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
+    from evaluation.bench import evaluate_command
+
+    edit_files = sorted(smoke_run.out_dir.glob("cache/*/edits/*.safetensors"))
+    assert len(edit_files) == 1
+    results = evaluate_command(
+        "shapes-smoke",
+        model="builtin:tiny-test",
+        edits=[str(edit_files[0])],
+        out=str(smoke_run.out_dir.parent / "evaluate"),
+        evaluator=str(evaluator_file),
+        cache=str(smoke_run.out_dir / "cache"),
+        as_json=True,
+    )
+    assert [r["method"] for r in results["rows"]] == ["unedited", edit_files[0].stem]
+    uce = next(r for r in smoke_run.results["rows"] if r["method"] == "uce")
+    assert results["rows"][1]["edit_key"] == uce["edit_key"]  # images are keyed by the edit's content
+    assert results["rows"][1]["metrics"] == uce["metrics"]
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["rows"][1]["method"] == edit_files[0].stem
