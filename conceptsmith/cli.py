@@ -268,6 +268,45 @@ def evaluate(
     evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json)
 
 
+@app.command()
+@user_errors
+def export(
+    model: ModelOption = "builtin:shapes",
+    edit: Annotated[list[Path], typer.Option("--edit", "-e", help="edit to bake in (repeatable, in order)")] = [],  # noqa: B006
+    half: Annotated[bool, typer.Option(help="store weights in float16 (half the size)")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="single-file checkpoint to write (.safetensors)")] = Path(
+        "model.safetensors"
+    ),
+) -> None:
+    """Bake edits into a single-file checkpoint in the original SD layout (WebUI / from_single_file)."""
+    import torch
+
+    from conceptsmith.edits import Edit
+    from conceptsmith.export import export_single_file
+
+    edits = [Edit.load(path) for path in edit]
+    pipe, info = _load(model)
+    for loaded in edits:
+        loaded.apply(pipe)
+    export_single_file(pipe, out, dtype=torch.float16 if half else None)
+    typer.echo(f"wrote {out} ({info.family}, base {info.fingerprint}, {len(edits)} edit(s) baked in)")
+
+
+@app.command("to-lora")
+@user_errors
+def to_lora(
+    edit: Annotated[Path, typer.Argument(help="a weights edit (.safetensors written by erase/merge)")],
+    rank: Annotated[int | None, typer.Option(help="truncate to this rank (default: exact)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="LoRA file to write")] = Path("lora.safetensors"),
+) -> None:
+    """Convert a weight edit into a diffusers-format LoRA file (`pipe.load_lora_weights`)."""
+    from conceptsmith.edits import Edit
+
+    errors = Edit.load(edit).to_lora(out, rank=rank)
+    worst = max(errors.values(), default=0.0)
+    typer.echo(f"wrote {out}: {len(errors)} modules, max relative truncation error {worst:.2e}")
+
+
 def _mount_subcommands() -> None:
     """Sub-apps that live beside their feature (e.g. ``conceptsmith world``)."""
     from conceptsmith.world.cli import app as world_app

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +27,9 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from conceptsmith import __version__
+from conceptsmith.io import save_safetensors
 from conceptsmith.models import fingerprint
 
 Kind = Literal["weights", "lora", "hook", "composite"]
@@ -170,7 +168,7 @@ class Edit:
         if path.suffix != ".safetensors":
             raise EditError(f"Cannot save an edit to '{path}': edits are .safetensors files; use a path ending in .safetensors.")
         header, tensors = self._serialize()
-        _atomic_save(path, tensors, {"format": "pt", METADATA_KEY: json.dumps(header)})
+        save_safetensors(path, tensors, {"format": "pt", METADATA_KEY: json.dumps(header)})
         return path
 
     @classmethod
@@ -341,7 +339,7 @@ class Edit:
             "conceptsmith_version": __version__,
         }
         metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(_adapter_metadata(ranks)), LORA_SOURCE_KEY: json.dumps(source)}
-        _atomic_save(path, tensors, metadata)
+        save_safetensors(path, tensors, metadata)
         return errors
 
     def _low_rank_terms(self) -> dict[str, list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
@@ -700,18 +698,3 @@ def _deserialize(header: Any, tensors: dict[str, torch.Tensor]) -> Edit:
         raise EditError(f"it holds tensors for modules its metadata does not list: {', '.join(extra)}.")
     return edit
 
-
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the target directory, fsync it, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

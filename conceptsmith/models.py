@@ -181,21 +181,52 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> obj
             f"{path.suffix or 'this one'} can execute code). Convert it to .safetensors first."
         )
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from safetensors import safe_open
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        is_xl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+    if config is not None and not (Path(config).expanduser() / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"single_file_config '{config}' is not a diffusers pipeline directory (no model_index.json). Pass the "
+            "folder pipe.save_pretrained() wrote for a model of the checkpoint's architecture (only its configs are read)."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            is_xl = any(key.startswith("conditioner.embedders.1") for key in handle.keys())
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(
+            f"'{path}' is not a readable .safetensors checkpoint ({err}): the file is truncated or damaged, or not a "
+            "safetensors file. Download or export it again."
+        ) from err
     pipeline_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     kwargs = {"torch_dtype": dtype}
     if config is not None:
-        kwargs["config"] = config
+        kwargs["config"] = str(Path(config).expanduser())
+        hint = f"Check that '{config}' is a diffusers directory of the same architecture as the checkpoint."
+    else:
+        hint = (
+            "Offline, pass single_file_config (CLI: --single-file-config) = a local diffusers directory of the same "
+            "architecture."
+        )
     try:
-        return pipeline_cls.from_single_file(str(path), **kwargs)
-    except (OSError, ValueError) as err:
+        pipe = pipeline_cls.from_single_file(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, SingleFileComponentError) as err:
         raise ModelLoadError(
-            f"Could not load single-file checkpoint '{path}' as {pipeline_cls.__name__}: {err}. Offline, pass "
-            "single_file_config (CLI: --single-file-config) = a local diffusers directory of the same architecture."
+            f"Could not load single-file checkpoint '{path}' as {pipeline_cls.__name__}: {err}. {hint}"
         ) from err
+    # diffusers leaves parameters the file lacks on the meta device instead of failing
+    missing = [
+        f"{name}.{param}"
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if isinstance(module := getattr(pipe, name, None), torch.nn.Module)
+        for param, tensor in module.named_parameters()
+        if tensor.is_meta
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"Single-file checkpoint '{path}' has no weights for {len(missing)} parameters of the configured "
+            f"architecture (e.g. '{missing[0]}'). {hint}"
+        )
+    return pipe
 
 
 def _load_hub(spec: str, dtype: torch.dtype) -> object:

@@ -60,3 +60,25 @@ def test_erase_bad_inputs(tmp_path, extra, config_text, message):
 def test_erase_without_concepts():
     result = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "uce"])
     assert result.exit_code == 2 and "No concept given" in result.output
+
+
+def test_erase_then_lora_and_single_file_export(tmp_path):
+    """The CLI chain erase -> to-lora / export produces files that load back."""
+    import torch
+    from safetensors import safe_open
+
+    edit_file = tmp_path / "e.safetensors"
+    assert runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "uce", "-c", "red circle",
+                               "-o", str(edit_file)]).exit_code == 0
+    lora = runner.invoke(app, ["to-lora", str(edit_file), "-o", str(tmp_path / "lora.safetensors")])
+    assert lora.exit_code == 0, lora.output
+    assert "max relative truncation error 0.00e+00" in lora.output
+    with safe_open(str(tmp_path / "lora.safetensors"), framework="pt") as handle:
+        assert any(key.endswith("lora_A.weight") for key in handle.keys())
+    exported = runner.invoke(app, ["export", "-m", "builtin:tiny-test", "-e", str(edit_file), "--half",
+                                   "-o", str(tmp_path / "model.safetensors")])
+    assert exported.exit_code == 0, exported.output
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+    refused = runner.invoke(app, ["export", "-m", "builtin:tiny-test", "-o", str(tmp_path / "model.ckpt")])
+    assert refused.exit_code == 2 and ".safetensors" in refused.output
