@@ -23,5 +23,8 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
+bench: install
+	$(PY) bench/closed_form.py
+
 lint: install
 	$(VENV)/bin/ruff check conceptsmith erasure customization evaluation tests bench

@@ -1,0 +1,1 @@
+"""ConceptSmith erasure methods (each module registers its plugins on import)."""

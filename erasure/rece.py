@@ -1,0 +1,149 @@
+"""RECE — Reliable and Efficient Concept Erasure (Gong et al., ECCV 2024), closed form.
+
+Algorithm:
+
+1. UCE (:mod:`erasure.uce`, its settings under ``uce``) gives edited weights ``W'``.
+2. For ``epochs`` rounds:
+
+   a. derive the embeddings that still regenerate the concept in the edited model,
+      ``c' = (lam_reg I + sum_l W'_l^T W'_l)^-1 (sum_l W'_l^T W_l) c_e`` over every edited K and V
+      (:func:`conceptsmith.linalg.regenerating_embeddings`; ``W_l`` original, ``W'_l`` current);
+   b. erase them with a UCE step anchored at the CURRENT weights:
+      ``W_new = (lam W' + W' c_g c'^T + preserve_scale sum W' p p^T)(lam I + c' c'^T + preserve_scale sum p p^T)^-1``
+      (the same solver, ``weights = W'``).
+
+``regen_tokens``: ``all`` derives ``c'`` for every token of each concept prompt (77 rows, paired position
+by position with the guide prompt's), as in the paper; ``edited`` only for the rows the UCE stage edited
+(paired with the same guide rows).
+
+``score_fn(pipe, edit, epoch) -> float`` (constructor argument; higher = better erasure, e.g. an evaluator's
+1 - concept accuracy on validation images) is called after every epoch with the edit so far; with
+``keep_best`` the best-scoring epoch is returned (the official loop does this with generated images).
+The callback may apply and revert the edit on ``pipe``; it must leave ``pipe`` as it found it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import Field
+
+from conceptsmith.edits import Edit
+from conceptsmith.linalg import regenerating_embeddings
+from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.text import encode_prompts
+from erasure._closed_form import (
+    ClosedFormConfig,
+    add_deltas,
+    check_request,
+    expand_prompts,
+    guide_rows,
+    kv_weights,
+    make_edit,
+    solve,
+    torch_dtype,
+    uce_rows,
+    updated_weights,
+)
+from erasure.uce import UCEConfig, default_guide
+
+ScoreFn = Callable[[Any, Edit, int], float]
+
+
+class RECEConfig(ClosedFormConfig):
+    """Defaults mirror ``configs/erase/rece.yaml`` (the paper's settings for objects / unsafe content)."""
+
+    uce: UCEConfig = Field(default_factory=UCEConfig, description="settings of the initial UCE edit")
+    epochs: int = Field(2, ge=0, description="rounds of regenerating-embedding derivation + erasure")
+    lam_reg: float = Field(0.1, gt=0, description="ridge weight of the regenerating-embedding derivation")
+    lam: float = Field(0.1, ge=0, description="l1: anchor to the current weights in each RECE step")
+    preserve_scale: float = Field(0.1, ge=0, description="l2: weight of the preserved tokens in each RECE step")
+    regen_tokens: Literal["all", "edited"] = Field("all", description="which concept tokens are re-derived")
+    keep_best: bool = Field(True, description="with a score_fn, return the best-scoring epoch")
+
+
+@register_editor("rece", description="RECE: UCE, then erase the embeddings that still regenerate the concept")
+class RECE(Editor):
+    Config = RECEConfig
+
+    def __init__(self, config: RECEConfig | dict[str, Any] | None = None, score_fn: ScoreFn | None = None) -> None:
+        super().__init__(config)
+        self.score_fn = score_fn
+
+    def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        config: RECEConfig = self.config
+        started = time.perf_counter()
+        dtype = torch_dtype(config.solve_dtype)
+        checked = check_request(pipe, request, default_guide(config.uce.concept_type))
+        if config.uce.expand_prompts:
+            prompts, phrases = expand_prompts(checked.concepts, config.uce.concept_type)
+        else:
+            prompts, phrases = checked.concepts, checked.concepts
+        rows = uce_rows(
+            pipe, prompts, phrases, checked.guide, checked.preserve, config.uce.token_policy, config.uce.preserve_cache()
+        )
+        if config.regen_tokens == "all":
+            concept_states = encode_prompts(pipe, prompts)
+            regen_inputs = concept_states.reshape(-1, concept_states.shape[-1])
+            guide_states = guide_rows(pipe, checked.guide, "all")["all"]
+            regen_targets = guide_states.repeat(len(prompts), 1)
+        else:
+            regen_inputs, regen_targets = rows.inputs, rows.targets
+
+        # 1. UCE
+        original = kv_weights(pipe)
+        first = solve(
+            original,
+            rows.inputs,
+            rows.targets,
+            edit_weights=config.uce.erase_scale,
+            preserve_inputs=rows.preserve,
+            preserve_weights=config.uce.preserve_scale,
+            lam=config.uce.lam,
+            dtype=torch_dtype(config.uce.solve_dtype),
+        )
+        deltas = dict(first.deltas)
+        stages = [{"stage": "uce", **first.metrics()}]
+        params = {**config.model_dump(), "guide": checked.guide, "preserve": checked.preserve}
+
+        # 2. epochs of regenerating-embedding derivation + erasure at the current weights
+        candidates: list[tuple[int, dict, float | None]] = []
+        for epoch in range(1, config.epochs + 1):
+            regenerated = regenerating_embeddings(original, deltas, regen_inputs, config.lam_reg, dtype=dtype)
+            step = solve(
+                updated_weights(original, deltas),
+                regenerated,
+                regen_targets,
+                preserve_inputs=rows.preserve,
+                preserve_weights=config.preserve_scale,
+                lam=config.lam,
+                dtype=dtype,
+            )
+            deltas = add_deltas(deltas, step.deltas)
+            stages.append({"stage": f"epoch {epoch}", **step.metrics()})
+            score = None
+            if self.score_fn is not None:
+                candidate = self._edit(pipe, checked.concepts, params, deltas, stages, started, None)
+                score = float(self.score_fn(pipe, candidate, epoch))
+            candidates.append((epoch, deltas, score))
+
+        chosen = config.epochs
+        scores = {epoch: score for epoch, _, score in candidates if score is not None}
+        if scores and config.keep_best:
+            chosen = max(scores, key=lambda epoch: scores[epoch])
+            deltas = candidates[chosen - 1][1]
+        selection = {"epochs_run": config.epochs, "epoch_returned": chosen, "scores": {str(e): s for e, s in scores.items()}}
+        return self._edit(pipe, checked.concepts, params, deltas, stages[: chosen + 1], started, selection)
+
+    def _edit(self, pipe, concepts, params, deltas, stages, started, selection) -> Edit:
+        metadata = {
+            "closed_form": stages[-1],
+            "stages": stages,
+            "timing_s": {"total": time.perf_counter() - started},
+        }
+        if selection is not None:
+            metadata["selection"] = selection
+        out = {name: (tuple(t.float() for t in d) if isinstance(d, tuple) else d.float()) for name, d in deltas.items()}
+        return make_edit(pipe, self.name, concepts, params, out, metadata)
