@@ -236,6 +236,62 @@ def erase(
 
 @app.command()
 @user_errors
+def customize(
+    model: ModelOption = "builtin:shapes",
+    method: Annotated[str | None, typer.Option(help="custom-diffusion | lora | textual-inversion | ...")] = None,
+    token: Annotated[list[str], typer.Option("--token", "-t", help="new token, e.g. '<mascot>' (repeatable)")] = [],  # noqa: B006
+    class_word: Annotated[list[str], typer.Option("--class-word", help="class of each token, e.g. 'toy'")] = [],  # noqa: B006
+    images: Annotated[list[Path], typer.Option("--images", help="reference image folder, one per token")] = [],  # noqa: B006
+    config: Annotated[Path | None, typer.Option(help="YAML with `method:` and `params:` (configs/customize/*.yaml)")] = None,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("custom.safetensors"),
+) -> None:
+    """Teach the model new concepts from reference images and write the Edit."""
+    from conceptsmith.registry import EditRequest
+
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out '{out}' must end in .safetensors (edits are saved as safetensors).")
+    if not token:
+        raise ValueError("No token given: pass --token '<name>' (and --images DIR with its reference images).")
+    if len(images) != len(token):
+        raise ValueError(f"Pass one --images folder per --token: got {len(token)} token(s) and {len(images)} folder(s).")
+    editor = _editor_from_options(method, config)
+    pipe, info = _load(model)
+    result = editor.fit(pipe, EditRequest(concepts=[], tokens=token, class_words=class_word, images=images, seed=seed))
+    result.save(out)
+    typer.echo(f"{editor.name}: learned {', '.join(token)} on {info.spec} [{info.fingerprint}] -> {out}")
+
+
+@app.command()
+@user_errors
+def merge(
+    edits: Annotated[list[Path], typer.Argument(help="edit files to merge")],
+    method: Annotated[str, typer.Option(help="closed-form | lora-sum | svd | cat | ties | ties_svd | linear")] = "closed-form",
+    model: Annotated[str | None, typer.Option("--model", "-m", help="base model (needed by closed-form)")] = None,
+    weight: Annotated[list[float], typer.Option("--weight", help="weight per edit (LoRA methods)")] = [],  # noqa: B006
+    rank: Annotated[int | None, typer.Option(help="target rank (svd)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="merged edit file (.safetensors)")] = Path("merged.safetensors"),
+) -> None:
+    """Merge several edits of one base into one edit."""
+    from conceptsmith.edits import Edit
+    from customization.merge import merge as merge_edits
+    from customization.merge import needs_pipeline
+
+    if len(edits) < 2:
+        raise ValueError("Merging needs at least two edit files.")
+    loaded = [Edit.load(path) for path in edits]
+    pipe = None
+    if needs_pipeline(method):
+        if model is None:
+            raise ValueError(f"--method {method} solves against the base model: pass --model M (the edits' base).")
+        pipe, _ = _load(model)
+    merged = merge_edits(loaded, method, pipe=pipe, weights=weight or None, rank=rank)
+    merged.save(out)
+    typer.echo(f"merged {len(loaded)} edits with {method} -> {out}")
+
+
+@app.command()
+@user_errors
 def bench(
     config: Annotated[str, typer.Argument(help="configs/bench/NAME.yaml or a bench name such as shapes-objects")],
     methods: Annotated[str | None, typer.Option(help="comma-separated subset of the config's methods")] = None,

@@ -1,0 +1,329 @@
+"""Training data of the customization methods: reference images, class images, prompt templates, latents.
+
+* :func:`load_images` reads a folder (or a list of files) of reference images with errors that name
+  the problem: missing path, no images, unreadable image.
+* :func:`class_images` draws class-regularization images ("a photo of a dog") from the base model
+  through :func:`conceptsmith.generation.generate`, optionally cached on disk (keyed by the model's
+  current weights, the prompt, the settings and the seed, so a cache is never reused for another model).
+* :func:`encode_images` turns images into the VAE's latent distribution once; :class:`Examples`
+  samples latents (and prompts) from it at every training step with the step's generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from customization import CustomizationError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+#: Prompt templates for objects; ``{}`` is the concept phrase (e.g. "<mascot> dog").
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a close-up photo of a {}",
+    "a bright photo of a {}",
+    "a cropped photo of a {}",
+    "a good photo of a {}",
+    "a photo of one {}",
+    "a picture of a {}",
+)
+
+#: Prompt templates for styles; ``{}`` is the style phrase.
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a picture in the style of {}",
+    "an image in the style of {}",
+    "a drawing in the style of {}",
+    "artwork in the style of {}",
+)
+
+DEFAULT_CLASS_PROMPT = "a photo of a {}"
+
+
+def templates(kind: str | Sequence[str]) -> tuple[str, ...]:
+    """``"object"``, ``"style"`` or an explicit list of templates (each with one ``{}``)."""
+    if isinstance(kind, str):
+        if kind == "object":
+            return OBJECT_TEMPLATES
+        if kind == "style":
+            return STYLE_TEMPLATES
+        raise CustomizationError(f"Unknown template set {kind!r}: use 'object', 'style' or a list of templates with '{{}}'.")
+    chosen = tuple(kind)
+    bad = [t for t in chosen if t.count("{}") != 1]
+    if not chosen or bad:
+        raise CustomizationError(f"Each prompt template needs exactly one '{{}}' for the concept; got {bad or 'none'}.")
+    return chosen
+
+
+# -- reference images ----------------------------------------------------------------------------------
+
+
+def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image files of a folder (sorted by name) or the given list of files, checked to exist."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise CustomizationError(f"Reference image path '{path}' does not exist.")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                others = sorted(p.name for p in path.iterdir())[:5]
+                seen = f" (it holds: {', '.join(others)})" if others else " (it is empty)"
+                raise CustomizationError(
+                    f"No images in '{path}'{seen}. Put the 3-10 reference images of the concept there "
+                    f"as {', '.join(IMAGE_SUFFIXES)} files."
+                )
+            return files
+        return [path]
+    files = []
+    for item in source:
+        files.extend(find_images(item))
+    if not files:
+        raise CustomizationError("No reference images given: pass a folder or image files of the concept.")
+    return files
+
+
+def load_images(source: str | Path | Sequence[str | Path]) -> list[Image.Image]:
+    """Read reference images as RGB (EXIF orientation applied); unreadable files are errors, not skipped."""
+    images = []
+    for path in find_images(source):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CustomizationError(f"'{path}' is not an image file this loader reads ({', '.join(IMAGE_SUFFIXES)}).")
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                image = ImageOps.exif_transpose(handle).convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise CustomizationError(
+                f"Cannot read image '{path}' ({type(err).__name__}: {err}). The file is damaged or not an image: "
+                "replace it or remove it from the folder."
+            ) from None
+        images.append(image)
+    return images
+
+
+def to_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """``[n, 3, size, size]`` in ``[-1, 1]``: shorter side resized to ``size`` (bicubic), then center-cropped."""
+    tensors = []
+    for image in images:
+        scale = size / min(image.size)
+        resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
+        left, top = (resized.width - size) // 2, (resized.height - size) // 2
+        cropped = resized.crop((left, top, left + size, top + size))
+        data = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        tensors.append(data.permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(tensors)
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent distribution of ``pixels``: ``(mean, std)``, both already multiplied by the scaling factor."""
+    param = next(vae.parameters())
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], batch_size):
+        chunk = pixels[start : start + batch_size].to(param.device, param.dtype)
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean.float() * scale)
+        stds.append(dist.std.float() * scale)
+    return torch.cat(means), torch.cat(stds)
+
+
+# -- class-regularization images -----------------------------------------------------------------------
+
+
+def class_images(
+    pipe: object,
+    prompt: str,
+    count: int,
+    *,
+    seed: int = 0,
+    size: int | None = None,
+    cache_dir: str | Path | None = None,
+    num_inference_steps: int | None = None,
+    progress: bool = True,
+) -> list[Image.Image]:
+    """``count`` images of ``prompt`` from ``pipe`` itself (seeds ``seed .. seed + count - 1``).
+
+    With ``cache_dir``, images are stored under a key of (current weights, prompt, settings) and
+    reused by later runs; only the missing seeds are generated.
+    """
+    from conceptsmith.generation import default_settings, generate
+    from conceptsmith.models import fingerprint
+
+    if count < 1:
+        return []
+    settings = default_settings(pipe, height=size, width=size, num_inference_steps=num_inference_steps)
+    seeds = list(range(seed, seed + count))
+    folder = None
+    cached: dict[int, Image.Image] = {}
+    if cache_dir is not None:
+        key = json.dumps({"model": fingerprint(pipe), "prompt": prompt, "settings": settings.pipeline_kwargs()}, sort_keys=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
+        folder = Path(cache_dir) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        for s in seeds:
+            path = folder / f"{s}.png"
+            if path.is_file():
+                try:
+                    cached[s] = load_images([path])[0]
+                except CustomizationError:
+                    path.unlink()  # a broken cache entry (interrupted write): generate it again
+    missing = [s for s in seeds if s not in cached]
+    if missing:
+        for _, s, image in generate(pipe, [prompt], missing, settings, progress=progress):
+            cached[s] = image
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                temporary = folder / f".{s}.png.tmp"
+                image.save(temporary, format="PNG")
+                temporary.replace(folder / f"{s}.png")
+    return [cached[s] for s in seeds]
+
+
+# -- sampling ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Latent distributions of images with, per image, the phrase and templates its prompts are made from."""
+
+    mean: torch.Tensor  # [n, c, h, w]
+    std: torch.Tensor
+    phrases: list[str]
+    templates: tuple[str, ...]
+
+    @classmethod
+    def from_images(
+        cls,
+        vae: torch.nn.Module,
+        images: Sequence[Image.Image],
+        size: int,
+        phrases: str | Sequence[str],
+        prompt_templates: Sequence[str] = ("{}",),
+        flip: bool = False,
+    ) -> Examples:
+        """Encode ``images`` (and their horizontal mirror images with ``flip``) once."""
+        pixels = to_pixels(images, size)
+        phrase_list = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
+        if flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            phrase_list = phrase_list * 2
+        mean, std = encode_images(vae, pixels)
+        return cls(mean, std, phrase_list, tuple(prompt_templates))
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        """``count`` latents (drawn from each image's latent distribution) and their prompts."""
+        index = torch.randint(len(self), (count,), generator=generator)
+        template = torch.randint(len(self.templates), (count,), generator=generator)
+        noise = torch.randn((count, *self.mean.shape[1:]), generator=generator)
+        latents = self.mean[index] + self.std[index] * noise
+        prompts = [self.templates[t].format(self.phrases[i]) for i, t in zip(index.tolist(), template.tolist())]
+        return latents, prompts
+
+    @staticmethod
+    def concat(parts: Sequence[Examples]) -> Examples:
+        """One example set from several with the same templates (e.g. one per concept)."""
+        if len({p.templates for p in parts}) != 1:
+            raise ValueError("Examples.concat needs parts with the same templates.")
+        return Examples(
+            torch.cat([p.mean for p in parts]),
+            torch.cat([p.std for p in parts]),
+            [phrase for p in parts for phrase in p.phrases],
+            parts[0].templates,
+        )
+
+
+def default_resolution(pipe: object) -> int:
+    """Training resolution: the pipeline's default generation height, else the UNet's native size."""
+    defaults = getattr(pipe, "conceptsmith_defaults", None) or {}
+    if defaults.get("height"):
+        return int(defaults["height"])
+    unet = pipe.unet
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    size = unet.config.sample_size
+    return int(size if isinstance(size, int) else size[0]) * factor
+
+
+# -- what a customization request asks for ------------------------------------------------------------
+
+
+@dataclass
+class ConceptSpec:
+    """One concept to learn: its new token, class word, reference images and the phrase used in prompts."""
+
+    token: str
+    class_word: str | None
+    images: list[Image.Image]
+    phrase: str
+    source: str
+
+
+def concept_specs(
+    request: object,
+    *,
+    phrase_format: str,
+    need_class_word: bool,
+    recommended: tuple[int, int] | None = None,
+    method: str = "this method",
+) -> list[ConceptSpec]:
+    """Read tokens, class words and reference images from an ``EditRequest`` (clear errors when they don't fit).
+
+    One token: ``request.images`` lists folders and/or files (all of that concept). Several tokens:
+    one folder (or file) per token, in the same order. One class word applies to every token.
+    ``phrase_format`` builds the phrase used in prompts, e.g. ``"{token} {class_word}"``.
+    """
+    tokens = list(request.tokens)
+    if not tokens:
+        raise CustomizationError(f"{method} learns a new token per concept: give one, e.g. --token '<mascot>'.")
+    if len(set(tokens)) != len(tokens):
+        raise CustomizationError(f"Each concept needs its own token; got duplicates in {tokens}.")
+    class_words = list(request.class_words)
+    if len(class_words) == 1:
+        class_words = class_words * len(tokens)
+    elif not class_words:
+        if need_class_word or "{class_word}" in phrase_format:
+            raise CustomizationError(
+                f"{method} needs a class word per concept (what the concept is, e.g. --class-word dog): it is used "
+                "in the training prompts and for the class-regularization images."
+            )
+        class_words = [None] * len(tokens)
+    elif len(class_words) != len(tokens):
+        raise CustomizationError(f"Got {len(tokens)} tokens but {len(class_words)} class words: give one per token (or one for all).")
+    images = list(request.images)
+    if not images:
+        raise CustomizationError(f"No reference images given: {method} needs a folder of 3-10 images of the concept (--images DIR).")
+    if len(tokens) == 1:
+        sources = [images]
+    elif len(images) == len(tokens):
+        sources = [[item] for item in images]
+    else:
+        raise CustomizationError(
+            f"Got {len(tokens)} tokens but {len(images)} image sources: with several concepts give one folder per token, in order."
+        )
+    specs = []
+    for token, class_word, source in zip(tokens, class_words, sources):
+        loaded = load_images(source)
+        if recommended is not None and not recommended[0] <= len(loaded) <= recommended[1]:
+            import warnings
+
+            warnings.warn(
+                f"{len(loaded)} reference images for '{token}'; {method} is meant for {recommended[0]}-{recommended[1]}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        phrase = phrase_format.format(token=token, class_word=class_word or "").strip()
+        specs.append(ConceptSpec(token, class_word, loaded, " ".join(phrase.split()), ", ".join(str(s) for s in source)))
+    return specs

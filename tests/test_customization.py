@@ -1,0 +1,234 @@
+"""Customization core: reference-image loading, the shared training loop (checkpoints, exact resume,
+mixed-precision fallback), new tokens (the custom-tokens hook, diffusers export) and textual inversion."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conceptsmith.config import EditConfig, load_config
+from conceptsmith.edits import Edit, EditError, applied_edits
+from conceptsmith.models import fingerprint
+from conceptsmith.registry import EditRequest, get_editor
+from customization import CustomizationError
+from customization.data import class_images, concept_specs, load_images, to_pixels
+from customization.training import TrainingConfig, latest_checkpoint, resolve_mixed_precision, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "customize"
+
+
+def make_references(folder: Path, count: int = 4, color=(230, 40, 20)) -> Path:
+    """``count`` small images of one coloured square on a grey background (the 'concept')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.full((24, 24, 3), 128, np.uint8)
+        pixels[4 + i : 18 + i, 3:17] = color
+        Image.fromarray(pixels).save(folder / f"ref{i}.png")
+    return folder
+
+
+@pytest.fixture
+def refs(tmp_path) -> Path:
+    return make_references(tmp_path / "refs")
+
+
+def _images(results):
+    return [np.asarray(image, dtype=np.float64) for _, _, image in results]
+
+
+def _generate(pipe, prompts):
+    from conceptsmith.generation import generate
+
+    return _images(generate(pipe, prompts, [0], progress=False))
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def test_reference_images_load_with_clear_errors(tmp_path, refs):
+    assert len(load_images(refs)) == 4
+    assert len(load_images([refs / "ref0.png", refs / "ref1.png"])) == 2
+    with pytest.raises(CustomizationError, match="does not exist"):
+        load_images(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CustomizationError, match="No images in .*empty"):
+        load_images(empty)
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(CustomizationError, match=r"No images in .*notes\.txt"):
+        load_images(empty)
+    broken = make_references(tmp_path / "broken", count=2)
+    (broken / "ref1.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(CustomizationError, match=r"Cannot read image .*ref1\.png"):
+        load_images(broken)
+    with pytest.raises(CustomizationError, match="not an image file"):
+        load_images([empty / "notes.txt"])
+    pixels = to_pixels(load_images(refs), 16)
+    assert pixels.shape == (4, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+
+
+def test_requests_are_checked(refs, tmp_path):
+    def specs(**kwargs):
+        request = EditRequest(concepts=[], **kwargs)
+        return concept_specs(request, phrase_format="{token} {class_word}", need_class_word=True, method="M")
+
+    with pytest.raises(CustomizationError, match="new token"):
+        specs(images=[refs], class_words=["dog"])
+    with pytest.raises(CustomizationError, match="No reference images"):
+        specs(tokens=["<a>"], class_words=["dog"])
+    with pytest.raises(CustomizationError, match="class word"):
+        specs(tokens=["<a>"], images=[refs])
+    with pytest.raises(CustomizationError, match="one folder per token"):
+        specs(tokens=["<a>", "<b>"], class_words=["dog"], images=[refs])
+    other = make_references(tmp_path / "other", 3)
+    both = specs(tokens=["<a>", "<b>"], class_words=["dog", "cat"], images=[refs, other])
+    assert [(s.token, s.phrase, len(s.images)) for s in both] == [("<a>", "<a> dog", 4), ("<b>", "<b> cat", 3)]
+
+
+def test_class_images_come_from_the_model_and_are_cached(tiny_pipe, tmp_path):
+    pipe, _ = tiny_pipe
+    first = class_images(pipe, "a photo of a dog", 2, seed=3, size=16, cache_dir=tmp_path, progress=False)
+    cached = sorted(p.name for p in tmp_path.rglob("*.png"))
+    assert cached == ["3.png", "4.png"] and first[0].size == (16, 16)
+    again = class_images(pipe, "a photo of a dog", 2, seed=3, size=16, cache_dir=tmp_path, progress=False)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+
+
+# -- the training loop --------------------------------------------------------------------------------
+
+
+def _toy_run(config: TrainingConfig, seed: int = 0):
+    """Linear regression on random batches drawn from the step's generator."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(3, 4))
+    target = torch.arange(12, dtype=torch.float32).view(3, 4) / 10
+
+    def loss_fn(step):
+        x = torch.randn(8, 4, generator=step.generator)
+        return {"loss": ((x @ weight.T - x @ target.T) ** 2).mean(), "norm": weight.norm()}
+
+    result = train({"w": weight}, loss_fn, config, seed=seed, run_key="toy", description="toy")
+    return weight.detach().clone(), result
+
+
+def test_training_loop_learns_checkpoints_and_resumes_bit_exactly(tmp_path):
+    base = dict(learning_rate=0.05, progress=False, max_grad_norm=None, eval_batches=0)
+    full, result = _toy_run(TrainingConfig(steps=8, **base))
+    assert result.losses[-1] < 0.5 * result.losses[0] and len(result.logs["norm"]) == 8
+
+    folder = tmp_path / "ckpt"
+    _, first = _toy_run(TrainingConfig(steps=4, checkpoint_dir=str(folder), checkpoint_every=2, **base))
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-0000002.safetensors", "checkpoint-0000004.safetensors"]
+    assert latest_checkpoint(folder).name == "checkpoint-0000004.safetensors"
+    resumed, second = _toy_run(TrainingConfig(steps=8, checkpoint_dir=str(folder), resume=True, **base))
+    assert second.resumed_from == 4 and len(second.losses) == 8
+    assert torch.equal(resumed, full)  # same bits as the uninterrupted run
+    assert second.losses == result.losses
+
+    with pytest.raises(CustomizationError, match="different training run"):
+        _toy_run(TrainingConfig(steps=9, checkpoint_dir=str(folder), resume=True, **{**base, "learning_rate": 0.1}))
+    with pytest.raises(CustomizationError, match="needs a checkpoint_dir"):
+        _toy_run(TrainingConfig(steps=2, resume=True, **base))
+
+
+def test_training_loop_mixed_precision_and_errors():
+    with pytest.warns(UserWarning, match="not available on cpu"):
+        assert resolve_mixed_precision("fp16", torch.device("cpu")) == "no"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_mixed_precision("auto", torch.device("cpu")) == "no"
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match="does not require grad"):
+        train({"p": frozen}, lambda step: frozen.sum(), TrainingConfig(steps=1, progress=False))
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(CustomizationError, match="became nan.*lower learning_rate"):
+        train({"p": p}, lambda step: p.sum() * float("nan"), TrainingConfig(steps=1, progress=False))
+
+
+# -- tokens and textual inversion -----------------------------------------------------------------------
+
+
+def test_tokens_already_in_the_vocabulary_are_refused(tiny_pipe, refs):
+    pipe, _ = tiny_pipe
+    editor = get_editor("textual-inversion")({"steps": 1, "progress": False})
+    for token, message in [("dog", "already in the vocabulary"), ("<a b>", "without spaces"), ("", "without spaces")]:
+        with pytest.raises(CustomizationError, match=message):
+            editor.fit(pipe, EditRequest(concepts=[], tokens=[token], class_words=["dog"], images=[refs]))
+
+
+def test_textual_inversion_end_to_end(tiny_pipe, refs, tmp_path):
+    pipe, _ = tiny_pipe
+    before = fingerprint(pipe)
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    tokenizer, embedding = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
+    config = {"steps": 4, "learning_rate": 0.05, "num_vectors": 2, "batch_size": 2, "progress": False, "gradient_checkpointing": True}
+    edit = get_editor("textual-inversion")(config).fit(pipe, EditRequest(concepts=[], tokens=["<tex>"], class_words=["dog"], images=[refs]))
+    # fit never touches the pipe
+    assert fingerprint(pipe) == before and pipe.tokenizer is tokenizer and pipe.text_encoder.get_input_embeddings() is embedding
+    assert [p.requires_grad for p in pipe.unet.parameters()] == flags
+    training = edit.metadata["training"]
+    assert training["eval_loss_end"] < training["eval_loss_start"]
+    assert edit.kind == "hook" and edit.hook == "custom-tokens"
+    assert set(edit.tensors) == {"text_encoder.<tex>"} and edit.tensors["text_encoder.<tex>"].shape == (2, 32)
+
+    edit = Edit.load(edit.save(tmp_path / "ti.safetensors"))
+    prompts = ["a photo of a <tex>", "a photo of a dog"]
+    reference = _generate(pipe, prompts[1:])
+    edit.apply(pipe)
+    assert pipe.tokenizer.tokenize(pipe.maybe_convert_prompt("a <tex>", pipe.tokenizer)) == ["a</w>", "<tex>", "<tex>_1"]
+    edited = _generate(pipe, prompts)
+    assert np.array_equal(edited[1], reference[0])  # prompts without the token are untouched
+    with pytest.raises(EditError, match="already applied"):
+        edit.apply(pipe)
+    twin = Edit.load(tmp_path / "ti.safetensors")
+    with pytest.raises(EditError, match="already exist in this pipe's tokenizer"):
+        twin.apply(pipe)
+    assert applied_edits(pipe) == [edit]
+
+    # the exported token, loaded by diffusers into a fresh pipe, conditions the UNet identically
+    from conceptsmith.text import encode_prompts
+    from customization.textual_inversion import export_embeddings
+
+    ours = encode_prompts(pipe, prompts)
+    edit.revert(pipe)
+    assert pipe.tokenizer is tokenizer and pipe.text_encoder.get_input_embeddings() is embedding
+    assert fingerprint(pipe) == before
+    [path] = export_embeddings(edit, tmp_path / "export")
+    pipe.load_textual_inversion(str(path))
+    torch.testing.assert_close(encode_prompts(pipe, prompts), ours)
+
+
+def test_textual_inversion_on_sdxl_learns_a_vector_per_encoder(tiny_sdxl_pipe, refs, tmp_path):
+    pipe, _ = tiny_sdxl_pipe
+    edit = get_editor("textual-inversion")({"steps": 1, "batch_size": 1, "eval_batches": 0, "progress": False}).fit(
+        pipe, EditRequest(concepts=[], tokens=["<xl>"], class_words=["dog"], images=[refs])
+    )
+    assert {k: list(v.shape) for k, v in edit.tensors.items()} == {"text_encoder.<xl>": [1, 32], "text_encoder_2.<xl>": [1, 32]}
+    edit.apply(pipe)
+    assert pipe.tokenizer_2.tokenize("a <xl>") == ["a</w>", "<xl>"]
+    _generate(pipe, ["a photo of a <xl>"])
+    edit.revert(pipe)
+    from safetensors.torch import load_file
+
+    from customization.textual_inversion import export_embeddings
+
+    [path] = export_embeddings(edit, tmp_path)
+
+    assert set(load_file(path)) == {"clip_l", "clip_g"}
+
+
+def test_shipped_customize_configs_validate_against_their_editors():
+    from conceptsmith.config import validate
+
+    names = set()
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        config = load_config(path, EditConfig)
+        editor = get_editor(config.method)
+        validate(config.params, editor.Config, source=str(path))
+        names.add(config.method)
+    assert {"custom-diffusion", "lora", "textual-inversion", "t2i-zero", "a-star"} <= names
