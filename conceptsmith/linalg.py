@@ -20,7 +20,10 @@ How :func:`solve_ridge` computes it:
   so ``dW = up @ down`` with ``up = R`` and ``down = A C^T M^-1`` (``k x d_in``): rank <= k, the
   number of edit vectors, exactly (a LoRA of rank k reproduces it). ``down`` is the same for every
   projection (one triangular solve); ``up`` needs ``W_old`` times the inputs, computed for all
-  projections at once as one matmul of the stacked weights (row-stacked in chunks of bounded size).
+  projections at once as one matmul of the stacked weights (row-stacked in chunks of bounded memory).
+  That product runs in the weights' own precision promoted to float32 (float64 for float64 weights):
+  the weights are exact in it and ``T - C`` is formed in the solve precision first, so the update is
+  accurate to ~1e-6 relative (it is stored in float32 anyway) at half the cost of float64.
 * Targets given in input space (``v_i* = W_old t_i``, e.g. UCE's guide embedding) make ``up`` a
   single product ``W_old (T - C)``.
 * Per projection it records how much of the requested change was not achieved (edit residual),
@@ -52,7 +55,7 @@ __all__ = [
 
 Delta = Tensor | tuple[Tensor, Tensor]
 
-_DEFAULT_CHUNK_BYTES = 256 * 2**20
+_DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
 class SingularSystemError(ValueError):
@@ -246,10 +249,16 @@ def solve_ridge(
     deltas: dict[str, Delta] = {}
     edit_residual: dict[str, float] = {}
     preserve_residual: dict[str, float] = {}
-    for chunk in _chunks(names, weights, d_in, torch.finfo(dtype).bits // 8, chunk_bytes):
-        stacked = _stack(chunk, weights, d_in, dtype, device)
+    # Products with the stored weights run in the weights' precision promoted to float32 (float64 weights:
+    # float64): W is exact in it and the inputs are formed in `dtype` first, so no cancellation is
+    # amplified; explicit targets (R = V* - W C) are formed in `dtype`.
+    product_dtype = dtype if not input_targets else _product_dtype(weights, dtype)
+    rhs = rhs.to(product_dtype)
+    width = _itemsize(product_dtype) * (d_in + k + m) + _itemsize(dtype) * (3 * k + m + (d_in if prior is not None else 0))
+    for chunk in _chunks(names, weights, width, chunk_bytes):
+        stacked = _stack(chunk, weights, d_in, product_dtype, device)
         product = stacked @ rhs  # [sum d_out, k (+ m)]
-        r_all = product[:, :k]
+        r_all = product[:, :k].to(dtype)
         if not input_targets:
             r_all = torch.cat([edit_targets[n].to(device=device, dtype=dtype).T for n in chunk], dim=0) - r_all
         offsets = _offsets(chunk, weights)
@@ -260,9 +269,10 @@ def solve_ridge(
             scale = torch.zeros(len(chunk), dtype=dtype, device=device)
             if p is not None:
                 drift += _block_sq_norms(r_all @ q, offsets)
-                scale += _block_sq_norms(product[:, k:], offsets)
+                scale += _block_sq_norms(product[:, k:].to(dtype), offsets)
             if prior is not None:
                 drift += _block_sums((r_all @ z) * r_all, offsets)
+                stacked = stacked.to(dtype)
                 scale += _block_sums((stacked @ prior) * stacked, offsets)
         for index, name in enumerate(chunk):
             start, stop = offsets[index], offsets[index + 1]
@@ -313,7 +323,7 @@ def regenerating_embeddings(
     x = _matrix(inputs, "inputs", d_in, dtype, device)
     gram_edited = torch.zeros(d_in, d_in, dtype=dtype, device=device)
     cross = torch.zeros(d_in, d_in, dtype=dtype, device=device)
-    for chunk in _chunks(names, weights, d_in, 2 * torch.finfo(dtype).bits // 8, chunk_bytes):
+    for chunk in _chunks(names, weights, 2 * _itemsize(dtype) * d_in, chunk_bytes):
         original = _stack(chunk, weights, d_in, dtype, device)
         edited = original.clone()
         for name, (start, stop) in zip(chunk, _pairs(_offsets(chunk, weights))):
@@ -380,18 +390,28 @@ def _condition_number(system: Tensor) -> float:
     return largest / smallest
 
 
-def _chunks(names: list[str], weights: Mapping[str, Tensor], d_in: int, itemsize: int, budget: int) -> list[list[str]]:
-    """Consecutive groups of projections whose stacked copy stays within ``budget`` bytes."""
+def _chunks(names: list[str], weights: Mapping[str, Tensor], row_bytes: int, budget: int) -> list[list[str]]:
+    """Consecutive groups of projections whose working set (``row_bytes`` per output row) fits ``budget``."""
     chunks: list[list[str]] = [[]]
     used = 0
     for name in names:
-        size = weights[name].shape[0] * d_in * itemsize
+        size = weights[name].shape[0] * row_bytes
         if chunks[-1] and used + size > budget:
             chunks.append([])
             used = 0
         chunks[-1].append(name)
         used += size
     return chunks
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _product_dtype(weights: Mapping[str, Tensor], dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.float64 and any(w.dtype == torch.float64 for w in weights.values()):
+        return torch.float64
+    return torch.float32
 
 
 def _stack(chunk: list[str], weights: Mapping[str, Tensor], d_in: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from test_customization import make_references
 from typer.testing import CliRunner
 
 from conceptsmith.cli import app
 from conceptsmith.edits import Edit
-from test_customization import make_references
 
 runner = CliRunner()
 

@@ -323,3 +323,23 @@ def test_configs_mirror_config_defaults():
         editor = get_editor(name)
         assert data["method"] == name
         assert editor.Config.model_validate(data["params"]).model_dump() == editor.Config().model_dump()
+
+
+def test_library_uce_equals_the_research_style_reference(pipe):
+    """bench/closed_form.py's reference (per-layer loops, 77-token prompts, torch.inverse) agrees with the library."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_closed_form", Path(__file__).resolve().parents[1] / "bench" / "closed_form.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    concepts, preserve = ["red circle", "velmora quist"], ["dog", "blue star", "green square"]
+    with torch.no_grad():
+        reference = bench.reference_uce(pipe, concepts, "art", preserve)
+    edit = UCE({"concept_type": "art"}).fit(pipe, EditRequest(concepts=concepts, preserve=preserve))
+    edit.apply(pipe)
+    try:
+        for name, expected in reference.items():
+            actual = pipe.unet.get_submodule(name.removeprefix("unet.")).weight.detach()
+            assert float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)) < 1e-5
+    finally:
+        edit.revert(pipe)

@@ -176,3 +176,15 @@ def test_regenerating_embeddings_match_the_formula():
     torch.testing.assert_close(regen, torch.linalg.solve(lhs, rhs @ c.T).T)
     # without an edit the regenerating embedding of c is (almost) c itself
     torch.testing.assert_close(regenerating_embeddings(weights, {}, c, lam=1e-9), c, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_weights_use_float32_products_without_losing_accuracy():
+    weights, c, t, p, a, b = _problem(seed=8, d_outs=(40, 64))
+    exact = solve_ridge(weights, c, t, preserve_inputs=p, lam=0.5, out_dtype=torch.float64)
+    fast = solve_ridge({n: w.float() for n, w in weights.items()}, c, t, preserve_inputs=p, lam=0.5)
+    for name, w in weights.items():
+        w32 = w.float().double()  # the same weights as stored in float32
+        ref = solve_ridge({name: w32}, c, t, preserve_inputs=p, lam=0.5, out_dtype=torch.float64).dense(name)
+        err = torch.linalg.norm(fast.dense(name).double() - ref) / torch.linalg.norm(ref)
+        assert err < 1e-5
+        assert fast.edit_residual[name] == pytest.approx(exact.edit_residual[name], rel=1e-4)
