@@ -144,6 +144,14 @@ def fingerprint(pipe: object) -> str:
     return digest.hexdigest()[:16]
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword: ``dtype`` where diffusers deprecated ``torch_dtype``, else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    name = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    return {name: dtype}
+
+
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else that names no file is a missing path."""
     return (
@@ -171,7 +179,7 @@ def _load_directory(path: Path, dtype: torch.dtype) -> object:
             f"'{path}' is a directory but not a diffusers pipeline (no model_index.json). "
             "Pass the folder written by pipe.save_pretrained(), or a single .safetensors checkpoint."
         )
-    return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None)
+    return DiffusionPipeline.from_pretrained(path, safety_checker=None, **dtype_kwargs(dtype))
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> object:
@@ -198,7 +206,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> obj
             "safetensors file. Download or export it again."
         ) from err
     pipeline_cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    kwargs = {"torch_dtype": dtype}
+    kwargs: dict[str, object] = dtype_kwargs(dtype)
     if config is not None:
         kwargs["config"] = str(Path(config).expanduser())
         hint = f"Check that '{config}' is a diffusers directory of the same architecture as the checkpoint."
@@ -234,7 +242,9 @@ def _load_hub(spec: str, dtype: torch.dtype) -> object:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
     try:
-        return DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype, safety_checker=None, local_files_only=offline)
+        return DiffusionPipeline.from_pretrained(
+            spec, safety_checker=None, local_files_only=offline, **dtype_kwargs(dtype)
+        )
     except (OSError, ValueError) as err:
         where = "offline (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache" if offline else "from the hub"
         raise ModelLoadError(
