@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from PIL import Image
-
-open_clip = pytest.importorskip("open_clip")
 
 from evaluation.clip import (  # noqa: E402
     DEFAULT_TEMPLATES,
@@ -222,7 +221,8 @@ def test_builtin_adapter(parts):
 def test_shapes_clip_loader_parts_are_adapted(tmp_path, parts):
     """What ShapesWorld's load_shapes_clip returns -- open_clip's (model, preprocess, tokenizer) from a
     local-dir -- becomes an Evaluator with the same embeddings as the model itself."""
-    clip_train = pytest.importorskip("conceptsmith.world.clip_train")
+    from conceptsmith.world import clip_train
+
     model, tokenizer = parts
     _save(model, tmp_path / "open_clip_model.safetensors")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
