@@ -111,3 +111,16 @@ def test_generate_applies_edits_in_order_and_records_them(tiny_pipe, tmp_path):
 
     missing = _run(*args, "--edit", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "y"))
     assert missing.exit_code == 2 and "none.safetensors" in missing.output
+
+
+def test_console_entry_point_mounts_every_command():
+    """`python -m conceptsmith.cli --help` (what the console script runs) lists all commands incl. `world`."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "conceptsmith.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("generate", "methods", "inspect", "erase", "customize", "merge", "export", "to-lora", "bench",
+                    "evaluate", "world"):
+        assert command in result.stdout
