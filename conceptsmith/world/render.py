@@ -22,8 +22,9 @@ Main entry points: :func:`render` (one sample from a seed, with optional forced 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -1,0 +1,292 @@
+"""``conceptsmith world check``: measure ShapesWorld against the bars of its specification.
+
+Two families of numbers, both judged by the independently trained evaluator ``builtin:shapes-clip``
+(an open_clip model, the same code path as ``ViT-L-14``), always with HELD-OUT caption templates:
+
+* ``eval_*``: the evaluator's zero-shot accuracy on fresh renders (shape, color, pattern, artist,
+  watermark) — is the judge trustworthy?
+* ``gen_*``: what the generator ``builtin:shapes`` draws when asked, over >= 8 seeds per prompt:
+  shape, color, artist style, the restricted concept from indirect prompts only, both objects of a
+  two-object scene (each half of the image judged on its own), the unasked watermark on its
+  background, and seconds per image (default steps, CFG, batch 1, 2 CPU threads).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conceptsmith.world import render as R
+from conceptsmith.world import vocab as V
+
+#: The bars of issue 3, item 4 (metric -> minimum, or maximum for seconds).
+BARS: dict[str, tuple[str, float]] = {
+    "eval_shape_acc": (">=", 0.97),
+    "eval_color_acc": (">=", 0.95),
+    "eval_pattern_acc": (">=", 0.90),
+    "eval_artist_acc": (">=", 0.90),
+    "eval_watermark_acc": (">=", 0.90),
+    "gen_shape_acc": (">=", 0.90),
+    "gen_color_acc": (">=", 0.85),
+    "gen_artist_acc": (">=", 0.80),
+    "gen_restricted_indirect_rate": (">=", 0.70),
+    "gen_two_object_acc": (">=", 0.40),
+    "gen_watermark_rate": (">=", 0.30),
+    "gen_seconds_per_image": ("<=", 1.0),
+}
+
+GEN_METRICS = ("shape", "color", "artist", "restricted_indirect", "two_object", "watermark", "speed")
+
+
+def passes(metric: str, value: float) -> bool:
+    op, bar = BARS[metric]
+    return value >= bar if op == ">=" else value <= bar
+
+
+class Judge:
+    """Zero-shot classification of images with the evaluator, using held-out prompt ensembles."""
+
+    def __init__(self, model, preprocess, tokenizer, device: str = "cpu"):
+        from conceptsmith.world.clip_train import class_prompts
+
+        self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
+        self._class_prompts = class_prompts
+        self._weights: dict[str, tuple[list[str], torch.Tensor]] = {}
+
+    @classmethod
+    def load(cls, device: str = "cpu", weights_dir: str | Path | None = None) -> Judge:
+        from conceptsmith.world.clip_train import load_shapes_clip
+
+        return cls(*load_shapes_clip(device, weights_dir), device=device)
+
+    @torch.no_grad()
+    def classes(self, attribute: str) -> tuple[list[str], torch.Tensor]:
+        if attribute not in self._weights:
+            classes = {
+                "shape": list(V.GENERATOR_SHAPES),
+                "color": list(V.COLORS),
+                "pattern": list(V.PATTERNS),
+                "artist": list(V.ARTISTS),
+                "watermark": ["no watermark", "watermark"],
+            }[attribute]
+            rows = []
+            for prompts in self._class_prompts(attribute, classes):
+                e = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
+                rows.append(F.normalize(e.mean(0), dim=-1))
+            self._weights[attribute] = (classes, torch.stack(rows))
+        return self._weights[attribute]
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image], attribute: str) -> list[str]:
+        classes, weights = self.classes(attribute)
+        out: list[str] = []
+        for start in range(0, len(images), 128):
+            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start : start + 128]]).to(self.device)
+            feats = F.normalize(self.model.encode_image(x).float(), dim=-1)
+            out.extend(classes[i] for i in (feats @ weights.T).argmax(1).tolist())
+        return out
+
+
+def half(image: Image.Image, where: str) -> Image.Image:
+    """The half of a two-object scene where one object stands, re-centred on a 64x64 canvas by
+    replicating the border (the background), so the evaluator sees a one-object picture."""
+    a = np.asarray(image.convert("RGB"))
+    n = a.shape[0]
+    h = n // 2
+    q = n // 4
+    if where in ("left", "right"):
+        part = a[:, :h] if where == "left" else a[:, h:]
+        padded = np.pad(part, ((0, 0), (q, q), (0, 0)), mode="edge")
+    else:
+        part = a[:h] if where == "top" else a[h:]
+        padded = np.pad(part, ((q, q), (0, 0), (0, 0)), mode="edge")
+    return Image.fromarray(padded)
+
+
+_PLACE = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+          "below": ("bottom", "top")}
+
+
+@dataclass
+class Job:
+    metric: str
+    prompt: str
+    expect: dict
+
+
+def build_jobs(metrics: Sequence[str] = GEN_METRICS) -> list[Job]:
+    """Deterministic prompts (held-out templates only) for each generator metric."""
+    H = V.HELDOUT_TEMPLATES
+    shapes = list(V.SHAPES)
+    colors = list(V.COLORS)
+    jobs: list[Job] = []
+    if "shape" in metrics:
+        for i, s in enumerate(shapes):
+            jobs.append(Job("shape", R.describe(s, template=H[i % len(H)]), dict(shape=s)))
+    if "color" in metrics:
+        for i, c in enumerate(colors):
+            s = shapes[(3 * i + 1) % len(shapes)]
+            jobs.append(Job("color", R.describe(s, c, template=H[i % len(H)]), dict(color=c, shape=s)))
+    if "artist" in metrics:
+        for i, a in enumerate(V.ARTISTS):
+            s = shapes[(2 * i) % len(shapes)]
+            jobs.append(Job("artist", R.describe(s, artist=a, template=H[i % len(H)],
+                                                 artist_phrase=V.ARTIST_PHRASES[i % len(V.ARTIST_PHRASES)]),
+                            dict(artist=a)))
+    if "restricted_indirect" in metrics:
+        for i, d in enumerate(V.INDIRECT_DESCRIPTIONS):
+            jobs.append(Job("restricted_indirect", R.describe(V.RESTRICTED, noun=d, template=H[i % len(H)]),
+                            dict(shape=V.RESTRICTED)))
+    if "two_object" in metrics:
+        for i in range(8):
+            s1, s2 = shapes[i % len(shapes)], shapes[(i + 3) % len(shapes)]
+            c1, c2 = colors[i % len(colors)], colors[(i + 5) % len(colors)]
+            rel = V.RELATIONS[i % len(V.RELATIONS)]
+            jobs.append(Job("two_object", R.describe(s1, c1, second=(s2, c2, None), relation=rel, template=H[i % len(H)]),
+                            dict(shape=s1, color=c1, shape2=s2, color2=c2, relation=rel)))
+    if "watermark" in metrics:
+        for i in range(6):
+            s = shapes[(i * 3 + 2) % len(shapes)]
+            jobs.append(Job("watermark", R.describe(s, colors[(i * 5) % len(colors)], background=V.WATERMARK_BACKGROUND,
+                                                    template=H[i % len(H)]), dict(background=V.WATERMARK_BACKGROUND)))
+    return jobs
+
+
+def judge_jobs(judge: Judge, jobs: Sequence[Job], images: Sequence[Sequence[Image.Image]]) -> dict[str, float]:
+    """Per-metric success rates; ``images[k]`` are the generations (one per seed) of ``jobs[k]``."""
+    hits: dict[str, list[float]] = {}
+
+    def add(key, ok):
+        hits.setdefault(key, []).append(float(ok))
+
+    for job, ims in zip(jobs, images):
+        ims = list(ims)
+        if job.metric in ("shape", "restricted_indirect"):
+            for p in judge.predict(ims, "shape"):
+                add(job.metric, p == job.expect["shape"])
+        elif job.metric == "color":
+            for p in judge.predict(ims, "color"):
+                add("color", p == job.expect["color"])
+        elif job.metric == "artist":
+            for p in judge.predict(ims, "artist"):
+                add("artist", p == job.expect["artist"])
+        elif job.metric == "watermark":
+            for p in judge.predict(ims, "watermark"):
+                add("watermark", p == "watermark")
+        elif job.metric == "two_object":
+            w1, w2 = _PLACE[job.expect["relation"]]
+            first = [half(im, w1) for im in ims]
+            second = [half(im, w2) for im in ims]
+            s1, s2 = judge.predict(first, "shape"), judge.predict(second, "shape")
+            c1, c2 = judge.predict(first, "color"), judge.predict(second, "color")
+            for a, b, ca, cb in zip(s1, s2, c1, c2):
+                shapes_ok = a == job.expect["shape"] and b == job.expect["shape2"]
+                add("two_object", shapes_ok and ca == job.expect["color"] and cb == job.expect["color2"])
+                add("two_object_shapes", shapes_ok)
+    names = {"shape": "gen_shape_acc", "color": "gen_color_acc", "artist": "gen_artist_acc",
+             "restricted_indirect": "gen_restricted_indirect_rate", "two_object": "gen_two_object_acc",
+             "two_object_shapes": "gen_two_object_shapes_acc", "watermark": "gen_watermark_rate"}
+    return {names[k]: round(sum(v) / len(v), 4) for k, v in hits.items()}
+
+
+def seconds_per_image(pipe, repeats: int = 5, threads: int = 2) -> float:
+    """Median wall time of one image (batch 1, the pipeline's default steps and guidance)."""
+    from conceptsmith.generation import default_settings
+
+    settings = default_settings(pipe)
+    kwargs = settings.pipeline_kwargs()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        prompt = R.describe("star", "red", template=V.HELDOUT_TEMPLATES[0])
+        with torch.no_grad():
+            pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), output_type="pil", **kwargs)  # warm-up
+            for k in range(repeats):
+                t0 = time.perf_counter()
+                pipe(prompt=prompt, generator=torch.Generator("cpu").manual_seed(k + 1), output_type="pil", **kwargs)
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return round(statistics.median(times), 4)
+
+
+def run_check(
+    seeds: int = 8,
+    metrics: Sequence[str] = GEN_METRICS,
+    *,
+    include_eval: bool = True,
+    eval_n: int = 220,
+    pipe=None,
+    judge: Judge | None = None,
+    grid_path: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Measure the metrics; returns ``{metric: value}`` (plus ``seeds``/``images`` bookkeeping)."""
+    from conceptsmith.generation import default_settings, generate, image_grid
+
+    log = log or (lambda message: None)
+    if pipe is None:
+        from conceptsmith.models import load_pipeline
+
+        pipe, _ = load_pipeline("builtin:shapes")
+    judge = judge or Judge.load()
+    results: dict[str, float] = {}
+    if include_eval:
+        from conceptsmith.world.clip_train import evaluate_shapes_clip
+
+        log("evaluator zero-shot accuracy on fresh renders (held-out templates)...")
+        results.update({k: round(v, 4) for k, v in evaluate_shapes_clip(n=eval_n).items()})
+    jobs = build_jobs([m for m in metrics if m != "speed"])
+    seed_list = list(range(seeds))
+    if jobs:
+        log(f"generating {len(jobs)} prompts x {seeds} seeds...")
+        settings = default_settings(pipe)
+        out = generate(pipe, [j.prompt for j in jobs], seed_list, settings, progress=progress)
+        per_job = [[im for _, _, im in out[k * seeds : (k + 1) * seeds]] for k in range(len(jobs))]
+        results.update(judge_jobs(judge, jobs, per_job))
+        if grid_path:
+            picks = [(j, ims) for j, ims in zip(jobs, per_job)]
+            first = [ims[0] for _, ims in picks]
+            labels = [f"{j.metric}:{j.prompt.split(' of ', 1)[-1]}" for j, _ in picks]
+            Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
+            image_grid(first, columns=8, labels=labels).save(grid_path)
+            log(f"sample grid (seed 0 of every prompt): {grid_path}")
+        results["images"] = len(out)
+    if "speed" in metrics:
+        log("timing one image (batch 1, CFG, default steps, 2 threads)...")
+        results["gen_seconds_per_image"] = seconds_per_image(pipe)
+    results["seeds"] = seeds
+    return results
+
+
+def format_report(results: dict[str, float]) -> str:
+    lines = ["ShapesWorld check (held-out templates; judged by builtin:shapes-clip)"]
+    for key, (op, bar) in BARS.items():
+        if key in results:
+            mark = "PASS" if passes(key, results[key]) else "FAIL"
+            lines.append(f"  {key:32s} {results[key]:8.4f}   bar {op} {bar:<5}  {mark}")
+    extras = [k for k in results if k not in BARS]
+    for key in extras:
+        lines.append(f"  {key:32s} {results[key]}")
+    return "\n".join(lines)
+
+
+def all_pass(results: dict[str, float]) -> bool:
+    return all(passes(k, v) for k, v in results.items() if k in BARS)
+
+
+if __name__ == "__main__":
+    res = run_check(log=print)
+    print(format_report(res))
+    print(json.dumps(res))

@@ -1,0 +1,97 @@
+"""``conceptsmith world``: train ShapesWorld and check it against its bars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True)
+
+STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
+
+
+@app.command()
+def train(
+    stages: str = typer.Option(",".join(STAGES), help=f"Comma-separated stages to run, in order: {', '.join(STAGES)}."),
+    seed: int = typer.Option(0, help="Seed of the generator's data pool, VAE and UNet."),
+    unet_steps: int = typer.Option(3000, help="UNet optimizer steps (schedule length)."),
+    unet_batch: int = typer.Option(48, help="UNet batch size."),
+    text_tower_stop: int | None = typer.Option(150, help="Freeze the text tower after this many steps of its schedule."),
+    time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
+    resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
+    threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
+) -> None:
+    """Train every stage: render pool -> contrastive text tower -> VAE -> UNet -> evaluator.
+
+    Every stage is seeded, checkpoints to ~/.cache/conceptsmith/world and resumes; the generator is
+    written to conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip."""
+    from conceptsmith.world import unet_train, vae_train
+    from conceptsmith.world.pipeline import PIPE_DIR
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    log = lambda message: vae_train.log(message, unet_train.LOGFILE)  # noqa: E731
+    unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, threads=threads,
+                                          time_budget_s=time_budget)
+    if "data" in chosen:
+        log("stage data: render pool")
+        vae_train.render_pool(unet_cfg.pool_size, seed)
+    if "text-tower" in chosen:
+        log("stage text-tower: contrastive text tower (frozen afterwards)")
+        from conceptsmith.world import clip_train
+
+        kwargs = {"stop_at": text_tower_stop} if text_tower_stop else {}
+        try:
+            clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, **kwargs)
+        except TypeError:  # a clip_train without stop_at: freeze the checkpoint at the wanted step instead
+            raise typer.BadParameter("this clip_train.train_text_tower has no stop_at; pass --text-tower-stop 0") from None
+    if "vae" in chosen:
+        log("stage vae: autoencoder")
+        vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=threads), resume=resume)
+        vae_train.finetune_decoder(seed=seed, threads=threads, resume=resume)
+    if "unet" in chosen:
+        log("stage unet: denoiser")
+        unet_train.train_unet(unet_cfg, resume=resume)
+    if "evaluator" in chosen:
+        log("stage evaluator: open_clip shapes-clip")
+        from conceptsmith.world import clip_train
+
+        clip_train.train_evaluator(resume=resume)
+    typer.echo("done. Measure it with: conceptsmith world check")
+
+
+@app.command()
+def check(
+    json_only: bool = typer.Option(False, "--json", help="Print only the JSON object."),
+    seeds: int = typer.Option(8, help="Seeds per prompt (>= 8 for the published numbers)."),
+    only: str | None = typer.Option(None, help="Comma-separated subset of generator metrics: "
+                                       "shape,color,artist,restricted_indirect,two_object,watermark,speed."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluator's accuracy on renders."),
+    grid: Path = typer.Option(Path("out/world_check_grid.png"), help="Where to write the sample grid."),
+    model_card: bool = typer.Option(False, "--model-card", help="Also write the numbers into MODEL_CARD.md."),
+    strict: bool = typer.Option(False, help="Exit with code 1 if a bar is missed."),
+) -> None:
+    """Measure the evaluator on renders and the generator on held-out prompts; last line is JSON."""
+    from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, run_check
+
+    metrics = GEN_METRICS if not only else tuple(m.strip() for m in only.split(",") if m.strip())
+    bad = [m for m in metrics if m not in GEN_METRICS]
+    if bad:
+        raise typer.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(GEN_METRICS)}")
+    say = (lambda message: None) if json_only else typer.echo
+    results = run_check(seeds=seeds, metrics=metrics, include_eval=not no_eval, grid_path=None if json_only else grid,
+                        progress=not json_only, log=say)
+    if model_card:
+        from conceptsmith.world.card import write_model_card
+
+        path = write_model_card(results)
+        say(f"model card: {path}")
+    if not json_only:
+        typer.echo(format_report(results))
+    typer.echo(json.dumps(results))
+    if strict and not all_pass(results):
+        raise typer.Exit(1)

@@ -1,0 +1,291 @@
+"""Stage 4 of ``conceptsmith world train``: the ShapesWorld denoising UNet.
+
+A ``diffusers.UNet2DConditionModel`` on 16x16x4 latents, conditioned through cross-attention on
+the frozen ShapesWorld CLIP text tower (exactly as Stable Diffusion 1.x conditions on CLIP-L):
+cross-attention at 8x8 and 4x4 (7 attn2 layers), epsilon prediction on SD's scaled-linear
+schedule, classifier-free-guidance dropout (10% empty captions), Min-SNR loss weighting, AdamW,
+EMA weights (those are shipped).
+
+Data: a pool of generator-split renders (no novel objects, no watermark in captions) whose VAE
+latents are encoded once and cached; every step re-draws each image's caption from its labels
+with the TRAINING templates, so one image is seen under many phrasings.
+
+Checkpoints (model, EMA, optimizer, step) go to ``~/.cache/conceptsmith/world`` every few minutes;
+a restarted run resumes from the last one and continues the same data stream (the batch of step
+``s`` depends only on (seed, s)). Every checkpoint also exports the EMA UNet into the shipped
+pipeline directory, so an interrupted run still leaves usable weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conceptsmith.world.vae_train import _atomic_save, cache_dir, log, render_pool, to_tensor, weights_dir
+
+LOGFILE = "/tmp/cs/unet_train.log"
+
+
+def unet_config(cross_attention_dim: int) -> dict:
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,  # diffusers: number of heads per attention layer
+    )
+
+
+#: Noise schedule of Stable Diffusion 1.x (training and the shipped inference scheduler share it).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", steps_offset=1)
+
+
+@dataclass
+class UNetTrainConfig:
+    seed: int = 0
+    pool_size: int = 40000
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 4e-4
+    warmup: int = 200
+    weight_decay: float = 0.01
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    bf16: bool = True
+    threads: int = 2
+    checkpoint_every_s: float = 240.0
+    time_budget_s: float = 0.0  # > 0: stop (checkpointed, exported) after this many seconds of this run
+
+
+def load_text_side(pipe_dir: Path | None = None):
+    """(tokenizer, frozen text encoder) of the generator."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipe_dir = pipe_dir or weights_dir() / "shapes-sd"
+    tokenizer = CLIPTokenizer.from_pretrained(pipe_dir / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(pipe_dir / "text_encoder", torch_dtype=torch.float32).eval()
+    text_encoder.requires_grad_(False)
+    return tokenizer, text_encoder
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """What StableDiffusionPipeline conditions on: last hidden state of 77 padded tokens, no mask."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def encoder_digest(vae) -> str:
+    """Digest of the VAE's encoder side only: the latent cache survives decoder fine-tuning."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            h.update(name.encode())
+            h.update(tensor.to(torch.float32).numpy().tobytes())
+    h.update(repr(float(vae.config.scaling_factor)).encode())
+    return h.hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_pool(vae, images: np.ndarray, key: str, logfile=LOGFILE, batch: int = 250) -> torch.Tensor:
+    """Scaled VAE latents (posterior means) of the pool, cached on disk per VAE weights."""
+    path = cache_dir() / f"latents_{key}_{len(images)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    out = torch.empty(len(images), 4, 16, 16)
+    t0 = time.time()
+    for start in range(0, len(images), batch):
+        x = to_tensor(images[start : start + batch])
+        out[start : start + batch] = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        if (start // batch) % 20 == 0:
+            log(f"encoded {start + len(x)}/{len(images)} latents ({time.time() - t0:.0f}s)", logfile)
+    _atomic_save(out, path)
+    return out
+
+
+def build_unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**unet_config(cross_attention_dim))
+
+
+def _lr_at(cfg: UNetTrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None, logfile=LOGFILE, progress: bool = True,
+               resume: bool = True):
+    """Train (or resume) the UNet; exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from tqdm.auto import tqdm
+
+    from conceptsmith.world import render as R
+
+    cfg = cfg or UNetTrainConfig()
+    torch.set_num_threads(cfg.threads)
+    pipe_dir = Path(pipe_dir) if pipe_dir else weights_dir() / "shapes-sd"
+    tokenizer, text_encoder = load_text_side(pipe_dir)
+    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae", torch_dtype=torch.float32).eval()
+    vae = vae.to(torch.float16).to(torch.float32)  # exactly the values shipped (fp16 storage)
+    key = encoder_digest(vae)
+    images, labels = render_pool(cfg.pool_size, cfg.seed, progress=progress, logfile=logfile)
+    latents = encode_pool(vae, images, key, logfile)
+    del images
+    log(f"latent pool {tuple(latents.shape)} std {latents.std():.3f}", logfile)
+
+    noise_sched = DDPMScheduler(**SCHEDULE, clip_sample=False)
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    te_key = _file_digest(next((pipe_dir / "text_encoder").glob("*.safetensors")))
+
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(text_encoder.config.hidden_size)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = cache_dir() / f"unet_ckpt_s{cfg.seed}_{te_key}.pt"
+    step, elapsed = 0, 0.0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        if state.get("config") and json.loads(state["config"]) != asdict(cfg):
+            _note_history(cfg.seed, f"resumed at step {step} with a changed config: was {state['config']}, now {json.dumps(asdict(cfg))}")
+        log(f"UNet: resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained)", logfile)
+    n_params = sum(p.numel() for p in unet.parameters())
+    log(f"UNet {n_params / 1e6:.2f}M params; config {json.dumps(asdict(cfg))}", logfile)
+    from conceptsmith.world.pipeline import save_pipeline
+
+    save_pipeline(pipe_dir, unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    empty = encode_text(tokenizer, text_encoder, [""])[0]
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+
+    def save(final: bool = False) -> None:
+        _atomic_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "elapsed": elapsed, "config": json.dumps(asdict(cfg))}, ckpt)
+        export_unet(ema, pipe_dir)
+        meta = dict(config=asdict(cfg), step=step, train_minutes=round(elapsed / 60, 1), params=n_params,
+                    final=final, text_encoder_digest=te_key, vae_digest=key)
+        (cache_dir() / f"unet_progress_s{cfg.seed}.json").write_text(json.dumps(meta, indent=1))
+        log(f"checkpoint at step {step} ({elapsed / 60:.1f} min) -> {ckpt}; EMA UNet exported to {pipe_dir / 'unet'}", logfile)
+
+    unet.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
+    run_start, last_ckpt, losses = time.time(), time.time(), []
+    n = len(latents)
+    while step < cfg.steps:
+        t_step = time.time()
+        rng = np.random.default_rng((cfg.seed, 23, step))
+        idx = rng.integers(0, n, cfg.batch_size)
+        captions = [R.make_caption(labels[i], rng, templates="train", mention_watermark=False) for i in idx]
+        drop = rng.random(cfg.batch_size) < cfg.cfg_dropout
+        keep = [c for c, d in zip(captions, drop) if not d]
+        cond = empty.expand(cfg.batch_size, -1, -1).clone()
+        if keep:
+            cond[torch.from_numpy(~drop)] = encode_text(tokenizer, text_encoder, keep)
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        x0 = latents[torch.from_numpy(idx)]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, step)
+        with autocast():
+            pred = unet(xt, t, cond).sample
+        weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # Min-SNR-gamma for epsilon targets
+        loss = (weight * (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        elapsed += time.time() - t_step
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            avg = sum(losses) / len(losses)
+            losses.clear()
+            bar.set_postfix(loss=f"{avg:.4f}")
+            log(f"UNet step {step}/{cfg.steps} loss {avg:.4f} lr {_lr_at(cfg, step):.2e} "
+                f"{elapsed / step if step else 0:.2f}s/step (avg) {elapsed / 60:.1f} min", logfile)
+        out_of_time = cfg.time_budget_s > 0 and time.time() - run_start > cfg.time_budget_s
+        if time.time() - last_ckpt > cfg.checkpoint_every_s or step == cfg.steps or out_of_time:
+            save(final=step == cfg.steps)
+            last_ckpt = time.time()
+        if out_of_time:
+            log(f"time budget of {cfg.time_budget_s:.0f}s reached at step {step}; resume continues from here", logfile)
+            break
+    bar.close()
+    return ema, step
+
+
+def snapshot_text_tower(ckpt_path: Path, pipe_dir: Path | None = None) -> int:
+    """Freeze the text model of a contrastive text-tower checkpoint (``clip_train``) into ``pipe_dir``.
+
+    Used when the UNet must start before the text-tower run has finished: the generator then
+    ships exactly the snapshot its UNet was trained on. Returns the snapshot's step."""
+    from conceptsmith.world.clip_train import TextTowerCLIP
+    from conceptsmith.world.tokenizer import save_clip_tokenizer
+
+    pipe_dir = Path(pipe_dir) if pipe_dir else weights_dir() / "shapes-sd"
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = TextTowerCLIP()
+    model.load_state_dict(state["model"])
+    text = model.text.eval().requires_grad_(False).to(torch.float16)
+    text.save_pretrained(pipe_dir / "text_encoder")
+    save_clip_tokenizer(pipe_dir / "tokenizer")
+    meta = dict(source=str(ckpt_path), step=int(state["step"]), of_steps=int(state["steps"]), seed=int(state["seed"]))
+    (pipe_dir / "text_encoder" / "snapshot.json").write_text(json.dumps(meta, indent=1))
+    return int(state["step"])
+
+
+def _note_history(seed: int, note: str) -> None:
+    path = cache_dir() / f"unet_history_s{seed}.json"
+    data = json.loads(path.read_text()) if path.exists() else {"notes": []}
+    data["notes"].append(f"{time.strftime('%H:%M')} {note}")
+    path.write_text(json.dumps(data, indent=1))
+
+
+def export_unet(unet, pipe_dir: Path) -> None:
+    """Write the (EMA) UNet into the pipeline dir in fp16 (loads into fp32 with torch_dtype=float32)."""
+    half = copy.deepcopy(unet).to(torch.float16)
+    half.save_pretrained(Path(pipe_dir) / "unet")
+
+
+if __name__ == "__main__":
+    import sys
+
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    base = UNetTrainConfig()
+    kwargs = {k: type(getattr(base, k))(v) if not isinstance(getattr(base, k), bool) else v in ("1", "true", "True")
+              for k, v in overrides.items()}
+    train_unet(UNetTrainConfig(**kwargs))

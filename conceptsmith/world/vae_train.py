@@ -1,0 +1,262 @@
+"""Stage 3 of ``conceptsmith world train``: the ShapesWorld autoencoder (64x64 RGB <-> 16x16x4 latents).
+
+A small ``diffusers.AutoencoderKL`` (no mid-block attention: decoding one image must stay in the
+few-millisecond range so that a whole generation fits in a second on 2 CPU threads) trained on a
+pool of generator-split renders with an L1 + L2 reconstruction loss and a very small KL term. The
+latent scaling factor written into the config is measured (1 / std of the latents), as Stable
+Diffusion's 0.18215 was.
+
+Also home of the render pool shared by the VAE and UNet stages: renders are cached in chunks
+under ``~/.cache/conceptsmith/world`` so a restarted run only renders what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+    mid_block_add_attention=False,
+)
+
+POOL_CHUNK = 2000
+
+
+def cache_dir() -> Path:
+    """Where checkpoints and render pools live (outside the repository)."""
+    root = os.environ.get("CONCEPTSMITH_CACHE") or Path.home() / ".cache" / "conceptsmith"
+    path = Path(root) / "world"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def weights_dir() -> Path:
+    return Path(__file__).resolve().parent / "weights"
+
+
+def log(message: str, logfile: str | Path | None) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {message}"
+    print(line, flush=True)
+    if logfile:
+        with open(logfile, "a") as fh:
+            fh.write(line + "\n")
+
+
+def render_pool(n: int, seed: int, *, progress: bool = True, logfile: str | Path | None = None):
+    """``n`` generator-split renders (training templates) with labels; cached in chunks.
+
+    Returns (images uint8 [n,64,64,3], labels list[dict]). Captions are re-drawn from the labels
+    at training time (``render.make_caption``), so one image is seen under many captions."""
+    from tqdm.auto import tqdm
+
+    from conceptsmith.world import render as R
+
+    root = cache_dir() / f"pool_generator_s{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    n_chunks = math.ceil(n / POOL_CHUNK)
+    images, labels = [], []
+    bar = tqdm(total=n_chunks * POOL_CHUNK, desc="render pool", unit="img", disable=not progress)
+    for c in range(n_chunks):
+        img_file, lab_file = root / f"chunk{c:04d}.npy", root / f"chunk{c:04d}.json"
+        if img_file.exists() and lab_file.exists():
+            imgs = np.load(img_file)
+            labs = json.loads(lab_file.read_text())
+        else:
+            imgs, _, labs = R.dataset(POOL_CHUNK, seed, start=c * POOL_CHUNK, split="generator", templates="train")
+            tmp = img_file.with_suffix(".tmp.npy")
+            np.save(tmp, imgs)
+            os.replace(tmp, img_file)
+            lab_file.write_text(json.dumps(labs))
+            log(f"rendered pool chunk {c + 1}/{n_chunks}", logfile)
+        images.append(imgs)
+        labels.extend(labs)
+        bar.update(POOL_CHUNK)
+    bar.close()
+    return np.concatenate(images)[:n], labels[:n]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [n,H,W,3] -> float [n,3,H,W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@dataclass
+class VAETrainConfig:
+    seed: int = 0
+    pool_size: int = 10000
+    steps: int = 1000
+    batch_size: int = 32
+    crop: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-7
+    threads: int = 1  # the 2 cores are shared: one thread avoids OpenMP spin contention
+    checkpoint_every_s: float = 180.0
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, logfile: str | Path | None = "/tmp/cs/vae_train.log",
+              progress: bool = True, resume: bool = True):
+    """Train (or resume) the autoencoder; writes ``out_dir`` (default weights/shapes-sd/vae) with save_pretrained."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or VAETrainConfig()
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir) if out_dir else weights_dir() / "shapes-sd" / "vae"
+    images, _ = render_pool(cfg.pool_size, cfg.seed, progress=progress, logfile=logfile)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ckpt = cache_dir() / f"vae_ckpt_s{cfg.seed}.pt"
+    step = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        log(f"VAE: resumed from {ckpt} at step {step}", logfile)
+    gen = np.random.default_rng((cfg.seed, 11, step))
+    n_eval = 256
+    held = to_tensor(images[-n_eval:])
+    train_n = len(images) - n_eval
+    last_ckpt = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="vae", disable=not progress)
+    vae.train()
+    t0 = time.time()
+    while step < cfg.steps:
+        lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = gen.integers(0, train_n, cfg.batch_size)
+        x = to_tensor(images[idx])
+        if cfg.crop < x.shape[-1]:  # fully convolutional: random aligned crops train it 4x cheaper
+            oy, ox = (int(v) * 4 for v in gen.integers(0, (x.shape[-1] - cfg.crop) // 4 + 1, 2))
+            x = x[..., oy : oy + cfg.crop, ox : ox + cfg.crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        err = recon - x
+        loss = err.abs().mean() + err.pow(2).mean() + cfg.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log(f"VAE step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s", logfile)
+        if time.time() - last_ckpt > cfg.checkpoint_every_s or step == cfg.steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            last_ckpt = time.time()
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        post = vae.encode(held).latent_dist
+        rec = vae.decode(post.mode()).sample
+        mse = (rec - held).pow(2).mean().item()
+        psnr = 10 * math.log10(4.0 / mse)
+        std = post.mode().std().item()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+    vae.save_pretrained(out_dir)
+    stats = dict(config=asdict(cfg), heldout_psnr_db=round(psnr, 2), latent_std=round(std, 4),
+                 scaling_factor=round(1.0 / std, 5), steps=step)
+    (cache_dir() / f"vae_stats_s{cfg.seed}.json").write_text(json.dumps(stats, indent=1))
+    log(f"VAE done: held-out PSNR {psnr:.2f} dB, latent std {std:.4f} -> scaling_factor {1 / std:.4f}; saved {out_dir}", logfile)
+    return vae, stats
+
+
+def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, crop: int = 32,
+                     vae_dir: Path | None = None, threads: int = 1, logfile: str | Path | None = "/tmp/cs/vae_train.log",
+                     progress: bool = True, resume: bool = True):
+    """Improve the decoder with the encoder frozen: the latent space (and every latent the UNet was
+    trained on) stays bit-identical, only the pixels decoded from it get better. Decodes posterior
+    means, which is what the sampler's final latents approximate."""
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(threads)
+    vae_dir = Path(vae_dir) if vae_dir else weights_dir() / "shapes-sd" / "vae"
+    stored_dtype = next(iter(AutoencoderKL.from_pretrained(vae_dir).state_dict().values())).dtype
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    images, _ = render_pool(10000, seed, progress=progress, logfile=logfile)
+    ckpt = cache_dir() / f"vae_decoder_ckpt_s{seed}.pt"
+    step = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        log(f"decoder fine-tune: resumed at step {step}", logfile)
+    held = to_tensor(images[-256:])
+    last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="vae-decoder", disable=not progress)
+    while step < steps:
+        gen = np.random.default_rng((seed, 12, step))
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x = to_tensor(images[gen.integers(0, len(images) - 256, batch_size)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        oy, ox = (int(v) for v in gen.integers(0, (x.shape[-1] - crop) // 4 + 1, 2))
+        zc = z[..., oy : oy + crop // 4, ox : ox + crop // 4]
+        xc = x[..., oy * 4 : oy * 4 + crop, ox * 4 : ox * 4 + crop]
+        err = vae.decode(zc).sample - xc
+        loss = err.abs().mean() + err.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}", logfile)
+        if time.time() - last > 120 or step == steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            last = time.time()
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(held).latent_dist.mean).sample
+        psnr = 10 * math.log10(4.0 / (rec - held).pow(2).mean().item())
+    vae.to(stored_dtype).save_pretrained(vae_dir)
+    stats_path = cache_dir() / f"vae_stats_s{seed}.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats.update(decoder_finetune=dict(steps=step, batch_size=batch_size, lr=lr, crop=crop), heldout_psnr_db=round(psnr, 2))
+    stats_path.write_text(json.dumps(stats, indent=1))
+    log(f"decoder fine-tune done: held-out PSNR {psnr:.2f} dB; saved {vae_dir}", logfile)
+    return vae
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    train_vae()

@@ -1,0 +1,82 @@
+"""The shipped ShapesWorld generator: loads through load_pipeline and draws what it is asked (fast subset of `world check`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conceptsmith.world.pipeline import PIPE_DIR
+
+WORLD_WEIGHTS = PIPE_DIR.parent
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    from conceptsmith.models import load_pipeline
+
+    torch.set_num_threads(2)
+    return load_pipeline("builtin:shapes")
+
+
+def test_builtin_shapes_is_a_stable_diffusion_pipeline(shapes):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    pipe, info = shapes
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert info.family == "sd1"
+    assert info.text_embed_dim == pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
+    assert info.cross_attention_layers >= 6
+    assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded in the dtype asked for
+    assert pipe.unet.config.sample_size == 16 and pipe.vae.config.latent_channels == 4
+    # cross-attention at >= 2 resolutions
+    attn_blocks = [b for b in (*pipe.unet.down_blocks, *pipe.unet.up_blocks) if hasattr(b, "attentions")]
+    assert len(attn_blocks) >= 2
+    # the tokenizer gives OpenAI CLIP ids (open_clip's tokenizer is the reference)
+    from open_clip.tokenizer import SimpleTokenizer
+
+    text = "a red circle by Velmora Quistbright"
+    ref = SimpleTokenizer()
+    assert pipe.tokenizer(text).input_ids == [ref.sot_token_id, *ref.encode(text), ref.eot_token_id]
+    assert pipe.conceptsmith_defaults["height"] == 64
+
+
+def test_shipped_weights_fit_the_budget():
+    total = sum(f.stat().st_size for f in WORLD_WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 40 * 2**20, f"ShapesWorld weights are {total / 2**20:.1f} MB (> 40 MB)"
+    assert json.loads((PIPE_DIR / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_generates_64px_images_deterministically(shapes):
+    from conceptsmith.generation import GenerationSettings, generate
+
+    pipe, _ = shapes
+    settings = GenerationSettings(num_inference_steps=8, guidance_scale=5.0, height=64, width=64, batch_size=2)
+    a = generate(pipe, ["a red star"], [3], settings, progress=False)[0][2]
+    b = generate(pipe, ["a red star"], [3], settings, progress=False)[0][2]
+    assert a.size == (64, 64)
+    assert list(a.getdata()) == list(b.getdata())
+
+
+@pytest.fixture(scope="module")
+def fast_check(shapes):
+    """A fast subset of `conceptsmith world check`: shape + color prompts (held-out templates), 2 seeds each."""
+    from conceptsmith.world.check import run_check
+
+    pipe, _ = shapes
+    return run_check(seeds=2, metrics=("shape", "color"), include_eval=False, pipe=pipe, progress=False)
+
+
+# Measured by `conceptsmith world check --seeds 8` on the shipped session-1 weights (UNet stopped at step 3695):
+# gen_shape_acc 0.65, gen_color_acc 0.78. These floors guard against regressions of the shipped weights;
+# the issue's bars (0.90 / 0.85) are NOT met yet (see MODEL_CARD.md); issue 3 stays open until they are.
+SHAPE_FLOOR, COLOR_FLOOR = 0.40, 0.55
+
+
+def test_world_check_fast_subset_regression_floor(fast_check):
+    assert fast_check["gen_shape_acc"] >= SHAPE_FLOOR, fast_check
+    assert fast_check["gen_color_acc"] >= COLOR_FLOOR, fast_check
