@@ -26,7 +26,14 @@ from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.linalg import RidgeSolution, SingularSystemError, solve_ridge
 from conceptsmith.models import detect_family
 from conceptsmith.registry import EditorConfig, EditRequest
-from conceptsmith.text import TokenPolicy, concept_token_embeddings, encode_prompts, text_encoders, tokenize
+from conceptsmith.text import (
+    TokenPolicy,
+    concept_token_embeddings,
+    concept_token_positions,
+    encode_prompts,
+    text_encoders,
+    tokenize,
+)
 
 SolveDtype = Literal["float64", "float32"]
 
@@ -190,7 +197,7 @@ def uce_rows(
     guide_states = guide_rows(pipe, guide, policy)
     if policy == "all":
         states = encode_prompts(pipe, list(prompts))
-        _, positions = token_rows(pipe, prompts, phrases, "last_word")
+        positions = concept_token_positions(pipe, list(prompts), list(phrases), "last_word")
         g_start = guide_states["start"]
         inputs, targets = [], []
         for index, pos in enumerate(positions):  # UCE's original pairing, aligned at the last words

@@ -43,7 +43,16 @@ from safetensors.torch import save_file
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
-from erasure._closed_form import ClosedFormConfig, cache_root, check_request, guide_rows, kv_weights, make_edit, solve, torch_dtype
+from erasure._closed_form import (
+    ClosedFormConfig,
+    cache_root,
+    check_request,
+    guide_rows,
+    kv_weights,
+    make_edit,
+    solve,
+    torch_dtype,
+)
 from erasure.uce import default_guide
 
 OBJECT_TEMPLATES: tuple[str, ...] = (

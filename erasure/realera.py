@@ -30,7 +30,15 @@ from pydantic import Field, model_validator
 
 from conceptsmith.edits import Edit, EditError
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from erasure._closed_form import check_request, expand_prompts, kv_weights, make_edit, solve, torch_dtype, uce_rows
+from erasure._closed_form import (
+    check_request,
+    expand_prompts,
+    kv_weights,
+    make_edit,
+    solve,
+    torch_dtype,
+    uce_rows,
+)
 from erasure.uce import UCEConfig, default_guide
 
 

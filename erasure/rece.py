@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -37,6 +38,7 @@ from conceptsmith.text import encode_prompts
 from erasure._closed_form import (
     ClosedFormConfig,
     add_deltas,
+    cache_root,
     check_request,
     expand_prompts,
     guide_rows,
@@ -82,7 +84,7 @@ class RECE(Editor):
         else:
             prompts, phrases = checked.concepts, checked.concepts
         rows = uce_rows(
-            pipe, prompts, phrases, checked.guide, checked.preserve, config.uce.token_policy, config.uce.preserve_cache()
+            pipe, prompts, phrases, checked.guide, checked.preserve, config.uce.token_policy, self._preserve_cache()
         )
         if config.regen_tokens == "all":
             concept_states = encode_prompts(pipe, prompts)
@@ -136,6 +138,13 @@ class RECE(Editor):
             deltas = candidates[chosen - 1][1]
         selection = {"epochs_run": config.epochs, "epoch_returned": chosen, "scores": {str(e): s for e, s in scores.items()}}
         return self._edit(pipe, checked.concepts, params, deltas, stages[: chosen + 1], started, selection)
+
+    def _preserve_cache(self) -> Path | None:
+        """RECE's ``cache_dir`` (when set) overrides its UCE stage's."""
+        config: RECEConfig = self.config
+        if not config.uce.cache_preserve:
+            return None
+        return cache_root(config.cache_dir or config.uce.cache_dir)
 
     def _edit(self, pipe, concepts, params, deltas, stages, started, selection) -> Edit:
         metadata = {

@@ -334,7 +334,7 @@ def test_library_uce_equals_the_research_style_reference(pipe):
     spec.loader.exec_module(bench)
     concepts, preserve = ["red circle", "velmora quist"], ["dog", "blue star", "green square"]
     with torch.no_grad():
-        reference = bench.reference_uce(pipe, concepts, "art", preserve)
+        reference, _ = bench.reference_uce(pipe, concepts, "art", preserve)
     edit = UCE({"concept_type": "art"}).fit(pipe, EditRequest(concepts=concepts, preserve=preserve))
     edit.apply(pipe)
     try:
@@ -343,3 +343,22 @@ def test_library_uce_equals_the_research_style_reference(pipe):
             assert float(torch.linalg.norm(actual - expected) / torch.linalg.norm(expected)) < 1e-5
     finally:
         edit.revert(pipe)
+
+
+def test_large_preserve_lists_are_encoded_once_and_cached(pipe, tmp_path):
+    from erasure._closed_form import PRESERVE_CACHE_MIN
+
+    preserve = [f"{color} {shape}" for color in ("red", "green", "blue", "pink", "gray", "gold")
+                for shape in ("square", "star", "heart", "cross", "arrow", "moon")][:PRESERVE_CACHE_MIN]
+    request = EditRequest(concepts=["skull"], preserve=preserve)
+    first = UCE({"cache_dir": str(tmp_path)}).fit(pipe, request)
+    files = list((tmp_path / "encodings").glob("preserve-*.safetensors"))
+    assert len(files) == 1
+    files[0].touch()
+    stamp = files[0].stat().st_mtime_ns
+    second = UCE({"cache_dir": str(tmp_path)}).fit(pipe, request)
+    assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    uncached = UCE({"cache_preserve": False}).fit(pipe, request)
+    for key, tensor in first.tensors.items():
+        torch.testing.assert_close(second.tensors[key], tensor)
+        torch.testing.assert_close(uncached.tensors[key], tensor)

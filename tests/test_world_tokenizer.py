@@ -7,7 +7,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
-from conceptsmith.world.tokenizer import BOS, EOS, clip_tokenizer, save_clip_tokenizer
+from conceptsmith.world.tokenizer import EOS, clip_tokenizer, save_clip_tokenizer
 
 
 @pytest.fixture(scope="module")
