@@ -23,6 +23,9 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
+demo: install
+	$(VENV)/bin/conceptsmith bench shapes-smoke --out out/demo
+
 bench: install
 	$(PY) bench/closed_form.py
 

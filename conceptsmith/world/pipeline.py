@@ -50,6 +50,8 @@ def load_shapes_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"
     """Load the shipped pipeline (or ``pipe_dir``) as a ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
 
+    from conceptsmith.models import dtype_kwargs
+
     pipe_dir = Path(pipe_dir) if pipe_dir else PIPE_DIR
     if not (pipe_dir / "model_index.json").exists() or not any((pipe_dir / "unet").glob("*.safetensors")):
         raise ShapesWeightsMissing(
@@ -57,8 +59,8 @@ def load_shapes_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"
             "(about 2 hours on 2 CPU cores)."
         )
     pipe = StableDiffusionPipeline.from_pretrained(
-        pipe_dir, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True,
+        pipe_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=True, **dtype_kwargs(dtype),
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
