@@ -55,7 +55,7 @@ __all__ = [
 
 Delta = Tensor | tuple[Tensor, Tensor]
 
-_DEFAULT_CHUNK_BYTES = 128 * 2**20
+_DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
 class SingularSystemError(ValueError):
@@ -254,33 +254,38 @@ def solve_ridge(
     # amplified; explicit targets (R = V* - W C) are formed in `dtype`.
     product_dtype = dtype if not input_targets else _product_dtype(weights, dtype)
     rhs = rhs.to(product_dtype)
-    width = _itemsize(product_dtype) * (d_in + k + m) + _itemsize(dtype) * (3 * k + m + (d_in if prior is not None else 0))
+    width = _itemsize(product_dtype) * (d_in + 3 * k + 2 * m) + _itemsize(dtype) * (2 * d_in if prior is not None else 0)
+    # The per-projection diagnostics (residuals) are computed in the product precision too.
+    s_p = s.to(product_dtype)
+    q_p = None if q is None else q.to(product_dtype)
+    z_p = None if z is None else z.to(product_dtype)
+    down_p, down_out = down.to(product_dtype), down.to(out_dtype)  # shared by every low-rank projection
     for chunk in _chunks(names, weights, width, chunk_bytes):
         stacked = _stack(chunk, weights, d_in, product_dtype, device)
         product = stacked @ rhs  # [sum d_out, k (+ m)]
-        r_all = product[:, :k].to(dtype)
+        r_all = product[:, :k]
         if not input_targets:
             r_all = torch.cat([edit_targets[n].to(device=device, dtype=dtype).T for n in chunk], dim=0) - r_all
         offsets = _offsets(chunk, weights)
-        edit_error = _block_sq_norms(r_all @ s, offsets)
+        edit_error = _block_sq_norms(r_all @ s_p, offsets)
         requested = _block_sq_norms(r_all, offsets)
         if p is not None or prior is not None:
-            drift = torch.zeros(len(chunk), dtype=dtype, device=device)
-            scale = torch.zeros(len(chunk), dtype=dtype, device=device)
+            drift = torch.zeros(len(chunk), dtype=torch.float64, device=device)
+            scale = torch.zeros(len(chunk), dtype=torch.float64, device=device)
             if p is not None:
-                drift += _block_sq_norms(r_all @ q, offsets)
-                scale += _block_sq_norms(product[:, k:].to(dtype), offsets)
+                drift += _block_sq_norms(r_all @ q_p, offsets)
+                scale += _block_sq_norms(product[:, k:], offsets)
             if prior is not None:
-                drift += _block_sums((r_all @ z) * r_all, offsets)
+                drift += _block_sums((r_all @ z_p) * r_all, offsets)
                 stacked = stacked.to(dtype)
                 scale += _block_sums((stacked @ prior) * stacked, offsets)
         for index, name in enumerate(chunk):
             start, stop = offsets[index], offsets[index + 1]
             up = r_all[start:stop]
             if low_rank_of[name]:
-                deltas[name] = (up.to(out_dtype).contiguous(), down.to(out_dtype))
+                deltas[name] = (up.to(out_dtype).contiguous(), down_out)
             else:
-                deltas[name] = (up @ down).to(out_dtype)
+                deltas[name] = (up @ down_p).to(out_dtype)
             edit_residual[name] = _ratio(edit_error[index], requested[index])
             if p is not None or prior is not None:
                 preserve_residual[name] = _ratio(drift[index], scale[index])
@@ -437,16 +442,19 @@ def _pairs(offsets: list[int]) -> list[tuple[int, int]]:
 
 
 def _block_sums(x: Tensor, offsets: list[int]) -> Tensor:
-    """Sum of all entries of each row block ``x[offsets[i]:offsets[i+1]]``."""
-    row_sums = x.sum(dim=1)
-    index = torch.repeat_interleave(
-        torch.arange(len(offsets) - 1, device=x.device), torch.tensor([b - a for a, b in _pairs(offsets)], device=x.device)
-    )
-    return torch.zeros(len(offsets) - 1, dtype=x.dtype, device=x.device).index_add_(0, index, row_sums)
+    """Sum of all entries of each row block ``x[offsets[i]:offsets[i+1]]`` (float64)."""
+    return _sum_blocks(x.sum(dim=1, dtype=torch.float64), offsets)
 
 
 def _block_sq_norms(x: Tensor, offsets: list[int]) -> Tensor:
-    return _block_sums(x * x, offsets)
+    """Squared Frobenius norm of each row block (no temporary of ``x``'s size)."""
+    return _sum_blocks(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square(), offsets)
+
+
+def _sum_blocks(row_values: Tensor, offsets: list[int]) -> Tensor:
+    sizes = torch.tensor([b - a for a, b in _pairs(offsets)], device=row_values.device)
+    index = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=row_values.device), sizes)
+    return torch.zeros(len(offsets) - 1, dtype=row_values.dtype, device=row_values.device).index_add_(0, index, row_values)
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> float:
