@@ -196,7 +196,7 @@ def _attention_probs(
     return scores.softmax(dim=-1)
 
 
-def _spatial_shape(n_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+def spatial_shape(n_queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
     """(h, w) of a layer's query grid, from the latent size the UNet was called with."""
     if latent_hw is not None:
         height, width = latent_hw
@@ -382,7 +382,7 @@ class AttentionMapRecorder:
             if bad:
                 raise IndexError(f"token_indices {bad} out of range for {n_tokens} text tokens.")
             maps = maps[..., self.token_indices]
-        h, w = _spatial_shape(maps.shape[1], self._latent_hw)
+        h, w = spatial_shape(maps.shape[1], self._latent_hw)
         maps = maps.reshape(maps.shape[0], h, w, maps.shape[-1])
         if not self.keep_grad:
             maps = maps.detach().to(self.device, torch.float32)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from conceptsmith.attention import spatial_shape
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import Editor, EditorConfig, EditRequest, register_editor, register_hook
 from customization import CustomizationError
@@ -147,20 +148,6 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def grid_shape(queries: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
-    """(h, w) of a layer's query grid from the latent size the UNet was called with."""
-    if latent_hw is not None:
-        height, width = latent_hw
-        factor = 1
-        while factor <= max(height, width):
-            h, w = math.ceil(height / factor), math.ceil(width / factor)
-            if h * w == queries:
-                return h, w
-            factor *= 2
-    side = math.isqrt(queries)
-    return (side, side) if side * side == queries else (queries, 1)
-
-
 def check_phrases(pipe: Any, phrases: Sequence[str], method: str) -> list[str]:
     phrases = [p for p in phrases if isinstance(p, str)]
     if not phrases:
@@ -238,7 +225,7 @@ class NMSProcessor:
         batch = len(rows)
         heads = probs.shape[0] // batch
         probs = probs.view(batch, heads, probs.shape[1], probs.shape[2]).clone()
-        h, w = grid_shape(probs.shape[2], self.state.latent_hw)
+        h, w = spatial_shape(probs.shape[2], self.state.latent_hw)
         for b, concepts in enumerate(rows):
             if concepts is None:
                 continue
