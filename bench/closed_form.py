@@ -48,43 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-CLIP_VIT_L14_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=768,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-)
+from conceptsmith.architectures import CLIP_VIT_L_TEXT, SD15_UNET  # noqa: E402  (after the sys.path line)
+
 # A small stand-in with the same structure, only to smoke-test this script (``--arch tiny``).
 TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, norm_num_groups=16, attention_head_dim=4)
-TINY_TEXT = dict(CLIP_VIT_L14_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+TINY_TEXT = dict(CLIP_VIT_L_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
 COUNTS = (1, 10, 100, 1000)
 N_PRESERVE = 100
 GUIDE = "art"
@@ -125,7 +93,7 @@ def build_sd15(seed: int = 0, tiny: bool = False) -> SimpleNamespace:
     generator = torch.Generator().manual_seed(seed)
     with init_empty_weights(include_buffers=False):
         unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if tiny else CLIP_VIT_L14_TEXT)))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT if tiny else CLIP_VIT_L_TEXT)))
     fill_random(unet, generator)
     fill_random(text_encoder, generator)
     return SimpleNamespace(unet=unet.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer())

@@ -18,7 +18,10 @@ def train(
     seed: int = typer.Option(0, help="Seed of the generator's data pool, VAE and UNet."),
     unet_steps: int = typer.Option(3000, help="UNet optimizer steps (schedule length)."),
     unet_batch: int = typer.Option(48, help="UNet batch size."),
-    text_tower_stop: int | None = typer.Option(150, help="Freeze the text tower after this many steps of its schedule."),
+    text_tower_stop: int | None = typer.Option(None, help="Freeze the text tower after this many steps of its schedule."),
+    unet_lr: float = typer.Option(4e-4, help="UNet peak learning rate (warmup + cosine)."),
+    unet_init: Path | None = typer.Option(None, help="Start the UNet from this diffusers UNet dir (fine-tune onto a new "
+                                          "text encoder) instead of random weights."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
     resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
     threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
@@ -35,8 +38,9 @@ def train(
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     log = lambda message: vae_train.log(message, unet_train.LOGFILE)  # noqa: E731
-    unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, threads=threads,
-                                          time_budget_s=time_budget)
+    unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, lr=unet_lr,
+                                          threads=threads, time_budget_s=time_budget,
+                                          init_from=str(unet_init) if unet_init else "")
     if "data" in chosen:
         log("stage data: render pool")
         vae_train.render_pool(unet_cfg.pool_size, seed)
@@ -45,10 +49,7 @@ def train(
         from conceptsmith.world import clip_train
 
         kwargs = {"stop_at": text_tower_stop} if text_tower_stop else {}
-        try:
-            clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, **kwargs)
-        except TypeError:  # a clip_train without stop_at: freeze the checkpoint at the wanted step instead
-            raise typer.BadParameter("this clip_train.train_text_tower has no stop_at; pass --text-tower-stop 0") from None
+        clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, **kwargs)
     if "vae" in chosen:
         log("stage vae: autoencoder")
         vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=threads), resume=resume)

@@ -67,9 +67,10 @@ TEXT_ENCODER_CONFIG = dict(
 )
 
 # Default stage settings (seed, data sample) - the generator's and the evaluator's never overlap.
-TEXT_TOWER_DEFAULTS = dict(seed=1001, data_seed=11, n_images=16000, batch=128, lr=1e-3, steps=450, stop_at=150)
+TEXT_TOWER_DEFAULTS = dict(seed=1001, data_seed=11, n_images=16000, batch=128, lr=1e-3, steps=1500, stop_at=None,
+                           group_size=8)
 EVALUATOR_DEFAULTS = dict(seed=2002, data_seed=22, n_images=16000, batch=128, lr=1.5e-3, steps=2000, stop_at=None,
-                          group_size=8, continue_steps=(700, 700), continue_lr=6e-4)
+                          group_size=8, continue_steps=(700, 700, 2400), continue_lr=6e-4)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -201,6 +202,7 @@ def _contrastive_train(
     stop_at: int | None = None,
     group_size: int = 1,
     ckpt_every: int = 10,
+    threads: int = 2,
 ) -> nn.Module:
     """Train with a ``steps``-long warmup+cosine schedule; ``stop_at`` < steps ends the run early
     (same schedule, so a run stopped at k equals the first k steps of the full run).
@@ -210,7 +212,7 @@ def _contrastive_train(
     would learn shape and pattern late (a contrastive shortcut); grouped batches make them matter."""
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     ckpt = cache_dir() / f"ckpt-{name}.pt"
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -287,12 +289,12 @@ def _hf_encoder():
 
 
 def train_text_tower(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None, seed: int | None = None,
-                     resume: bool = True, **overrides: Any) -> Path:
+                     resume: bool = True, threads: int = 2, **overrides: Any) -> Path:
     """Stage (a): contrastive training; saves ``out_dir/text_encoder`` (fp16) and ``out_dir/tokenizer``."""
     cfg = dict(TEXT_TOWER_DEFAULTS, **overrides)
     steps = steps or cfg["steps"]
     seed = cfg["seed"] if seed is None else seed
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     images, labels = rendered_dataset(cfg["n_images"], cfg["data_seed"], "generator")
     encode = _hf_encoder()
 
@@ -306,7 +308,8 @@ def train_text_tower(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None
     model = TextTowerCLIP()
     model = _contrastive_train(model, name=f"text-tower-s{seed}", images=images, labels=labels, caption=caption,
                                tokenize=tokenize, mean=(0.5,) * 3, std=(0.25,) * 3, steps=steps,
-                               batch=cfg["batch"], lr=cfg["lr"], seed=seed, resume=resume, stop_at=cfg["stop_at"])
+                               batch=cfg["batch"], lr=cfg["lr"], seed=seed, resume=resume, stop_at=cfg["stop_at"],
+                               group_size=cfg["group_size"], threads=threads)
     torch.save(model.state_dict(), cache_dir() / f"text-tower-s{seed}-full.pt")
     out = Path(out_dir)
     text = model.text.eval().requires_grad_(False)
@@ -350,7 +353,7 @@ def _register_config() -> None:
 
 
 def train_evaluator(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None, seed: int | None = None,
-                    resume: bool = True, **overrides: Any) -> Path:
+                    resume: bool = True, threads: int = 2, **overrides: Any) -> Path:
     """Stage (b): the open_clip evaluator; saves ``out_dir/shapes-clip/{open_clip_config.json,
     open_clip_model.safetensors}`` (weights in float16)."""
     import open_clip
@@ -359,7 +362,7 @@ def train_evaluator(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None,
     cfg = dict(EVALUATOR_DEFAULTS, **overrides)
     steps = steps or cfg["steps"]
     seed = cfg["seed"] if seed is None else seed
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     images, labels = rendered_dataset(cfg["n_images"], cfg["data_seed"], "evaluator")
     _register_config()
     torch.manual_seed(seed)
@@ -377,13 +380,13 @@ def train_evaluator(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None,
     model = _contrastive_train(model, name=f"evaluator-s{seed}", images=images, labels=labels, caption=caption,
                                tokenize=tokenize, mean=OPENAI_MEAN, std=OPENAI_STD, steps=steps,
                                batch=cfg["batch"], lr=cfg["lr"], seed=seed, resume=resume, stop_at=cfg["stop_at"],
-                               group_size=cfg["group_size"])
+                               group_size=cfg["group_size"], threads=threads)
     for k, cont_steps in enumerate(cfg.get("continue_steps") or ()):
         # further cosine cycles (warm restarts, lower peak LR, other batch streams) from the previous weights
         model = _contrastive_train(model, name=f"evaluator-s{seed}-cont{k + 1 if k else ''}", images=images,
                                    labels=labels, caption=caption, tokenize=tokenize, mean=OPENAI_MEAN,
                                    std=OPENAI_STD, steps=cont_steps, batch=cfg["batch"], lr=cfg["continue_lr"],
-                                   seed=seed + 1 + k, resume=resume, group_size=cfg["group_size"])
+                                   seed=seed + 1 + k, resume=resume, group_size=cfg["group_size"], threads=threads)
     out = Path(out_dir) / EVALUATOR_NAME
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}

@@ -71,6 +71,7 @@ class UNetTrainConfig:
     threads: int = 2
     checkpoint_every_s: float = 240.0
     time_budget_s: float = 0.0  # > 0: stop (checkpointed, exported) after this many seconds of this run
+    init_from: str = ""  # a diffusers UNet dir to start from (fine-tuning onto a new text encoder) instead of random
 
 
 def load_text_side(pipe_dir: Path | None = None):
@@ -164,6 +165,12 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
 
     torch.manual_seed(cfg.seed)
     unet = build_unet(text_encoder.config.hidden_size)
+    if cfg.init_from:
+        from diffusers import UNet2DConditionModel
+
+        start = UNet2DConditionModel.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        unet.load_state_dict(start.state_dict())
+        log(f"UNet: initialized from {cfg.init_from}", logfile)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = cache_dir() / f"unet_ckpt_s{cfg.seed}_{te_key}.pt"
@@ -246,26 +253,6 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
             break
     bar.close()
     return ema, step
-
-
-def snapshot_text_tower(ckpt_path: Path, pipe_dir: Path | None = None) -> int:
-    """Freeze the text model of a contrastive text-tower checkpoint (``clip_train``) into ``pipe_dir``.
-
-    Used when the UNet must start before the text-tower run has finished: the generator then
-    ships exactly the snapshot its UNet was trained on. Returns the snapshot's step."""
-    from conceptsmith.world.clip_train import TextTowerCLIP
-    from conceptsmith.world.tokenizer import save_clip_tokenizer
-
-    pipe_dir = Path(pipe_dir) if pipe_dir else weights_dir() / "shapes-sd"
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    model = TextTowerCLIP()
-    model.load_state_dict(state["model"])
-    text = model.text.eval().requires_grad_(False).to(torch.float16)
-    text.save_pretrained(pipe_dir / "text_encoder")
-    save_clip_tokenizer(pipe_dir / "tokenizer")
-    meta = dict(source=str(ckpt_path), step=int(state["step"]), of_steps=int(state["steps"]), seed=int(state["seed"]))
-    (pipe_dir / "text_encoder" / "snapshot.json").write_text(json.dumps(meta, indent=1))
-    return int(state["step"])
 
 
 def _note_history(seed: int, note: str) -> None:
