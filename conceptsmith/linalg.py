@@ -49,6 +49,7 @@ __all__ = [
     "RidgeSolution",
     "SingularSystemError",
     "regenerating_embeddings",
+    "solve_constrained",
     "solve_ridge",
     "weighted_gram",
 ]
@@ -301,6 +302,81 @@ def solve_ridge(
         dtype=dtype,
         n_edit=k,
         n_preserve=m,
+    )
+
+
+def solve_constrained(
+    weights: Mapping[str, Tensor],
+    constraint_inputs: Tensor,
+    constraint_targets: Mapping[str, Tensor],
+    *,
+    preserve_gram: Tensor,
+    lam: float,
+    rcond: float = 1e-10,
+    dtype: torch.dtype = torch.float64,
+) -> RidgeSolution:
+    """Custom Diffusion's constrained merge (Kumari et al., CVPR 2023, Eq. 4), solved exactly.
+
+    Per projection ``W_old`` (``d_out x d_in``)::
+
+        min_W ||(W - W_old) P^T||_F^2 + lam ||W - W_old||_F^2   s.t.   W C^T = V^T
+
+    with ``P^T P`` = ``preserve_gram`` (the regularization captions' Gram), ``C`` = ``constraint_inputs``
+    ``[k, d_in]`` and ``V`` = ``constraint_targets[name]`` ``[k, d_out]``. With ``M = P^T P + lam I``,
+    ``D = M^-1 C^T`` and ``G = C D`` (``k x k``) the minimiser is::
+
+        W = W_old + (V^T - W_old C^T) G^+ D^T
+
+    ``G^+`` is the pseudo-inverse (eigenvalues below ``rcond x`` the largest are dropped), so repeated
+    constraint rows (the same token in several prompts) are harmless; when the constraints are
+    inconsistent (more independent rows than ``d_in`` allows) it is their least-squares fit. The
+    update has rank <= ``rank(G)``; ``edit_residual`` is the relative constraint violation.
+    """
+    names = list(weights)
+    d_in = _common_d_in(weights)
+    device = weights[names[0]].device
+    c = _matrix(constraint_inputs, "constraint_inputs", d_in, dtype, device)
+    gram = _matrix(preserve_gram, "preserve_gram", d_in, dtype, device)
+    if lam < 0 or not math.isfinite(lam):
+        raise ValueError(f"lam must be finite and >= 0, got {lam}.")
+    system = gram + lam * torch.eye(d_in, dtype=dtype, device=device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise SingularSystemError(
+            f"The regularization Gram + lam I ({d_in}x{d_in}) is not positive definite; use more regularization "
+            "captions or lam > 0."
+        )
+    d = torch.cholesky_solve(c.T.contiguous(), factor)  # [d_in, k]
+    g = c @ d
+    eigenvalues, vectors = torch.linalg.eigh((g + g.T) / 2)
+    keep = eigenvalues > rcond * float(eigenvalues[-1].clamp_min(0))
+    if not keep.any():
+        raise SingularSystemError("The constraint vectors are all zero: nothing to constrain.")
+    g_pinv = (vectors[:, keep] / eigenvalues[keep]) @ vectors[:, keep].T
+    down = (d @ g_pinv).T.contiguous()  # [k, d_in]: the same for every projection
+    deltas: dict[str, Delta] = {}
+    edit_residual: dict[str, float] = {}
+    preserve_residual: dict[str, float] = {}
+    for name in names:
+        w_old = weights[name].to(dtype)
+        target = _matrix(constraint_targets[name], f"constraint_targets['{name}']", w_old.shape[0], dtype, device)
+        requested = target.T - w_old @ c.T  # [d_out, k]
+        delta = requested @ down
+        deltas[name] = (requested.float().contiguous(), down.float()) if c.shape[0] < min(w_old.shape) else delta.float()
+        edit_residual[name] = _ratio((delta @ c.T - requested).pow(2).sum(), requested.pow(2).sum())
+        preserve_residual[name] = _ratio(((delta @ gram) * delta).sum(), ((w_old @ gram) * w_old).sum())
+    return RidgeSolution(
+        deltas=deltas,
+        condition_number=_condition_number(system),
+        edit_residual=edit_residual,
+        preserve_residual=preserve_residual,
+        rank=int(keep.sum()),
+        lam=lam,
+        dtype=dtype,
+        n_edit=int(c.shape[0]),
+        n_preserve=0,
+        extra={"solver": "constrained-pinv", "constraint_rank": int(keep.sum()),
+               "constraint_condition_number": float(eigenvalues[-1] / eigenvalues[keep][0])},
     )
 
 

@@ -188,7 +188,6 @@ def closed_form_merge(
     regularization_prompts: Sequence[str] | None = None,
     prompts: Sequence[Sequence[str]] | None = None,
     target_tokens: Literal["words+eos", "all"] = "words+eos",
-    constraint_weight: float = 1e4,
     lam: float = 1e-4,
 ) -> Edit:
     """Custom Diffusion's multi-concept merge of single-concept K/V edits, through the shared solver.
@@ -199,16 +198,16 @@ def closed_form_merge(
 
         min_W ||C_reg W^T - C_reg W0^T||_F^2   s.t.   C_i W^T = C_i W_i^T  for every i
 
-    The constraints are imposed through :func:`conceptsmith.linalg.solve_ridge` with edit weight
-    ``constraint_weight / k`` per constraint row against the mean regularization Gram (a penalty
-    form that tends to the constrained solution as the weight grows; the remaining constraint
-    violation is reported as ``edit_residual`` in the metadata) and ridge ``lam x trace/d``.
+    solved exactly by :func:`conceptsmith.linalg.solve_constrained` (pseudo-inverse of the
+    constraint system, so repeated tokens across prompts are harmless), with ridge
+    ``lam x trace/d`` added to the mean regularization Gram; the remaining constraint violation
+    (0 unless the constraints outnumber ``d_in``) is reported as ``edit_residual``.
     ``target_tokens``: ``words+eos`` constrains the prompt's tokens after BOS up to EOS; ``all`` also
     the padding positions (more constraints than ``d_in`` quickly: then it is a least-squares fit).
     ``prompts``: one list of prompts per edit (default: the edit's own training prompts).
     """
     from conceptsmith.edits import applied_edits
-    from conceptsmith.linalg import solve_ridge, weighted_gram
+    from conceptsmith.linalg import solve_constrained, weighted_gram
     from conceptsmith.text import encode_prompts, tokenize
     from customization.textual_inversion import token_parts, tokens_view
 
@@ -261,17 +260,9 @@ def closed_form_merge(
     reg = encode_prompts(view, reg_prompts).reshape(-1, text_width)
     gram = weighted_gram(reg) / reg.shape[0]
     ridge = lam * float(gram.trace()) / text_width
-    solution = solve_ridge(
-        base_weights,
-        c_all,
-        v_all,
-        edit_weights=constraint_weight / c_all.shape[0],
-        preserve_gram=gram,
-        lam=ridge,
-    )
+    solution = solve_constrained(base_weights, c_all, v_all, preserve_gram=gram, lam=ridge)
     params = {
         "method": "closed-form",
-        "constraint_weight": constraint_weight,
         "lam": lam,
         "target_tokens": target_tokens,
         "n_regularization_prompts": len(reg_prompts),

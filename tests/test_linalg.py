@@ -188,3 +188,38 @@ def test_float32_weights_use_float32_products_without_losing_accuracy():
         err = torch.linalg.norm(fast.dense(name).double() - ref) / torch.linalg.norm(ref)
         assert err < 1e-5
         assert fast.edit_residual[name] == pytest.approx(exact.edit_residual[name], rel=1e-4)
+
+
+def _kkt(w_old, c, v, gram, lam):
+    """min tr((W-W0) M (W-W0)^T) s.t. W c^T = v^T via the KKT system, in numpy."""
+    d, k = c.shape[1], c.shape[0]
+    m = gram + lam * np.eye(d)
+    kkt = np.block([[2 * m, c.T], [c, np.zeros((k, k))]])
+    rhs = np.concatenate([2 * m @ w_old.T, v])
+    return np.linalg.solve(kkt, rhs)[:d].T
+
+
+def test_constrained_merge_solve_matches_the_kkt_system_and_meets_every_constraint():
+    from conceptsmith.linalg import solve_constrained
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 12, 4
+    weights = {"a": torch.randn(7, d, generator=g, dtype=torch.float64), "b": torch.randn(5, d, generator=g, dtype=torch.float64)}
+    c = torch.randn(k, d, generator=g, dtype=torch.float64)
+    v = {name: torch.randn(k, w.shape[0], generator=g, dtype=torch.float64) for name, w in weights.items()}
+    reg = torch.randn(30, d, generator=g, dtype=torch.float64)
+    gram = reg.T @ reg
+    sol = solve_constrained(weights, c, v, preserve_gram=gram, lam=0.1)
+    for name, w in weights.items():
+        expected = _kkt(w.numpy(), c.numpy(), v[name].numpy(), gram.numpy(), 0.1)
+        new = w + sol.dense(name)
+        np.testing.assert_allclose(new.numpy(), expected, rtol=1e-5, atol=1e-5)  # the update is stored in float32
+        torch.testing.assert_close(new @ c.T, v[name].T, rtol=1e-5, atol=1e-5)
+        assert sol.edit_residual[name] < 1e-8 and torch.linalg.matrix_rank(sol.dense(name)) <= k
+    # a repeated constraint row (same token in two prompts) changes nothing: the pseudo-inverse drops it
+    again = solve_constrained(weights, torch.cat([c, c[:1]]), {n: torch.cat([t, t[:1]]) for n, t in v.items()},
+                              preserve_gram=gram, lam=0.1)
+    torch.testing.assert_close(again.dense("a"), sol.dense("a"))
+    assert again.metrics()["constraint_rank"] == k and again.metrics()["solver"] == "constrained-pinv"
+    with pytest.raises(SingularSystemError, match="not positive definite"):
+        solve_constrained(weights, c, v, preserve_gram=torch.zeros(d, d, dtype=torch.float64), lam=0.0)
