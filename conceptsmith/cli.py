@@ -229,9 +229,24 @@ def erase(
     result.save(out)
     typer.echo(f"{editor.name}: erased {len(concepts)} concept(s) from {info.spec} [{info.fingerprint}] "
                f"in {seconds:.2f} s -> {out}")
-    for key, value in sorted(result.metadata.items()):
-        if isinstance(value, (int, float, str)) and key not in {"created", "conceptsmith_version"}:
-            typer.echo(f"  {key}: {value}")
+    for line in _metadata_lines(result.metadata):
+        typer.echo(f"  {line}")
+
+
+def _metadata_lines(metadata: dict, prefix: str = "") -> list[str]:
+    """Scalar metadata as ``key: value`` lines, one level of nesting as ``outer.key`` (the solver's condition
+    number, rank and worst residuals); per-projection tables stay in the file (``conceptsmith inspect``)."""
+    lines = []
+    for key, value in sorted(metadata.items()):
+        if key in {"created", "conceptsmith_version"}:
+            continue
+        if isinstance(value, float):
+            lines.append(f"{prefix}{key}: {value:.4g}")
+        elif isinstance(value, (int, str)):
+            lines.append(f"{prefix}{key}: {value}")
+        elif isinstance(value, dict) and not prefix:
+            lines.extend(_metadata_lines(value, f"{key}."))
+    return lines
 
 
 @app.command()

@@ -19,6 +19,9 @@ def test_erase_writes_an_edit_bound_to_the_base(tmp_path):
     edit = Edit.load(out)
     assert edit.method == "uce" and edit.concepts == ["red circle"]
     assert edit.kind == "weights"
+    solver = edit.metadata["closed_form"]
+    assert f"closed_form.condition_number: {solver['condition_number']:.4g}" in result.output
+    assert f"closed_form.rank: {solver['rank']}" in result.output and "max_preserve_residual" in result.output
     inspect = runner.invoke(app, ["inspect", "builtin:tiny-test", "--json"])
     assert edit.base_fingerprint in inspect.stdout
 
