@@ -27,10 +27,10 @@ from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from customization.training import TrainingConfig
+from customization.training import SubjectTrainingConfig
 
 
-class CustomDiffusionConfig(TrainingConfig):
+class CustomDiffusionConfig(SubjectTrainingConfig):
     """Defaults mirror ``configs/customize/custom-diffusion.yaml`` (the paper's single-concept setting)."""
 
     steps: int = Field(250, ge=1, description="250 for one concept, 500 for joint training (paper)")
@@ -41,16 +41,6 @@ class CustomDiffusionConfig(TrainingConfig):
         "kv", description="kv: attn2 to_k/to_v; cross-attention: also to_q and to_out.0 (weights, not biases)"
     )
     init_word: str | None = Field("ktn", description="initial value of the modifier token (null: random)")
-    phrase: str = Field("{token} {class_word}", description="how the concept appears in prompts")
-    templates: Literal["object", "style"] | list[str] = "object"
-    prior_preservation: bool = True
-    prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(200, ge=1)
-    class_prompt: str = Field("a photo of a {}", description="prompt of the class images; {} is the class word")
-    class_data_dir: str | None = Field(None, description="cache folder for generated class images")
-    class_inference_steps: int | None = Field(None, ge=1, description="sampling steps of the class images (default: the pipeline's)")
-    flip: bool = True
-    resolution: int | None = None
 
 
 def target_modules(unet: Any, train: str) -> dict[str, Any]:
@@ -72,7 +62,7 @@ class CustomDiffusion(Editor):
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.models import detect_family
-        from customization.data import Examples, class_images, concept_specs, default_resolution, templates
+        from customization.data import concept_specs, default_resolution, training_examples
         from customization.textual_inversion import NewTokens
         from customization.training import (
             DenoisingObjective,
@@ -80,6 +70,7 @@ class CustomDiffusion(Editor):
             noise_scheduler,
             pipe_components,
             shared_copy,
+            subject_params,
             train,
             trainable_clone,
         )
@@ -93,20 +84,8 @@ class CustomDiffusion(Editor):
         base = base_fingerprint(pipe)
         with frozen(*pipe_components(pipe)):
             tokens = NewTokens(pipe, [s.token for s in specs], [config.init_word] * len(specs), 1, request.seed)
-            # 2. class-regularization images from the base model
-            classes = None
-            if config.prior_preservation:
-                parts = []
-                for word in dict.fromkeys(s.class_word for s in specs):
-                    prompt = config.class_prompt.format(word)
-                    images = class_images(
-                        pipe, prompt, config.num_class_images, seed=request.seed, size=size, cache_dir=config.class_data_dir,
-                        num_inference_steps=config.class_inference_steps, progress=config.progress,
-                    )
-                    parts.append(Examples.from_images(pipe.vae, images, size, prompt, ("{}",), config.flip))
-                classes = Examples.concat(parts)
-            prompt_templates = templates(config.templates)
-            instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip) for s in specs])
+            # 2. reference images and class-regularization images from the base model
+            instances, classes, prompt_templates = training_examples(pipe, specs, config, size, request.seed)
             # 3. train K/V (on a copy of the UNet that shares every other weight) and the token rows
             unet = shared_copy(pipe.unet)
             modules = target_modules(unet, config.train)
@@ -128,14 +107,8 @@ class CustomDiffusion(Editor):
         # 4. the edit: K/V deltas + the tokens
         deltas = {f"unet.{name}": (weights[f"unet.{name}"].detach() - originals[name].float()).cpu() for name in modules}
         concepts = list(request.concepts) or [s.phrase for s in specs]
-        params = {
-            **config.model_dump(),
-            "tokens": [s.token for s in specs],
-            "class_words": [s.class_word for s in specs],
-            "phrases": [s.phrase for s in specs],
-            "prompt_templates": list(prompt_templates),
-        }
-        metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs, "images": [s.source for s in specs]}
+        params = subject_params(config, specs, prompt_templates)
+        metadata = result.metadata(specs)
         family = detect_family(pipe)
         weights_part = Edit.from_weight_deltas("custom-diffusion", concepts, params, base, family, deltas)
         token_part = tokens.edit(pipe, "custom-diffusion", concepts, {"phrases": params["phrases"]})

@@ -17,6 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -188,6 +189,26 @@ def class_images(
                 image.save(temporary, format="PNG")
                 temporary.replace(folder / f"{s}.png")
     return [cached[s] for s in seeds]
+
+
+def training_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, seed: int) -> tuple[Examples, Examples | None, tuple[str, ...]]:
+    """``(instances, classes, prompt_templates)`` of a subject-training run (DreamBooth / Custom Diffusion):
+    each concept's reference images with its phrase in the config's templates, and with
+    ``config.prior_preservation`` the base model's own images of every class word (``config.class_prompt``)."""
+    classes = None
+    if config.prior_preservation:
+        parts = []
+        for word in dict.fromkeys(s.class_word for s in specs):
+            prompt = config.class_prompt.format(word)
+            images = class_images(
+                pipe, prompt, config.num_class_images, seed=seed, size=size, cache_dir=config.class_data_dir,
+                num_inference_steps=config.class_inference_steps, progress=config.progress,
+            )
+            parts.append(Examples.from_images(pipe.vae, images, size, prompt, ("{}",), config.flip))
+        classes = Examples.concat(parts)
+    prompt_templates = templates(config.templates)
+    instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip) for s in specs])
+    return instances, classes, prompt_templates
 
 
 # -- sampling ------------------------------------------------------------------------------------------

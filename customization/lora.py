@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 from conceptsmith.edits import Edit, EditError, base_fingerprint, compose
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from customization import CustomizationError
-from customization.training import TrainingConfig
+from customization.training import SubjectTrainingConfig
 
 
-class LoraTrainingConfig(TrainingConfig):
+class LoraTrainingConfig(SubjectTrainingConfig):
     """Defaults mirror ``configs/customize/lora.yaml`` (diffusers DreamBooth-LoRA example)."""
 
     steps: int = Field(500, ge=1)
@@ -51,16 +51,8 @@ class LoraTrainingConfig(TrainingConfig):
     token: Literal["learn", "text"] = Field("learn", description="learn a new token embedding, or use the token as plain text")
     token_lr_scale: float = Field(10.0, gt=0, description="learned token lr = learning_rate x this")
     init_word: str | None = Field(None, description="initial token embedding (default: the class word)")
-    phrase: str = Field("{token} {class_word}")
-    templates: Literal["object", "style"] | list[str] = "object"
     prior_preservation: bool = False
-    prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(100, ge=1)
-    class_prompt: str = "a photo of a {}"
-    class_data_dir: str | None = None
-    class_inference_steps: int | None = Field(None, ge=1)
-    flip: bool = True
-    resolution: int | None = None
 
 
 def _inject(model: torch.nn.Module, rank: int, alpha: float, targets: list[str], init: str) -> dict[str, torch.nn.Parameter]:
@@ -91,7 +83,7 @@ class DreamBoothLora(Editor):
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.models import detect_family
-        from customization.data import Examples, class_images, concept_specs, default_resolution, templates
+        from customization.data import concept_specs, default_resolution, training_examples
         from customization.textual_inversion import NewTokens, components
         from customization.training import (
             DenoisingObjective,
@@ -100,6 +92,7 @@ class DreamBoothLora(Editor):
             noise_scheduler,
             pipe_components,
             shared_copy,
+            subject_params,
             train,
         )
 
@@ -131,19 +124,7 @@ class DreamBoothLora(Editor):
                 if tokens is not None:  # peft froze everything but its own layers, the new token rows included
                     for p in tokens.parameters().values():
                         p.requires_grad_(True)
-            classes = None
-            if config.prior_preservation:
-                parts = []
-                for word in dict.fromkeys(s.class_word for s in specs):
-                    prompt = config.class_prompt.format(word)
-                    images = class_images(
-                        pipe, prompt, config.num_class_images, seed=request.seed, size=size, cache_dir=config.class_data_dir,
-                        num_inference_steps=config.class_inference_steps, progress=config.progress,
-                    )
-                    parts.append(Examples.from_images(pipe.vae, images, size, prompt, ("{}",), config.flip))
-                classes = Examples.concat(parts)
-            prompt_templates = templates(config.templates)
-            instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip) for s in specs])
+            instances, classes, prompt_templates = training_examples(pipe, specs, config, size, request.seed)
             conditioner = TextConditioner(pairs, dual=getattr(pipe, "text_encoder_2", None) is not None, size=size)
             objective = DenoisingObjective(unet, noise_scheduler(pipe), conditioner, instances, classes, config.batch_size, config.prior_loss_weight)
             result = train(
@@ -163,14 +144,8 @@ class DreamBoothLora(Editor):
                     state.update(_state_dict(encoder, component))
                     lora_config[component] = {"lora_alpha": alpha}
         concepts = list(request.concepts) or [s.phrase for s in specs]
-        params = {
-            **config.model_dump(),
-            "tokens": [s.token for s in specs],
-            "class_words": [s.class_word for s in specs],
-            "phrases": [s.phrase for s in specs],
-            "prompt_templates": list(prompt_templates),
-        }
-        metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs, "images": [s.source for s in specs]}
+        params = subject_params(config, specs, prompt_templates)
+        metadata = result.metadata(specs)
         family = detect_family(pipe)
         lora = Edit.from_lora("lora", concepts, params, base, family, state, lora_config, metadata=metadata)
         if tokens is None:
