@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from conceptsmith.config import StrictModel, load_config, validate
+from conceptsmith.config import StrictModel, load_config, read_yaml, validate
 
 __all__ = [
     "AttackSpec",
@@ -50,7 +50,13 @@ __all__ = [
     "GenerationConfig",
     "MethodSpec",
     "TaskSpec",
+    "bench_kind",
+    "digest",
     "load_bench_config",
+    "load_images",
+    "method_config",
+    "resolve_bench_path",
+    "resolve_path",
     "run_bench",
 ]
 
@@ -99,6 +105,9 @@ class AttackSpec(StrictModel):
 
 
 class BenchConfig(StrictModel):
+    kind: Literal["erasure"] = Field(
+        "erasure", description="erasure (this runner) | customization (evaluation.custom_bench)"
+    )
     name: str = Field(min_length=1)
     description: str = ""
     model: str = Field(min_length=1)
@@ -123,11 +132,23 @@ class BenchConfig(StrictModel):
         return list(names)
 
 
-def load_bench_config(path_or_name: str | Path) -> tuple[BenchConfig, Path | None]:
+def resolve_bench_path(path_or_name: str | Path) -> Path:
     """A bench YAML by path or by name under ``configs/bench/`` (``shapes-smoke``)."""
     path = Path(path_or_name)
     if not path.is_file() and not path.suffix:
         path = BENCH_DIR / f"{path_or_name}.yaml"
+    return path
+
+
+def bench_kind(path_or_name: str | Path) -> str:
+    """The ``kind`` of a bench YAML (``erasure`` when the file does not say), for dispatching."""
+    data = read_yaml(resolve_bench_path(path_or_name))
+    return str(data.get("kind", "erasure")) if isinstance(data, dict) else "erasure"
+
+
+def load_bench_config(path_or_name: str | Path) -> tuple[BenchConfig, Path | None]:
+    """An erasure bench YAML by path or by name under ``configs/bench/`` (``shapes-smoke``)."""
+    path = resolve_bench_path(path_or_name)
     cfg = load_config(path, BenchConfig)
     names = set(cfg.class_list())
     for task in cfg.tasks:
@@ -162,7 +183,8 @@ def task_prompts(cfg: BenchConfig, task: TaskSpec) -> list[Prompt]:
     return list(dict.fromkeys(out))
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
+    """16 hex digits of the SHA-256 of the JSON of ``parts``: cache keys of edits and images."""
     h = hashlib.sha256()
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
@@ -201,8 +223,8 @@ class Generator:
         return kw
 
     def path(self, edit_key: str, condition_key: str, seed: int) -> Path:
-        settings = _digest(self._kwargs())
-        return self.cache / edit_key / f"{_digest(condition_key, settings)}-{seed}.png"
+        settings = digest(self._kwargs())
+        return self.cache / edit_key / f"{digest(condition_key, settings)}-{seed}.png"
 
     def run(
         self,
@@ -259,20 +281,25 @@ def _encode_kwargs(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
 # ============================================================================================
 # edits
 # ============================================================================================
-def _method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[str, Any]]:
+def resolve_path(ref: str, bench_path: Path | None, what: str = "method config") -> Path:
+    """``ref`` as given (relative to the working directory), else relative to the bench file, else to
+    the repository; the error lists every place tried."""
+    candidates = [Path(ref)]
+    if bench_path is not None:
+        candidates += [bench_path.parent / ref, BENCH_DIR.parent.parent / ref]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{what} '{ref}' not found (tried {[str(c) for c in candidates]})")
+    return path
+
+
+def method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[str, Any]]:
+    """(editor name, params) of a method row: its config file's, updated by the row's overrides."""
     from conceptsmith.config import EditConfig
 
     method, params = spec.method, {}
     if spec.config:
-        candidates = [Path(spec.config)]
-        if bench_path is not None:
-            candidates += [bench_path.parent / spec.config, BENCH_DIR.parent.parent / spec.config]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise FileNotFoundError(
-                f"method config '{spec.config}' not found (tried {[str(c) for c in candidates]})"
-            )
-        edit_cfg = load_config(path, EditConfig)
+        edit_cfg = load_config(resolve_path(spec.config, bench_path), EditConfig)
         method = method or edit_cfg.method
         params = dict(edit_cfg.params)
     if not method:
@@ -320,7 +347,7 @@ def fit_edit(
         synonyms=[s for c in task.erase for s in task.synonyms.get(c, [])],
         seed=seed,
     )
-    request_key = f"{method}-{_digest(method, params, request.__dict__, __version__)}"
+    request_key = f"{method}-{digest(method, params, request.__dict__, __version__)}"
     path = cache / "edits" / f"{request_key}.safetensors"
     seconds = None
     with state.main_process_first():
@@ -338,7 +365,8 @@ def fit_edit(
 # ============================================================================================
 # scoring
 # ============================================================================================
-def _load_images(paths: Sequence[Path]) -> list[Image.Image]:
+def load_images(paths: Sequence[Path]) -> list[Image.Image]:
+    """Cached PNGs as RGB images (files closed)."""
     out = []
     for p in paths:
         with Image.open(p) as im:
@@ -364,7 +392,7 @@ def _score_row(
 
     classes = cfg.class_list()
     keys = [(p, s) for p in prompts for s in cfg.seeds]
-    pil = _load_images([images[(p.text, s)] for p, s in keys])
+    pil = load_images([images[(p.text, s)] for p, s in keys])
     cls = evaluator.classify(pil, classes, cfg.eval_templates)
     per_image = []
     for i, (p, s) in enumerate(keys):
@@ -400,14 +428,14 @@ def _score_row(
 
     spec_keys = [(p.text, s) for p in prompts if p.set in ("preserve", "neutral") for s in cfg.seeds]
     if spec_keys:
-        edited_imgs = _load_images([images[k] for k in spec_keys])
-        base_imgs = _load_images([unedited[k] for k in spec_keys])
+        edited_imgs = load_images([images[k] for k in spec_keys])
+        base_imgs = load_images([unedited[k] for k in spec_keys])
         metrics["paired_specificity"] = paired_specificity(evaluator, edited_imgs, base_imgs)
         if len(spec_keys) >= 2:
             metrics["fd_clip"] = fd_clip(evaluator, edited_imgs, base_imgs)
     pres = [(p.text, s) for p in prompts if p.set == "preserve" for s in cfg.seeds]
     if pres:
-        score = evaluator.clip_score(_load_images([images[k] for k in pres]), [k[0] for k in pres])
+        score = evaluator.clip_score(load_images([images[k] for k in pres]), [k[0] for k in pres])
         metrics["clip_score"] = {"mean": score.mean, "scale": score.scale, "clamp_min": score.clamp_min}
     return metrics, per_image
 
@@ -445,7 +473,7 @@ def _run_attacks(
             info = {k: v for k, v in attack.info.items()}
             for i, p in enumerate(erase_prompts):
                 kw = attack.pipeline_kwargs(i)
-                conditions.append((f"embedding:{_digest(p.text, params)}", lambda kw=kw: kw))
+                conditions.append((f"embedding:{digest(p.text, params)}", lambda kw=kw: kw))
                 targets.append(p.target)
         elif spec.kind == "ring_a_bell":
             eta = float(params.pop("eta", 3.0))
@@ -458,7 +486,7 @@ def _run_attacks(
                 for i, b in enumerate(base):
                     kw = attack.pipeline_kwargs(i)
                     conditions.append(
-                        (f"ring_a_bell:{_digest(c, b.text, pairs, eta, params)}", lambda kw=kw: kw)
+                        (f"ring_a_bell:{digest(c, b.text, pairs, eta, params)}", lambda kw=kw: kw)
                     )
                     targets.append(c)
             info = {"eta": eta}
@@ -468,7 +496,7 @@ def _run_attacks(
         else:  # textual_inversion: learn from the unedited model's images of the concept
             for c in task.erase:
                 refs = [unedited[(p.text, s)] for p in erase_prompts if p.target == c for s in cfg.seeds][:8]
-                ti_key = _digest("ti", edit_key, c, params, [str(r) for r in refs])
+                ti_key = digest("ti", edit_key, c, params, [str(r) for r in refs])
                 ti_path = gen.cache / "attacks" / f"ti-{ti_key}.json"
                 with state.main_process_first():
                     if ti_path.is_file():
@@ -478,7 +506,7 @@ def _run_attacks(
                             stored["token"], emb, stored["carrier"], [], stored["before"], stored["after"], {}
                         )
                     else:
-                        result = A.textual_inversion_attack(pipe, _load_images(refs), **params)
+                        result = A.textual_inversion_attack(pipe, load_images(refs), **params)
                         if state.is_main_process:
                             ti_path.parent.mkdir(parents=True, exist_ok=True)
                             ti_path.write_text(
@@ -505,7 +533,7 @@ def _run_attacks(
             continue
         keys = [(k, s) for k, _ in conditions for s in cfg.seeds]
         flat_targets = [t for t in targets for _ in cfg.seeds]
-        cls = evaluator.classify(_load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
+        cls = evaluator.classify(load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
         hits = [classes[int(p)] == t for p, t in zip(cls.pred, flat_targets, strict=True)]
         results[spec.kind] = {"asr": sum(hits) / len(hits), "n": len(hits), "info": info}
     return results
@@ -596,7 +624,7 @@ def run_bench(
             ("unedited", "none", None, "unedited", {}, None)
         ]
         for spec in selected:
-            method, params = _method_config(spec, bench_path)
+            method, params = method_config(spec, bench_path)
             edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0)
             candidates.append((spec.label(), method, edit, key, params, seconds))
         for label, edit in external:
@@ -709,7 +737,12 @@ def bench_command(
     cache: str | None = None,
     as_json: bool = False,
 ) -> dict[str, Any]:
-    """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table."""
+    """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table.
+    Dispatches on the config's ``kind``: customization benchmarks run :mod:`evaluation.custom_bench`."""
+    if bench_kind(config) == "customization":
+        from evaluation.custom_bench import custom_bench_command
+
+        return custom_bench_command(config, out, methods, model, evaluator, cache, as_json)
     cfg, _ = load_bench_config(config)
     run = run_bench(
         config,

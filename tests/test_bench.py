@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.bench import BENCH_DIR, load_bench_config, run_bench, summary_table
+from evaluation.bench import BENCH_DIR, bench_kind, load_bench_config, run_bench, summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CLIP = {
@@ -57,6 +57,11 @@ def test_bench_configs_validate():
     names = {p.stem for p in BENCH_DIR.glob("*.yaml")}
     assert {"shapes-smoke", "shapes-objects", "shapes-artists", "shapes-restricted"} <= names
     for name in names:
+        if bench_kind(name) == "customization":
+            from evaluation.custom_bench import load_custom_config
+
+            assert load_custom_config(name)[0].concepts
+            continue
         cfg, _ = load_bench_config(name)
         assert cfg.tasks and cfg.seeds
     objects, _ = load_bench_config("shapes-objects")

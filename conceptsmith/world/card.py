@@ -22,6 +22,7 @@ def _size_mb(path: Path) -> float:
 
 def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0) -> Path:
     from conceptsmith.world.check import BARS, passes
+    from conceptsmith.world.clip_train import EVALUATOR_DEFAULTS, TEXT_TOWER_DEFAULTS
     from conceptsmith.world.unet_train import SCHEDULE
     from conceptsmith.world.vae_train import cache_dir
 
@@ -29,7 +30,6 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
     unet_cfg = _read_json(pipe_dir / "unet" / "config.json")
     vae_cfg = _read_json(pipe_dir / "vae" / "config.json")
     te_cfg = _read_json(pipe_dir / "text_encoder" / "config.json")
-    snapshot = _read_json(pipe_dir / "text_encoder" / "snapshot.json")
     vae_stats = _read_json(cache_dir() / f"vae_stats_s{seed}.json")
     unet_progress = _read_json(cache_dir() / f"unet_progress_s{seed}.json")
     clip_dir = pipe_dir.parent / "shapes-clip"
@@ -46,9 +46,7 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         "- tokenizer: CLIPTokenizer from open_clip's bundled BPE vocabulary (OpenAI CLIP ids), 77 tokens, pad = EOS",
         f"- text_encoder: CLIPTextModel hidden {te_cfg.get('hidden_size')}, {te_cfg.get('num_hidden_layers')} layers, "
         f"{te_cfg.get('num_attention_heads')} heads — the text tower of a contrastive image-text model trained on "
-        "ShapesWorld (`clip_train.train_text_tower`), then frozen"
-        + (f"; snapshot at step {snapshot.get('step')} of its {snapshot.get('of_steps')}-step schedule "
-           f"(seed {snapshot.get('seed')})" if snapshot else ""),
+        f"ShapesWorld (`clip_train.train_text_tower`, {json.dumps(TEXT_TOWER_DEFAULTS)}), then frozen",
         f"- vae: AutoencoderKL 64x64x3 -> 16x16x4, block_out_channels {vae_cfg.get('block_out_channels')}, "
         f"no mid-block attention, scaling_factor {vae_cfg.get('scaling_factor')} (measured: 1 / latent std)",
         f"- unet: UNet2DConditionModel block_out_channels {unet_cfg.get('block_out_channels')}, "
@@ -71,8 +69,12 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         "autocast, AdamW, warmup + cosine LR",
         *[f"  - {note}" for note in _read_json(cache_dir() / f"unet_history_s{seed}.json").get("notes", [])],
         f"- VAE decoder fine-tune (encoder frozen, latents unchanged): {json.dumps(vae_stats.get('decoder_finetune'))}",
+        f"- Evaluator `builtin:shapes-clip` (open_clip config `clip_config/shapes-clip.json`): {json.dumps(EVALUATOR_DEFAULTS)}; "
+        "continue_steps are further warm-restart cosine cycles from the previous weights",
         "- Reproduce: `conceptsmith world train` (stages data, text-tower, vae, unet, evaluator; seeded, "
-        "checkpointed in ~/.cache/conceptsmith/world, resumable).",
+        "checkpointed in ~/.cache/conceptsmith/world, resumable) runs this recipe with the UNet trained from scratch "
+        "on the final text tower; the shipped UNet took the longer path listed in the notes above "
+        "(`--unet-init` reproduces its fine-tuning step).",
         "",
         "## Measured (`conceptsmith world check`)",
         f"Held-out caption templates only; {results.get('seeds')} seeds per prompt; judged by `builtin:shapes-clip`.",

@@ -1,0 +1,957 @@
+"""Customization benchmark runner (issue 6, items 7-8): a ``kind: customization`` YAML under
+``configs/bench/`` -> reference images -> trained / merged / composed edits -> generations ->
+CLIP-I / CLIP-T / both-present / relearning -> ``results.json`` + report.
+
+Protocol (CustomConcept101, Kumari et al. 2023, adapted to ShapesWorld):
+
+* **references**: per concept, ``n_reference`` renders of a ShapesWorld novel object
+  (:func:`conceptsmith.world.render.reference_set`, seed ``reference_seed``) or a folder of images;
+  a second, independent set (seed ``holdout_seed``; for a folder: its second half against its
+  first half) only serves the CLIP-I normalizer;
+* **single concept** (every method row, one edit per concept): prompts ``template.format(phrase)``
+  with ``phrase = "<tok> class_word"``;
+  ``clip_i`` = mean evaluator cosine over all (generation, reference) pairs
+  (:func:`evaluation.metrics.clip_i`), ``clip_i_rel = clip_i / clip_i(references, held-out references)``;
+  ``clip_t`` = mean evaluator image-text cosine with the token removed from the prompt
+  (:func:`evaluation.metrics.clip_t`), ``clip_t_rel = clip_t / clip_t`` of the unedited model
+  prompted with the same prompts without the token. The summary averages each metric over the
+  concepts (``clip_i_rel`` is the mean of the per-concept ratios);
+* **composition** (every pair of concepts, prompts such as ``"{a} next to {b}"``): ``joint`` trains
+  one run on both concepts, ``merge`` combines the single-concept edits of a method row
+  (:func:`customization.merge.merge`: closed-form, lora-sum, ...), ``hook`` puts a training-free
+  editor (t2i-zero, a-star) on top of another composition. ``both_present`` is the share of images
+  with both concepts detected by the rule ``presence``: ``top2`` =
+  :func:`evaluation.metrics.both_concepts_present_rate` on the whole image, ``halves`` = the left and
+  right halves (:func:`conceptsmith.world.check.half`) are classified as the two concepts, one each.
+  Both rules are recorded per row; the summary's ``both_present`` is the configured one;
+* **relearning** (optional): erase a ShapesWorld shape, then customize the erased model with a new
+  token on renders of that shape; ``relearn_rate`` = share of images classified as the erased shape
+  for the unedited and the erased model (prompted with the shape's name) and for the erased +
+  customized model (prompted with the new token).
+
+The unedited model is always a row. Edits are cached under ``<cache>/<base fingerprint>/edits/`` by a
+digest of (base fingerprint, method, params, tokens, reference image bytes, seed), generations by
+:class:`evaluation.bench.Generator`; a re-run trains and generates only what is new. Runs in one
+process (training is not sharded)::
+
+    conceptsmith bench configs/bench/shapes-custom-single.yaml --out runs/custom-single
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import itertools
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from PIL import Image
+from pydantic import Field, field_validator, model_validator
+
+from conceptsmith.config import ConfigError, StrictModel, load_config, validate
+from conceptsmith.world.vocab import GENERATOR_SHAPES, NOVEL_OBJECTS
+from customization.merge import MERGE_METHODS
+from evaluation.bench import (
+    GenerationConfig,
+    Generator,
+    MethodSpec,
+    TaskSpec,
+    digest,
+    edit_digest,
+    fit_edit,
+    load_images,
+    method_config,
+    resolve_bench_path,
+    resolve_path,
+)
+
+__all__ = [
+    "ConceptSpec",
+    "CustomBenchConfig",
+    "CustomBenchRun",
+    "HookSpec",
+    "JointSpec",
+    "MergeSpec",
+    "RelearnSpec",
+    "both_present_halves",
+    "check_custom_config",
+    "custom_bench_command",
+    "load_custom_config",
+    "relative",
+    "resolve_method",
+    "run_custom_bench",
+    "summarize",
+    "summary_table",
+    "write_custom_report",
+]
+
+CONVENTIONS = {
+    "clip_i": "mean evaluator image-image cosine over all (generation, reference) pairs",
+    "clip_i_rel": "clip_i / clip_i between the references and an independent reference set of the object",
+    "clip_t": "mean evaluator image-text cosine, prompt with the new token removed (raw cosine, no scale)",
+    "clip_t_rel": "clip_t / clip_t of the unedited model on the same prompts without the new token",
+    "both_present": "share of composition images where both concepts are detected (rule: `presence`)",
+    "relearn_rate": "share of images whose top-1 zero-shot class is the erased shape",
+}
+
+
+# ============================================================================================
+# config
+# ============================================================================================
+class ConceptSpec(StrictModel):
+    token: str = Field(pattern=r"^[^\s+]+$", description="the new token, e.g. '<mush>' (no spaces, no '+')")
+    object: str | None = Field(None, description="a ShapesWorld novel object, rendered as references")
+    images: str | None = Field(None, description="folder of reference images (instead of `object`)")
+    class_word: str | None = Field(None, description="class word in prompts (default: the object's name)")
+
+    @field_validator("object")
+    @classmethod
+    def _novel_object(cls, value: str | None) -> str | None:
+        if value is not None and value not in NOVEL_OBJECTS:
+            raise ValueError(
+                f"unknown novel object {value!r}; ShapesWorld's novel objects: {', '.join(NOVEL_OBJECTS)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ConceptSpec:
+        if (self.object is None) == (self.images is None):
+            raise ValueError(
+                f"concept '{self.token}' needs exactly one of `object` (novel object) or `images` (folder)"
+            )
+        if self.images is not None and not self.class_word:
+            raise ValueError(f"concept '{self.token}' with `images` needs a `class_word`")
+        return self
+
+    def word(self) -> str:
+        """The class word of the prompts."""
+        return self.class_word or str(self.object)
+
+    def noun(self) -> str:
+        """What the evaluator should see: the object's name, else the class word."""
+        return self.object or self.word()
+
+
+class JointSpec(StrictModel):
+    """One training run on both concepts of a pair (Custom Diffusion's joint training)."""
+
+    kind: Literal["joint"]
+    name: str = Field(min_length=1)
+    method: MethodSpec
+
+
+class MergeSpec(StrictModel):
+    """:func:`customization.merge.merge` of the single-concept edits of the method row ``source``."""
+
+    kind: Literal["merge"]
+    name: str = Field(min_length=1)
+    merge: str = Field(description=f"one of {', '.join(MERGE_METHODS)}")
+    source: str = Field(min_length=1, description="label of the method row whose edits are merged")
+    params: dict[str, Any] = Field(default_factory=dict, description="options of the merge")
+
+    @field_validator("merge")
+    @classmethod
+    def _known_merge(cls, value: str) -> str:
+        if value not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {value!r}; allowed: {', '.join(MERGE_METHODS)}")
+        return value
+
+
+class HookSpec(StrictModel):
+    """A training-free editor (t2i-zero, a-star) composed on top of the composition ``on_top_of``."""
+
+    kind: Literal["hook"]
+    name: str = Field(min_length=1)
+    method: MethodSpec
+    on_top_of: str = Field(min_length=1, description="name of an earlier composition")
+
+
+Composition = Annotated[JointSpec | MergeSpec | HookSpec, Field(discriminator="kind")]
+
+
+class RelearnSpec(StrictModel):
+    """Erase a ShapesWorld shape, then customize the erased model on renders of it (issue 6, item 8)."""
+
+    concept: str = Field(description="the erased ShapesWorld shape")
+    erase: MethodSpec
+    preserve: list[str] = Field(default_factory=list, description="preserved concepts of the erasure")
+    method: MethodSpec = Field(description="the customization method run on the erased model")
+    token: str = Field("<relearn>", pattern=r"^\S+$")
+    class_word: str = "shape"
+    phrase: str = Field("{token}", description="how the token appears in the relearning prompts")
+    prompts: list[str] = Field(default_factory=lambda: ["a picture of a {}"], min_length=1)
+
+    @field_validator("concept")
+    @classmethod
+    def _shape(cls, value: str) -> str:
+        if value not in GENERATOR_SHAPES:
+            raise ValueError(f"unknown shape {value!r}; ShapesWorld shapes: {', '.join(GENERATOR_SHAPES)}")
+        return value
+
+
+class CustomBenchConfig(StrictModel):
+    kind: Literal["customization"]
+    name: str = Field(min_length=1)
+    description: str = ""
+    model: str = Field(min_length=1)
+    evaluator: str = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    training_seed: int = 0
+    classes: list[str] = Field(min_length=2, description="zero-shot label set (both_present, relearning)")
+    eval_templates: list[str] = Field(default_factory=lambda: ["a picture of a {}"], min_length=1)
+    concepts: list[ConceptSpec] = Field(min_length=1)
+    n_reference: int = Field(6, ge=2)
+    reference_seed: int = 0
+    holdout_seed: int = Field(1, description="seed of the independent reference set (CLIP-I normalizer)")
+    phrase: str = Field("{token} {class_word}", description="a concept in prompts")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a picture of a {}"], description="single-concept templates"
+    )
+    composition_prompts: list[str] = Field(default_factory=lambda: ["a picture of a {a} next to a {b}"])
+    presence: Literal["top2", "halves"] = "top2"
+    methods: list[MethodSpec] = Field(default_factory=list)
+    compositions: list[Composition] = Field(default_factory=list)
+    relearn: RelearnSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CustomBenchConfig:
+        if self.holdout_seed == self.reference_seed:
+            raise ValueError("holdout_seed must differ from reference_seed (two independent reference sets)")
+        if "{token}" not in self.phrase or "{class_word}" not in self.phrase:
+            raise ValueError("phrase needs both {token} and {class_word}")
+        for template in [*self.prompts, *(self.relearn.prompts if self.relearn else [])]:
+            if template.count("{}") != 1:
+                raise ValueError(f"prompt template {template!r} needs exactly one '{{}}'")
+        for template in self.composition_prompts:
+            if "{a}" not in template or "{b}" not in template:
+                raise ValueError(f"composition prompt {template!r} needs '{{a}}' and '{{b}}'")
+        tokens = [c.token for c in self.concepts] + ([self.relearn.token] if self.relearn else [])
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"every concept needs its own token; got {tokens}")
+        return self
+
+    def concept_phrase(self, concept: ConceptSpec, with_token: bool = True) -> str:
+        """``"<tok> class_word"`` (or the class word alone, for the unedited model)."""
+        phrase = self.phrase.format(token=concept.token if with_token else "", class_word=concept.word())
+        return " ".join(phrase.split())
+
+
+def _labels(cfg: CustomBenchConfig) -> list[str]:
+    return [m.label() for m in cfg.methods] + [c.name for c in cfg.compositions]
+
+
+def _check_references(cfg: CustomBenchConfig, path: Path | None) -> None:
+    from customization import CustomizationError
+    from customization.data import find_images
+
+    source = path or "config"
+    for concept in cfg.concepts:
+        if concept.images is None:
+            continue
+        try:
+            files = find_images(resolve_path(concept.images, path, f"reference images of '{concept.token}'"))
+        except (CustomizationError, FileNotFoundError) as err:
+            raise ConfigError(f"{source}: concept '{concept.token}': {err}") from None
+        if len(files) < 2:
+            raise ConfigError(
+                f"{source}: concept '{concept.token}': needs >= 2 reference images, has {len(files)}"
+            )
+
+
+def _check_names(cfg: CustomBenchConfig, path: Path | None) -> None:
+    source, labels = path or "config", _labels(cfg)
+    if len(set(labels)) != len(labels) or {"unedited", "relearn"} & set(labels):
+        raise ConfigError(
+            f"{source}: method and composition names must be unique, not unedited/relearn: {labels}"
+        )
+    methods = {m.label() for m in cfg.methods}
+    earlier: set[str] = set()
+    for comp in cfg.compositions:
+        where = f"{source}: composition '{comp.name}'"
+        if isinstance(comp, MergeSpec) and comp.source not in methods:
+            raise ConfigError(f"{where}: source '{comp.source}' is not a method row {sorted(methods)}")
+        if isinstance(comp, HookSpec) and comp.on_top_of not in earlier:
+            raise ConfigError(
+                f"{where}: `on_top_of: {comp.on_top_of}` is not an earlier composition {sorted(earlier)}"
+            )
+        earlier.add(comp.name)
+    if cfg.compositions and len(cfg.concepts) < 2:
+        raise ConfigError(f"{source}: compositions need at least two concepts")
+    needed = [c.noun() for c in cfg.concepts] if cfg.compositions else []
+    needed += [cfg.relearn.concept] if cfg.relearn else []
+    missing = [n for n in needed if n not in cfg.classes]
+    if missing:
+        raise ConfigError(
+            f"{source}: {missing} must be in `classes` (zero-shot labels of both_present / relearning)"
+        )
+
+
+def _method_specs(cfg: CustomBenchConfig) -> list[tuple[str, MethodSpec]]:
+    specs = [(m.label(), m) for m in cfg.methods]
+    specs += [(c.name, c.method) for c in cfg.compositions if not isinstance(c, MergeSpec)]
+    if cfg.relearn:
+        specs += [("relearn.erase", cfg.relearn.erase), ("relearn.method", cfg.relearn.method)]
+    return specs
+
+
+def resolve_method(spec: MethodSpec, bench_path: Path | None, where: str) -> tuple[str, dict[str, Any]]:
+    """(editor, params) of a method row, checked against the editor's registry entry and config."""
+    from conceptsmith.registry import get_editor
+
+    source = str(bench_path or "config")
+    try:
+        method, params = method_config(spec, bench_path)
+        editor = get_editor(method)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise ConfigError(f"{source}: {where}: {message}") from None
+    validate(params, editor.Config, f"{source}: {where}: params")
+    return method, params
+
+
+def check_custom_config(cfg: CustomBenchConfig, path: Path | None) -> None:
+    """Every method (registered, valid params), name reference and image folder, before any work."""
+    for where, spec in _method_specs(cfg):
+        resolve_method(spec, path, where)
+    _check_names(cfg, path)
+    _check_references(cfg, path)
+
+
+def load_custom_config(path_or_name: str | Path) -> tuple[CustomBenchConfig, Path]:
+    """A customization bench YAML by path or by name under ``configs/bench/``, fully checked."""
+    path = resolve_bench_path(path_or_name)
+    cfg = load_config(path, CustomBenchConfig)
+    check_custom_config(cfg, path)
+    return cfg, path
+
+
+def relative(value: float, baseline: float) -> float:
+    """``value / baseline`` (NaN for a zero or NaN baseline): the ``*_rel`` normalizations."""
+    return value / baseline if baseline and not math.isnan(baseline) else math.nan
+
+
+def both_present_halves(
+    evaluator: Any,
+    images: Sequence[Image.Image],
+    pair: tuple[str, str],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> float:
+    """Share of images whose left and right halves (:func:`conceptsmith.world.check.half`) have the
+    two concepts of ``pair`` as top-1 zero-shot classes, one each (either order)."""
+    from conceptsmith.world.check import half
+
+    crops = [half(im, side) for side in ("left", "right") for im in images]
+    labels = evaluator.classify(crops, classnames, templates).labels()
+    n = len(images)
+    hits = sum({labels[i], labels[n + i]} == set(pair) for i in range(n))
+    return hits / n if n else math.nan
+
+
+# ============================================================================================
+# the runner
+# ============================================================================================
+@dataclass(frozen=True)
+class References:
+    folder: Path  # the training references (the customization editors read folders)
+    train: list[Path]  # the files of ``folder``: CLIP-I is measured against them
+    pair: tuple[list[Path], list[Path]]  # two independent sets of the object: the CLIP-I normalizer
+
+
+@dataclass
+class CustomBenchRun:
+    """What a run did: the results (as written), edits trained, images generated / from the cache."""
+
+    results: dict[str, Any]
+    out_dir: Path
+    trained: int
+    generated: int
+    cached: int
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def _render(obj: str, n: int, seed: int, folder: Path) -> list[Path]:
+    """``n`` ShapesWorld renders of ``obj`` as PNGs in ``folder`` (kept when already there)."""
+    from conceptsmith.io import atomic_write
+    from conceptsmith.world.render import reference_set
+
+    paths = [folder / f"{i:02d}.png" for i in range(n)]
+    if not all(p.is_file() for p in paths):
+        for sample, p in zip(reference_set(obj, n, seed), paths, strict=True):
+            atomic_write(p, lambda tmp, image=sample.pil(): image.save(tmp, format="PNG"))
+    return paths
+
+
+def _files_digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _applied(pipe: Any, edit: Any) -> Iterator[None]:
+    if edit is None:
+        yield
+        return
+    edit.apply(pipe)
+    try:
+        yield
+    finally:
+        edit.revert(pipe)
+
+
+@dataclass
+class _Runner:
+    """Shared state of one run: the pipe, caches, evaluator and counters."""
+
+    cfg: CustomBenchConfig
+    bench_path: Path | None
+    pipe: Any
+    fingerprint: str
+    cache_root: Path
+    gen: Generator
+    evaluator: Any
+    state: Any
+    progress: bool
+    trained: int = 0
+    memo: dict[Any, Any] = field(default_factory=dict)
+    refs: dict[str, References] = field(default_factory=dict)
+    images: list[dict[str, Any]] = field(default_factory=list)
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_root / self.fingerprint
+
+    # ---- references ---------------------------------------------------------------------------
+    def rendered(self, obj: str, seed: int) -> tuple[Path, list[Path]]:
+        """(folder, files) of ``n_reference`` renders of ``obj`` with ``seed``, cached on disk."""
+        folder = self.cache_root / "references" / f"{obj}-{seed}-{self.cfg.n_reference}"
+        return folder, _render(obj, self.cfg.n_reference, seed, folder)
+
+    def concept_references(self, concept: ConceptSpec) -> References:
+        """Training references and the normalizer's two sets: renders with ``reference_seed`` and
+        ``holdout_seed``, or a folder (all files for training; its two halves for the normalizer)."""
+        from customization.data import find_images
+
+        if concept.object is not None:
+            folder, train = self.rendered(concept.object, self.cfg.reference_seed)
+            refs = References(folder, train, (train, self.rendered(concept.object, self.cfg.holdout_seed)[1]))
+        else:
+            folder = resolve_path(
+                str(concept.images), self.bench_path, f"reference images of '{concept.token}'"
+            )
+            train = find_images(folder)
+            refs = References(folder, train, (train[: len(train) // 2], train[len(train) // 2 :]))
+        self.refs[concept.token] = refs
+        self.references[concept.token] = {
+            "train": [str(p) for p in train],
+            "pair": [[str(p) for p in s] for s in refs.pair],
+        }
+        return refs
+
+    # ---- edits --------------------------------------------------------------------------------
+    def _runtime(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Params plus run-time settings that do not change the result (class-image cache, progress bars)."""
+        from conceptsmith.registry import get_editor
+
+        fields = get_editor(method).Config.model_fields
+        out = dict(params)
+        if "class_data_dir" in fields and not out.get("class_data_dir"):
+            out["class_data_dir"] = str(self.cache / "class-images")
+        if "progress" in fields:
+            out["progress"] = bool(out.get("progress", True)) and self.progress
+        return out
+
+    def customize(
+        self, spec: MethodSpec, concepts: Sequence[tuple[str, str, Path]], on: Any = None
+    ) -> tuple[Any, str]:
+        """Fit (or load) ``spec`` on ``concepts`` = [(token, class word, reference folder)], on top of
+        the edit ``on`` (applied while training) when given; returns (edit, image-cache key)."""
+        from conceptsmith import __version__
+        from conceptsmith.edits import Edit
+        from customization import customize
+        from customization.data import find_images
+
+        method, params = resolve_method(spec, self.bench_path, spec.label())
+        tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
+        images = [_files_digest(find_images(f)) for f in folders]
+        on_key = edit_digest(on) if on is not None else None
+        key = digest(
+            self.fingerprint,
+            method,
+            params,
+            tokens,
+            words,
+            images,
+            on_key,
+            self.cfg.training_seed,
+            __version__,
+        )
+        path = self.cache / "edits" / f"{method}-{key}.safetensors"
+        if path in self.memo:
+            return self.memo[path]
+        if not path.is_file():
+            with _applied(self.pipe, on):
+                edit = customize(
+                    self.pipe,
+                    method,
+                    tokens,
+                    folders,
+                    words,
+                    params=self._runtime(method, params),
+                    seed=self.cfg.training_seed,
+                )
+            edit.save(path)
+            self.trained += 1
+        edit = Edit.load(path)  # the stored edit, so that a re-run sees the very same tensors
+        self.memo[path] = (edit, f"{method}-{edit_digest(edit)}")
+        return self.memo[path]
+
+    def erase(self, spec: MethodSpec, concept: str, preserve: list[str]) -> tuple[Any, str]:
+        method, params = resolve_method(spec, self.bench_path, "relearn.erase")
+        task = TaskSpec(name=f"erase-{concept}", erase=[concept], preserve=preserve)
+        edit, key, seconds = fit_edit(
+            self.pipe, self.cache, self.state, method, params, task, self.cfg.training_seed
+        )
+        self.trained += int(seconds is not None)
+        return edit, key
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(
+        self, section: str, group: str, method: str, key: str, edit: Any, prompts: list[str]
+    ) -> list[Image.Image]:
+        """Images of every (prompt, seed) with ``edit`` applied, prompt-major; recorded in ``images``."""
+        with _applied(self.pipe, edit):
+            paths = self.gen.run(key, [(p, p) for p in prompts], self.cfg.seeds, desc=f"{group}: {method}")
+        keys = [(p, s) for p in prompts for s in self.cfg.seeds]
+        self.images += [
+            {
+                "section": section,
+                "group": group,
+                "method": method,
+                "prompt": p,
+                "seed": s,
+                "path": str(paths[(p, s)]),
+            }
+            for p, s in keys
+        ]
+        return load_images([paths[k] for k in keys])
+
+
+def _row(section: str, group: str, method: str, key: str | None, metrics: dict[str, float]) -> dict[str, Any]:
+    return {"section": section, "group": group, "method": method, "edit_key": key, "metrics": metrics}
+
+
+def _single_metrics(
+    evaluator: Any,
+    images: list[Image.Image],
+    texts: list[str],
+    token: str | None,
+    train: list[Image.Image],
+    norm: float,
+    baseline: float,
+) -> dict[str, float]:
+    """CLIP-I against the training references and CLIP-T (token removed), each also divided by its
+    normalizer: ``norm`` (references vs independent references), ``baseline`` (unedited CLIP-T)."""
+    from evaluation.metrics import clip_i, clip_t
+
+    ci = clip_i(evaluator, images, train)
+    ct = clip_t(evaluator, images, texts, strip_tokens=[token] if token else [])
+    return {
+        "clip_i": ci,
+        "clip_i_ref": norm,
+        "clip_i_rel": relative(ci, norm),
+        "clip_t": ct,
+        "clip_t_base": baseline,
+        "clip_t_rel": relative(ct, baseline),
+    }
+
+
+def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
+    """Per concept: the unedited model and every selected method row (CLIP-I, CLIP-T, both normalized)."""
+    from evaluation.metrics import clip_i, clip_t
+
+    cfg, rows = run.cfg, []
+    for concept in cfg.concepts:
+        refs = run.concept_references(concept)
+        norm = clip_i(run.evaluator, *(load_images(s) for s in refs.pair))
+        run.references[concept.token]["clip_i_ref"] = norm
+        if not cfg.prompts:
+            continue
+        train = load_images(refs.train)
+        plain = [t.format(cfg.concept_phrase(concept, with_token=False)) for t in cfg.prompts]
+        images = run.generate("single", concept.token, "unedited", "unedited", None, plain)
+        texts = [p for p in plain for _ in cfg.seeds]
+        baseline = clip_t(run.evaluator, images, texts)
+        metrics = _single_metrics(run.evaluator, images, texts, None, train, norm, baseline)
+        rows.append(_row("single", concept.token, "unedited", "unedited", metrics))
+        prompts = [t.format(cfg.concept_phrase(concept)) for t in cfg.prompts]
+        texts = [p for p in prompts for _ in cfg.seeds]
+        for spec in (m for m in cfg.methods if m.label() in labels):
+            edit, key = run.customize(spec, [(concept.token, concept.word(), refs.folder)])
+            images = run.generate("single", concept.token, spec.label(), key, edit, prompts)
+            metrics = _single_metrics(run.evaluator, images, texts, concept.token, train, norm, baseline)
+            rows.append(_row("single", concept.token, spec.label(), key, metrics))
+    return rows
+
+
+def _pair_prompts(cfg: CustomBenchConfig, a: ConceptSpec, b: ConceptSpec, with_token: bool) -> list[str]:
+    phrases = {"a": cfg.concept_phrase(a, with_token), "b": cfg.concept_phrase(b, with_token)}
+    return [t.format(**phrases) for t in cfg.composition_prompts]
+
+
+def _composed(
+    run: _Runner, comp: JointSpec | MergeSpec | HookSpec, a: ConceptSpec, b: ConceptSpec
+) -> tuple[Any, str]:
+    """The edit of composition ``comp`` for the pair (a, b): joint run, merge, or hook on another one."""
+    from conceptsmith.edits import compose
+    from conceptsmith.registry import EditRequest, get_editor
+    from customization.merge import merge, needs_pipeline
+
+    cfg = run.cfg
+    memo_key = f"composition:{comp.name}:{a.token}:{b.token}"
+    if memo_key in run.memo:
+        return run.memo[memo_key]
+    pair = [(c.token, c.word(), run.refs[c.token].folder) for c in (a, b)]
+    if isinstance(comp, JointSpec):
+        edit, _ = run.customize(comp.method, pair)
+    elif isinstance(comp, MergeSpec):
+        source = next(m for m in cfg.methods if m.label() == comp.source)
+        parts = [run.customize(source, [p])[0] for p in pair]
+        edit = merge(parts, comp.merge, pipe=run.pipe if needs_pipeline(comp.merge) else None, **comp.params)
+    else:
+        on = next(c for c in cfg.compositions if c.name == comp.on_top_of)
+        method, params = resolve_method(comp.method, run.bench_path, comp.name)
+        phrases = [cfg.concept_phrase(a), cfg.concept_phrase(b)]
+        hook = get_editor(method)(params).fit(run.pipe, EditRequest(concepts=phrases))
+        edit = compose([_composed(run, on, a, b)[0], hook])
+    run.memo[memo_key] = (edit, f"{comp.name}-{edit_digest(edit)}")
+    return run.memo[memo_key]
+
+
+def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
+    """Per pair of concepts: the unedited model and every selected composition (both_present, CLIP-T)."""
+    from evaluation.metrics import both_concepts_present_rate, clip_t
+
+    cfg, ev, rows = run.cfg, run.evaluator, []
+    selected = [c for c in cfg.compositions if c.name in labels]
+    if not selected:
+        return rows
+    for a, b in itertools.combinations(cfg.concepts, 2):
+        group = f"{a.token}+{b.token}"
+        plain, prompts = _pair_prompts(cfg, a, b, False), _pair_prompts(cfg, a, b, True)
+        pair, baseline = (a.noun(), b.noun()), None
+        for comp in [None, *selected]:
+            name = "unedited" if comp is None else comp.name
+            edit, key = (None, "unedited") if comp is None else _composed(run, comp, a, b)
+            used = plain if comp is None else prompts
+            images = run.generate("composition", group, name, key, edit, used)
+            ct = clip_t(ev, images, [p for p in used for _ in cfg.seeds], strip_tokens=[a.token, b.token])
+            baseline = ct if baseline is None else baseline
+            present = {
+                "top2": both_concepts_present_rate(ev, images, pair, cfg.classes, cfg.eval_templates),
+                "halves": both_present_halves(ev, images, pair, cfg.classes, cfg.eval_templates),
+            }
+            metrics = {
+                "both_present": present[cfg.presence],
+                **{f"both_present_{k}": v for k, v in present.items()},
+            }
+            metrics |= {"clip_t": ct, "clip_t_base": baseline, "clip_t_rel": relative(ct, baseline)}
+            rows.append(_row("composition", group, name, key, metrics))
+    return rows
+
+
+def _relearn_rows(run: _Runner) -> list[dict[str, Any]]:
+    """Unedited / erased / erased + customized: how often the evaluator sees the erased shape."""
+    from conceptsmith.edits import compose
+    from evaluation.metrics import evaluator_accuracy
+
+    cfg, spec = run.cfg, run.cfg.relearn
+    group = f"relearn:{spec.concept}"
+    erased, erase_key = run.erase(spec.erase, spec.concept, spec.preserve)
+    folder, train = run.rendered(spec.concept, cfg.reference_seed)
+    run.references[group] = {"train": [str(p) for p in train]}
+    custom, _ = run.customize(spec.method, [(spec.token, spec.class_word, folder)], on=erased)
+    both = compose([erased, custom])
+    phrase = " ".join(spec.phrase.format(token=spec.token, class_word=spec.class_word).split())
+    plain = [t.format(spec.concept) for t in spec.prompts]
+    prompts = [t.format(phrase) for t in spec.prompts]
+    rows = []
+    for name, edit, key, used in (
+        ("unedited", None, "unedited", plain),
+        ("erased", erased, erase_key, plain),
+        ("erased+customized", both, f"relearn-{edit_digest(both)}", prompts),
+    ):
+        images = run.generate("relearn", group, name, key, edit, used)
+        rate = evaluator_accuracy(run.evaluator, images, spec.concept, cfg.classes, cfg.eval_templates).argmax
+        rows.append(_row("relearn", group, name, key, {"relearn_rate": rate}))
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) -> dict[str, Any]:
+    """``summary``: method / composition name -> metrics averaged over concepts or pairs; the
+    unedited model's single-concept and composition numbers share one entry; ``relearn`` -> rates."""
+    summary: dict[str, Any] = {}
+    for section in ("single", "composition"):
+        names = dict.fromkeys(r["method"] for r in rows if r["section"] == section)
+        for name in names:
+            mine = [r["metrics"] for r in rows if r["section"] == section and r["method"] == name]
+            keys = (
+                ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel") if section == "single" else ("both_present",)
+            )
+            if section == "composition" and name != "unedited":
+                keys += ("clip_t", "clip_t_rel")
+            summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
+    relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
+    if relearn:
+        summary["relearn"] = {"concept": relearn_concept, **relearn}
+    return summary
+
+
+def _selected(cfg: CustomBenchConfig, methods: Sequence[str] | None) -> set[str]:
+    available = [*_labels(cfg), *(["relearn"] if cfg.relearn else [])]
+    if methods is None:
+        return set(available)
+    unknown = sorted(set(methods) - set(available))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; this bench has {available}")
+    return set(methods)
+
+
+def run_custom_bench(
+    config: CustomBenchConfig | str | Path,
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+    model: str | None = None,
+    evaluator: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> CustomBenchRun:
+    """Run a customization benchmark; writes ``results.json`` (and the report) into ``out_dir``.
+
+    ``methods`` keeps only these method rows / compositions (``relearn`` names the relearning task);
+    the edits a kept composition needs are trained even when their method row is filtered out.
+    ``model`` / ``evaluator`` override the config's.
+    """
+    from accelerate import PartialState
+
+    from conceptsmith.io import write_json
+    from conceptsmith.models import load_pipeline
+    from evaluation.clip import load_evaluator
+
+    if isinstance(config, CustomBenchConfig):
+        cfg, bench_path = config, None
+        check_custom_config(cfg, None)
+    else:
+        cfg, bench_path = load_custom_config(config)
+    overrides = {k: v for k, v in (("model", model), ("evaluator", evaluator)) if v}
+    if overrides:
+        cfg = validate({**cfg.model_dump(), **overrides}, CustomBenchConfig, "overrides")
+    labels = _selected(cfg, methods)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
+    state = PartialState(cpu=True)
+    pipe, info = load_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    gen = Generator(pipe, cfg.generation, cache_root / info.fingerprint, state, progress=progress)
+    ev = load_evaluator(cfg.evaluator)
+    run = _Runner(cfg, bench_path, pipe, info.fingerprint, cache_root, gen, ev, state, progress)
+
+    rows = _single_rows(run, labels) + _composition_rows(run, labels)
+    if cfg.relearn is not None and "relearn" in labels:
+        rows += _relearn_rows(run)
+    results = {
+        "bench": cfg.name,
+        "kind": "customization",
+        "description": cfg.description,
+        "config": cfg.model_dump(),
+        "model": {"spec": info.spec, "family": info.family, "fingerprint": info.fingerprint},
+        "evaluator": ev.describe(),
+        "presence": cfg.presence,
+        "conventions": CONVENTIONS,
+        "references": run.references,
+        "summary": summarize(rows, cfg.relearn.concept if cfg.relearn else None),
+        "rows": rows,
+        "images": run.images,
+        "run": {
+            "seconds": time.perf_counter() - started,
+            "trained": run.trained,
+            "generated": gen.generated,
+            "cached": gen.cached,
+        },
+    }
+    write_json(out_dir / "results.json", json.loads(json.dumps(results, default=float)))
+    done = CustomBenchRun(results, out_dir, run.trained, gen.generated, gen.cached)
+    if report:
+        done.report = write_custom_report(results, out_dir)
+    return done
+
+
+# ============================================================================================
+# report
+# ============================================================================================
+_TABLE = ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel", "both_present")
+
+
+def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for name, metrics in summary.items():
+        if name == "relearn":
+            continue
+        cells = [metrics.get(k) for k in _TABLE]
+        rows.append([name, *("–" if v is None else f"{v:.3f}" for v in cells)])
+    relearn = summary.get("relearn", {})
+    rows += [
+        [f"relearn {relearn['concept']}: {k}", *["–"] * 4, f"{v:.3f}"]
+        for k, v in relearn.items()
+        if k != "concept"
+    ]
+    return ["name", *_TABLE[:-1], "both_present / relearn_rate"], rows
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A fixed-width summary table for terminals."""
+    header, rows = _table(results["summary"])
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def _tile(path: str | Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB").resize((96, 96), Image.NEAREST)
+
+
+def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> Path:
+    """Rows: the references, then every method; each row its first ``columns`` images, seed-major."""
+    from conceptsmith.generation import image_grid
+
+    tokens = [group] if group in results["references"] else group.split("+")
+    refs = [p for t in tokens for p in results["references"][t]["train"][: columns // len(tokens)]]
+    mine = [im for im in results["images"] if im["group"] == group]
+    seeds = list(dict.fromkeys(im["seed"] for im in mine))
+    rows = [("references", refs)]
+    for method in dict.fromkeys(im["method"] for im in mine):
+        ordered = sorted(
+            (im for im in mine if im["method"] == method), key=lambda im: seeds.index(im["seed"])
+        )
+        rows.append((method, [im["path"] for im in ordered[:columns]]))
+    width = max(len(paths) for _, paths in rows)
+    tiles, labels = [], []
+    for name, paths in rows:
+        tiles += [_tile(p) for p in paths] + [Image.new("RGB", (96, 96), "white")] * (width - len(paths))
+        labels += [name] + [""] * (width - 1)
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", group).strip("-").lower() or "group"
+    path = out / "grids" / f"{slug}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(tiles, columns=width, labels=labels).save(path)
+    return path
+
+
+def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``report.md`` and ``report.html`` (summary table + one image grid per concept / pair /
+    relearning task) in ``out_dir``; reads only the ``results.json`` structure."""
+    from conceptsmith.io import write_text
+
+    out = Path(out_dir)
+    header, rows = _table(results["summary"])
+    groups = list(dict.fromkeys(im["group"] for im in results["images"]))
+    grids = {g: _grid(results, g, out) for g in groups}
+    facts = [
+        ("model", f"{results['model']['spec']} (base {results['model']['fingerprint']})"),
+        ("evaluator", str(results["evaluator"].get("spec"))),
+        ("seeds", ", ".join(str(s) for s in results["config"]["seeds"])),
+        ("both_present rule", results["presence"]),
+        *results["conventions"].items(),
+    ]
+    md = [f"# Customization benchmark `{results['bench']}`", "", results["description"], ""]
+    md += [f"* **{k}**: {v}" for k, v in facts]
+    md += [
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+    for g, path in grids.items():
+        md += [
+            "",
+            f"## {g}",
+            "",
+            f"![{g}: references, then one row per method]({path.relative_to(out).as_posix()})",
+        ]
+    e = html.escape
+    body = [
+        f"<h1>Customization benchmark <code>{e(results['bench'])}</code></h1>",
+        f"<p>{e(results['description'])}</p>",
+    ]
+    body += [
+        "<ul>",
+        *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
+        "</ul>",
+        "<table><thead><tr>",
+    ]
+    body += [f"<th>{e(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
+    body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows] + ["</tbody></table>"]
+    for g, path in grids.items():
+        src, alt = e(path.relative_to(out).as_posix()), e(f"{g}: references, then one row per method")
+        body.append(f'<h2>{e(g)}</h2><figure><img src="{src}" alt="{alt}"></figure>')
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc}"
+    head = f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>"
+    page = f"{head}<body>{''.join(body)}</body></html>\n"
+    paths = {
+        "markdown": write_text(out / "report.md", "\n".join(md) + "\n"),
+        "html": write_text(out / "report.html", page),
+    }
+    return paths | {f"grid:{g}": p for g, p in grids.items()}
+
+
+# ============================================================================================
+# CLI (dispatched by evaluation.bench.bench_command on `kind: customization`)
+# ============================================================================================
+def custom_bench_command(
+    config: str,
+    out: str | None = None,
+    methods: str | None = None,
+    model: str | None = None,
+    evaluator: str | None = None,
+    cache: str | None = None,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """``conceptsmith bench CONFIG [--methods a,b] --out DIR`` for a customization benchmark."""
+    cfg, _ = load_custom_config(config)
+    run = run_custom_bench(
+        config,
+        out or Path("conceptsmith-runs") / cfg.name,
+        methods=methods.split(",") if methods else None,
+        model=model,
+        evaluator=evaluator,
+        cache_dir=cache,
+    )
+    if as_json:
+        print(
+            json.dumps({k: run.results[k] for k in ("bench", "model", "evaluator", "summary")}, default=float)
+        )
+    else:
+        print(summary_table(run.results))
+        print(f"trained {run.trained} edits; generated {run.generated} images, {run.cached} from the cache")
+        print(f"results: {run.out_dir / 'results.json'}")
+        if "html" in run.report:
+            print(f"report:  {run.report['html']}  (and {run.report['markdown'].name})")
+    return run.results

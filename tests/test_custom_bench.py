@@ -1,0 +1,326 @@
+"""The customization benchmark (evaluation.custom_bench) on the tiny pipeline with a tiny open_clip
+evaluator: config validation, an end-to-end run (results + report), a cache hit on re-run, the
+metric normalizations recomputed by hand, the halves presence rule, and the CLI dispatch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from test_bench import TINY_CLIP
+from typer.testing import CliRunner
+
+from conceptsmith.config import ConfigError
+from evaluation.custom_bench import both_present_halves, load_custom_config, relative, run_custom_bench
+
+FAST = {"steps": 2, "batch_size": 1, "eval_batches": 0}
+CD_FAST = {**FAST, "num_class_images": 1, "class_inference_steps": 2}
+TINY = {
+    "kind": "customization",
+    "name": "tiny-custom",
+    "model": "builtin:tiny-test",
+    "seeds": [0],
+    "generation": {
+        "num_inference_steps": 2,
+        "guidance_scale": 2.0,
+        "height": 16,
+        "width": 16,
+        "batch_size": 4,
+    },
+    "classes": ["mushroom", "key", "circle", "square"],
+    "concepts": [{"token": "<mush>", "object": "mushroom"}, {"token": "<key>", "object": "key"}],
+    "n_reference": 3,
+    "prompts": ["a picture of a {}"],
+    "composition_prompts": ["a picture of a {a} next to a {b}"],
+    "methods": [
+        {"config": "configs/customize/custom-diffusion.yaml", "params": CD_FAST},
+        {"config": "configs/customize/lora.yaml", "params": FAST},
+        {"config": "configs/customize/textual-inversion.yaml", "params": FAST},
+    ],
+    "compositions": [
+        {
+            "kind": "joint",
+            "name": "joint",
+            "method": {"config": "configs/customize/custom-diffusion.yaml", "params": CD_FAST},
+        },
+        {"kind": "merge", "name": "closed-form", "merge": "closed-form", "source": "custom-diffusion"},
+        {"kind": "merge", "name": "lora-sum", "merge": "lora-sum", "source": "lora"},
+        {
+            "kind": "hook",
+            "name": "t2i-zero",
+            "method": {"config": "configs/customize/t2i-zero.yaml"},
+            "on_top_of": "closed-form",
+        },
+        {
+            "kind": "hook",
+            "name": "a-star",
+            "method": {"config": "configs/customize/a-star.yaml"},
+            "on_top_of": "closed-form",
+        },
+    ],
+    "relearn": {
+        "concept": "circle",
+        "preserve": ["square"],
+        "erase": {"config": "configs/erase/uce.yaml"},
+        "token": "<rel>",
+        "method": {"config": "configs/customize/custom-diffusion.yaml", "params": CD_FAST},
+    },
+}
+# fits: 3 methods x 2 concepts + joint + relearn (erase, customize); images: 2 concepts x 4 rows +
+# 6 composition rows + 3 relearning rows (1 prompt, 1 seed each)
+TRAINED, GENERATED = 9, 17
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def evaluator_file(tmp_path_factory) -> Path:
+    """A random tiny open_clip model saved as a local checkpoint with its config beside it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("evaluator")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**copy.deepcopy(TINY_CLIP))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny.safetensors"))
+    (folder / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    return folder / "tiny.safetensors"
+
+
+def _write(folder: Path, data: dict, name: str = "bench.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory, evaluator_file) -> Path:
+    return _write(tmp_path_factory.mktemp("config"), {**TINY, "evaluator": str(evaluator_file)})
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_config):
+    return run_custom_bench(tiny_config, tmp_path_factory.mktemp("bench") / "one", progress=False)
+
+
+# -- configs ----------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_validate_and_dispatch():
+    from evaluation.bench import bench_kind, load_bench_config
+
+    single, _ = load_custom_config("shapes-custom-single")
+    assert [c.object for c in single.concepts] == ["mushroom", "key", "umbrella"]
+    assert {m.label() for m in single.methods} == {"custom-diffusion", "lora", "textual-inversion"}
+    assert all(m.params.get("steps", 1000) <= 200 for m in single.methods)
+    multi, _ = load_custom_config("shapes-custom-multi")
+    assert len(multi.concepts) == 2 and multi.relearn is not None and multi.relearn.concept == "circle"
+    assert {c.kind for c in multi.compositions} == {"joint", "merge", "hook"}
+    assert {c.merge for c in multi.compositions if c.kind == "merge"} == {"closed-form", "lora-sum"}
+    assert bench_kind("shapes-custom-single") == "customization" and bench_kind("shapes-smoke") == "erasure"
+    assert load_bench_config("shapes-smoke")[0].kind == "erasure"  # erasure benches keep working
+    with pytest.raises(ConfigError, match="kind"):
+        load_bench_config("shapes-custom-single")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d: d.update(seedz=[0]), "seedz.*unknown key"),
+        (
+            lambda d: d["methods"][0].update(config=None, method="custom-difusion"),
+            "custom-difusion.*Available",
+        ),
+        (lambda d: d["methods"][1]["params"].update(rnak=2), "rnak"),
+        (lambda d: d["concepts"][0].update(object="mushrom"), "mushrom.*mushroom, key, umbrella"),
+        (
+            lambda d: d["concepts"][1].update(object=None, images="no/such/folder", class_word="key"),
+            "<key>.*no/such/folder",
+        ),
+        (lambda d: d["compositions"][1].update(source="dreambooth"), "dreambooth"),
+        (lambda d: d["compositions"][3].update(on_top_of="a-star"), "on_top_of: a-star"),
+        (lambda d: d["relearn"].update(concept="mushroom"), "unknown shape 'mushroom'"),
+        (lambda d: d.update(composition_prompts=["{a} alone"]), r"needs '\{a\}' and '\{b\}'"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-method",
+        "bad-param",
+        "unknown-object",
+        "missing-images",
+        "merge-source",
+        "hook-order",
+        "relearn-shape",
+        "pair-prompt",
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path, change, match):
+    data = copy.deepcopy({**TINY, "evaluator": "e"})
+    change(data)
+    with pytest.raises(ConfigError, match=match):
+        load_custom_config(_write(tmp_path, data))
+
+
+def test_empty_image_folder_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    data = copy.deepcopy({**TINY, "evaluator": "e"})
+    data["concepts"][0] = {"token": "<mush>", "images": str(tmp_path / "empty"), "class_word": "mushroom"}
+    with pytest.raises(ConfigError, match="<mush>.*No images"):
+        load_custom_config(_write(tmp_path, data))
+
+
+# -- the runner -------------------------------------------------------------------------------------
+
+
+def test_runner_writes_results_and_report(first_run):
+    results = first_run.results
+    assert (first_run.trained, first_run.generated, first_run.cached) == (TRAINED, GENERATED, 0)
+    assert json.loads((first_run.out_dir / "results.json").read_text())["summary"] == json.loads(
+        json.dumps(results["summary"])
+    )
+    summary = results["summary"]
+    singles, compositions = (
+        ["custom-diffusion", "lora", "textual-inversion"],
+        ["joint", "closed-form", "lora-sum"],
+    )
+    assert list(summary) == ["unedited", *singles, *compositions, "t2i-zero", "a-star", "relearn"]
+    for name in ("unedited", *singles):
+        assert {"clip_i", "clip_i_rel", "clip_t", "clip_t_rel"} <= set(summary[name])
+    for name in (*compositions, "t2i-zero", "a-star"):
+        assert {"both_present", "clip_t", "clip_t_rel"} <= set(summary[name])
+        assert 0.0 <= summary[name]["both_present"] <= 1.0
+    assert "both_present" in summary["unedited"] and summary["unedited"]["clip_t_rel"] == pytest.approx(1.0)
+    assert set(summary["relearn"]) == {"concept", "unedited", "erased", "erased+customized"}
+    rows = results["rows"]
+    assert {r["group"] for r in rows} == {"<mush>", "<key>", "<mush>+<key>", "relearn:circle"}
+    assert all(
+        {"both_present_top2", "both_present_halves"} <= set(r["metrics"])
+        for r in rows
+        if r["section"] == "composition"
+    )
+    assert len(results["images"]) == GENERATED and all(Path(im["path"]).is_file() for im in results["images"])
+    hooked = [r["edit_key"] for r in rows if r["method"] in ("closed-form", "t2i-zero", "a-star")]
+    assert len(set(hooked)) == 3  # the hooks change the edit (and so the generations' cache key)
+    for kind in ("markdown", "html"):
+        assert first_run.report[kind].is_file()
+    assert "| closed-form |" in first_run.report["markdown"].read_text()
+    assert "<table>" in first_run.report["html"].read_text()
+    grids = [k for k in first_run.report if k.startswith("grid:")]
+    assert len(grids) == 4 and all(first_run.report[k].is_file() for k in grids)
+
+
+def test_rerun_hits_every_cache(first_run, tiny_config):
+    again = run_custom_bench(tiny_config, first_run.out_dir, progress=False, report=False)
+    assert (again.trained, again.generated, again.cached) == (0, 0, GENERATED)
+    assert again.results["summary"] == first_run.results["summary"]
+
+
+def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
+    """clip_i_rel = mean cos(generated, references) / mean cos(references, independent references);
+    clip_t_rel = mean cos(image, prompt without token) / the same for the unedited model's images of
+    the prompt without the token. Recomputed here from the stored images with plain tensor code."""
+    from evaluation.clip import load_evaluator
+
+    ev = load_evaluator(str(evaluator_file))
+    results = first_run.results
+
+    def embed(paths):
+        return ev.embed_images([Image.open(p).convert("RGB") for p in paths]).double()
+
+    def images(method):
+        return [im for im in results["images"] if im["group"] == "<mush>" and im["method"] == method]
+
+    refs = results["references"]["<mush>"]
+    first, second = (embed(s) for s in refs["pair"])
+    norm = float((first @ second.T).mean())
+    generated = images("custom-diffusion")
+    clip_i = float((embed([im["path"] for im in generated]) @ embed(refs["train"]).T).mean())
+    base = images("unedited")
+    assert [im["prompt"] for im in base] == ["a picture of a mushroom"]
+    assert [im["prompt"] for im in generated] == ["a picture of a <mush> mushroom"]
+    texts = ev.embed_texts(["a picture of a mushroom"]).double()
+    clip_t = float((embed([im["path"] for im in generated]) * texts).sum(-1).mean())
+    baseline = float((embed([im["path"] for im in base]) * texts).sum(-1).mean())
+
+    row = next(r for r in results["rows"] if r["group"] == "<mush>" and r["method"] == "custom-diffusion")
+    m = row["metrics"]
+    assert m["clip_i"] == pytest.approx(clip_i, abs=1e-6) and m["clip_i_ref"] == pytest.approx(norm, abs=1e-6)
+    assert m["clip_i_rel"] == pytest.approx(clip_i / norm, rel=1e-6)
+    assert m["clip_t"] == pytest.approx(clip_t, abs=1e-6) and m["clip_t_rel"] == pytest.approx(
+        clip_t / baseline, rel=1e-5
+    )
+    per_concept = [
+        r["metrics"]["clip_i_rel"]
+        for r in results["rows"]
+        if r["section"] == "single" and r["method"] == "custom-diffusion"
+    ]
+    assert results["summary"]["custom-diffusion"]["clip_i_rel"] == pytest.approx(sum(per_concept) / 2)
+
+
+def test_relative_and_the_halves_presence_rule():
+    assert relative(0.6, 0.8) == pytest.approx(0.75)
+    assert math.isnan(relative(0.6, 0.0))
+
+    class ByColor:
+        """Stub evaluator: a crop is 'mushroom' if mostly red, 'key' if mostly blue, else 'circle'."""
+
+        def classify(self, crops, classnames, templates):
+            labels = []
+            for crop in crops:
+                r, _, b = np.asarray(crop, dtype=float).reshape(-1, 3).mean(0)
+                labels.append("mushroom" if r > 150 else "key" if b > 150 else "circle")
+            return type("C", (), {"labels": lambda self: labels})()
+
+    def picture(left, right):
+        a = np.zeros((64, 64, 3), np.uint8)
+        a[:, :32], a[:, 32:] = left, right
+        return Image.fromarray(a)
+
+    red, blue, grey = (230, 0, 0), (0, 0, 230), (90, 90, 90)
+    images = [picture(red, blue), picture(blue, red), picture(red, red), picture(grey, blue)]
+    assert (
+        both_present_halves(ByColor(), images, ("mushroom", "key"), ["mushroom", "key", "circle"], ["{}"])
+        == 0.5
+    )
+
+
+def test_cli_dispatches_on_kind_and_filters_methods(first_run, tiny_config, tmp_path):
+    from conceptsmith.cli import app
+
+    cache = str(first_run.out_dir / "cache")
+    out = tmp_path / "cli"
+    args = [
+        "bench",
+        str(tiny_config),
+        "--out",
+        str(out),
+        "--cache",
+        cache,
+        "--methods",
+        "textual-inversion,closed-form",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 0 edits; generated 0 images" in result.output
+    assert list(json.loads((out / "results.json").read_text())["summary"]) == [
+        "unedited",
+        "textual-inversion",
+        "closed-form",
+    ]
+    assert (out / "report.html").is_file()
+    bad = CliRunner().invoke(app, ["bench", str(tiny_config), "--out", str(out), "--methods", "dreambooth"])
+    assert bad.exit_code == 2 and "unknown methods ['dreambooth']" in bad.output
