@@ -68,6 +68,8 @@ def test_bench_configs_validate():
     assert len(objects.tasks) >= 3 and all(t.synonyms for t in objects.tasks)
     restricted, _ = load_bench_config("shapes-restricted")
     assert restricted.tasks[0].indirect
+    i2p, _ = load_bench_config("sd14-i2p")  # real-model protocols: CIFAR-10 objects, artists, I2P-style categories
+    assert {"sd14-cifar10", "sd14-artists"} <= names and all(t.indirect for t in i2p.tasks)
 
 
 def test_bench_config_errors(tmp_path):
