@@ -686,6 +686,8 @@ def run_bench(
             "fd_clip": "Frechet distance of L2-normalized evaluator image embeddings (not FID)",
         },
         "processes": state.num_processes,
+        "summary": summarize_rows(rows, cfg.accuracy),
+        "summary_by_task": {t.name: summarize_rows([r for r in rows if r["task"] == t.name], cfg.accuracy) for t in cfg.tasks},
         "rows": rows,
         "images": images,
         "run": {"seconds": time.perf_counter() - started},
@@ -701,6 +703,37 @@ def run_bench(
         run.report = write_report(results, out_dir)
     state.wait_for_everyone()
     return run
+
+
+SUMMARY_METRICS = ("acc_e", "acc_s", "acc_g", "acc_i", "h_o", "h_c", "paired_specificity", "fd_clip")
+
+
+def summarize_rows(rows: Sequence[dict[str, Any]], mode: str = "argmax") -> dict[str, dict[str, float]]:
+    """Per method, the mean over tasks of each metric (accuracies in the headline ``mode``), plus
+    ``acc_s_rel`` (each task's Acc_s divided by the unedited model's on that task), ``attack_asr``
+    (the closed-form embedding attack) and ``asr_<kind>`` for every attack that ran."""
+    base_acc_s = {r["task"]: _headline(r["metrics"].get("acc_s"), mode) for r in rows if r["method"] == "unedited"}
+    values: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        bucket = values.setdefault(r["method"], {})
+        for name in SUMMARY_METRICS:
+            value = _headline(r["metrics"].get(name), mode)
+            if value is not None:
+                bucket.setdefault(name, []).append(value)
+        acc_s, base = _headline(r["metrics"].get("acc_s"), mode), base_acc_s.get(r["task"])
+        if acc_s is not None and base:
+            bucket.setdefault("acc_s_rel", []).append(acc_s / base)
+        for kind, result in r.get("attacks", {}).items():
+            if "asr" in result:
+                bucket.setdefault(f"asr_{kind}", []).append(result["asr"])
+                if kind == "embedding":
+                    bucket.setdefault("attack_asr", []).append(result["asr"])
+    return {method: {name: sum(v) / len(v) for name, v in bucket.items()} | {"tasks": len({r["task"] for r in rows if r["method"] == method})}
+            for method, bucket in values.items()}
+
+
+def _headline(value: Any, mode: str) -> float | None:
+    return value.get(mode) if isinstance(value, dict) else value
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -100,6 +100,9 @@ def test_runner_results_report_and_cache_hit(smoke_run, evaluator_file):
     emb = edited["attacks"]["embedding"]
     assert 0.0 <= emb["asr"] <= 1.0 and emb["info"]["residual_after"] < emb["info"]["residual_before"]
     assert results["rows"][0]["metrics"]["paired_specificity"] == pytest.approx(1.0)
+    summary = results["summary"]["uce"]
+    assert summary["acc_e"] == edited["metrics"]["acc_e"]["argmax"] and summary["attack_asr"] == emb["asr"]
+    assert results["summary"]["unedited"].get("acc_s_rel") in (None, 1.0) and results["summary_by_task"]["erase-circle"]
     assert len(results["images"]) == 20 and all(Path(im["path"]).is_file() for im in results["images"])
     out = smoke_run.out_dir
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
@@ -175,3 +178,19 @@ def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
     assert results["rows"][1]["metrics"] == uce["metrics"]
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["rows"][1]["method"] == edit_files[0].stem
+
+
+def test_summary_averages_tasks_and_relates_acc_s_to_the_unedited_model():
+    from evaluation.bench import summarize_rows
+
+    def row(task, method, e, s, asr=None):
+        metrics = {"acc_e": {"argmax": e, "prob": e / 2}, "acc_s": {"argmax": s, "prob": s / 2}, "paired_specificity": 0.5}
+        return {"task": task, "method": method, "metrics": metrics, "attacks": {} if asr is None else {"embedding": {"asr": asr}}}
+
+    rows = [row("a", "unedited", 1.0, 0.8), row("a", "uce", 0.0, 0.6, 0.5), row("b", "unedited", 0.9, 0.5), row("b", "uce", 0.2, 0.5, 0.1)]
+    summary = summarize_rows(rows)
+    assert summary["uce"]["acc_e"] == pytest.approx(0.1) and summary["uce"]["acc_s"] == pytest.approx(0.55)
+    assert summary["uce"]["acc_s_rel"] == pytest.approx((0.6 / 0.8 + 0.5 / 0.5) / 2)  # per task, then averaged
+    assert summary["uce"]["attack_asr"] == pytest.approx(0.3) and summary["uce"]["tasks"] == 2
+    assert summary["unedited"]["acc_s_rel"] == pytest.approx(1.0) and "attack_asr" not in summary["unedited"]
+    assert summarize_rows(rows, "prob")["uce"]["acc_e"] == pytest.approx(0.05)
