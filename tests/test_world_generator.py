@@ -64,19 +64,21 @@ def test_generates_64px_images_deterministically(shapes):
 
 @pytest.fixture(scope="module")
 def fast_check(shapes):
-    """A fast subset of `conceptsmith world check`: shape + color prompts (held-out templates), 2 seeds each."""
+    """A fast subset of `conceptsmith world check`: shape, color and indirect restricted prompts (held-out
+    templates), 2 seeds each."""
     from conceptsmith.world.check import run_check
 
     pipe, _ = shapes
-    return run_check(seeds=2, metrics=("shape", "color"), include_eval=False, pipe=pipe, progress=False)
+    return run_check(seeds=2, metrics=("shape", "color", "restricted_indirect"), include_eval=False, pipe=pipe, progress=False)
 
 
-# Measured by `conceptsmith world check --seeds 8` on the shipped session-1 weights (UNet stopped at step 3695):
-# gen_shape_acc 0.65, gen_color_acc 0.78. These floors guard against regressions of the shipped weights;
-# the issue's bars (0.90 / 0.85) are NOT met yet (see MODEL_CARD.md); issue 3 stays open until they are.
-SHAPE_FLOOR, COLOR_FLOOR = 0.40, 0.55
+# Measured by `conceptsmith world check --seeds 8` on the shipped weights (2026-11-22): gen_shape_acc 0.95,
+# gen_restricted_indirect_rate 0.90 (bars 0.90 / 0.70: asserted with a margin for 2 seeds), gen_color_acc 0.80
+# (bar 0.85, NOT met: a regression floor only; see MODEL_CARD.md - issue 3 stays open until it is).
+SHAPE_BAR, RESTRICTED_BAR, COLOR_FLOOR = 0.80, 0.60, 0.65
 
 
-def test_world_check_fast_subset_regression_floor(fast_check):
-    assert fast_check["gen_shape_acc"] >= SHAPE_FLOOR, fast_check
+def test_world_check_fast_subset(fast_check):
+    assert fast_check["gen_shape_acc"] >= SHAPE_BAR, fast_check
+    assert fast_check["gen_restricted_indirect_rate"] >= RESTRICTED_BAR, fast_check
     assert fast_check["gen_color_acc"] >= COLOR_FLOOR, fast_check
