@@ -12,7 +12,9 @@ Algorithm:
    per base model and caption corpus and cached as safetensors under ``cache_dir`` (keyed by the
    base-model fingerprint and a hash of the corpus; ``sum W c c^T = W sum c c^T`` needs no storage);
    it enters as ``prior_weight`` captions' worth of tokens (the mean per-caption Gram times
-   ``prior_weight``); preserved concepts of the request keep all their tokens' outputs;
+   ``prior_weight``); captions that name an erased concept are subtracted from it first
+   (``exclude_concept_captions``: in a corpus full of the concept, as ShapesWorld's, the prior would
+   otherwise preserve exactly what is erased); preserved concepts keep all their tokens' outputs;
 4. one solve for every K and V, anchored at the current weights with ``lam``.
 
 MACE then trains one rank-1 LoRA per concept on the concept tokens' attention maps and fuses them
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +88,9 @@ class MaceCFRConfig(ClosedFormConfig):
     prior_weight: float = Field(100.0, ge=0, description="captions' worth of the cached prior (0 disables it)")
     corpus_file: str | None = Field(None, description="caption corpus, one caption per line (default: ShapesWorld captions)")
     corpus_size: int = Field(500, ge=1, description="generated ShapesWorld captions when there is no corpus_file")
+    exclude_concept_captions: bool = Field(
+        True, description="leave the captions that name an erased concept out of the prior (they would preserve it)"
+    )
 
 
 # -- the caption prior --------------------------------------------------------------------------------
@@ -131,6 +137,12 @@ def build_prior(pipe: Any, captions: list[str], batch_size: int = 64) -> tuple[t
         gram = rows.T @ rows if gram is None else gram + rows.T @ rows
         tokens += rows.shape[0]
     return gram, tokens
+
+
+def captions_mentioning(captions: list[str], concepts: list[str]) -> list[str]:
+    """The captions that contain one of ``concepts`` as whole words (case and spacing ignored)."""
+    patterns = [re.compile(r"\b" + r"\s+".join(map(re.escape, c.lower().split())) + r"\b") for c in concepts]
+    return [caption for caption in captions if any(p.search(caption.lower()) for p in patterns)]
 
 
 def load_or_build_prior(pipe: Any, captions: list[str], cache_dir: str | None) -> Prior:
@@ -208,10 +220,17 @@ class MaceCFR(Editor):
 
         prior = None
         prior_gram = None
+        excluded: list[str] = []
         if config.prior_weight > 0:
             captions = read_corpus(config.corpus_file) if config.corpus_file else shapes_captions(config.corpus_size)
             prior = load_or_build_prior(pipe, captions, config.cache_dir)
-            prior_gram = prior.gram * (config.prior_weight / prior.n_captions)
+            gram = prior.gram
+            if config.exclude_concept_captions:
+                # the cached prior stays per corpus; the few captions naming the concept are subtracted
+                excluded = captions_mentioning(captions, checked.concepts)
+                if excluded:
+                    gram = gram - build_prior(pipe, excluded)[0]
+            prior_gram = gram * (config.prior_weight / max(1, prior.n_captions - len(excluded)))
         encoded = time.perf_counter()
         solution = solve(
             kv_weights(pipe),
@@ -235,5 +254,6 @@ class MaceCFR(Editor):
                 "tokens": prior.n_tokens,
                 "cache": str(prior.path) if prior.path else None,
                 "from_cache": prior.from_cache,
+                "excluded_captions": len(excluded),
             }
         return make_edit(pipe, self.name, checked.concepts, params, solution.deltas, metadata)

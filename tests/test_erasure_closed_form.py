@@ -299,6 +299,23 @@ def test_mace_cfr_prior_cache_and_surrounding_tokens(pipe, tmp_path):
         MaceCFR({"corpus_file": str(tmp_path / "missing.txt")}).fit(pipe, request)
 
 
+def test_mace_cfr_prior_leaves_out_captions_that_name_the_concept(pipe, tmp_path):
+    """A prior built over captions of the concept would preserve what is being erased: those captions are
+    subtracted, so the edit equals the one computed with a corpus that never had them."""
+    full, clean = tmp_path / "full.txt", tmp_path / "clean.txt"
+    full.write_text("a blue star at night\na Red  Circle on grass\na green square\n", encoding="utf-8")
+    clean.write_text("a blue star at night\na green square\n", encoding="utf-8")
+    config = {"n_prompts": 4, "cache_dir": str(tmp_path / "cache"), "prior_weight": 10.0}
+    request = EditRequest(concepts=["red circle"])
+    left_out = MaceCFR({**config, "corpus_file": str(full)}).fit(pipe, request)
+    never_there = MaceCFR({**config, "corpus_file": str(clean)}).fit(pipe, request)
+    kept = MaceCFR({**config, "corpus_file": str(full), "exclude_concept_captions": False}).fit(pipe, request)
+    assert left_out.metadata["prior"]["excluded_captions"] == 1 and kept.metadata["prior"]["excluded_captions"] == 0
+    for key, tensor in never_there.tensors.items():
+        torch.testing.assert_close(left_out.tensors[key], tensor, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(kept.tensors[k], t, rtol=1e-4, atol=1e-6) for k, t in never_there.tensors.items())
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_every_editor_returns_a_weights_edit_that_saves_and_loads(pipe, tmp_path, name):
     before = fingerprint(pipe)
