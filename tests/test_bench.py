@@ -102,7 +102,7 @@ def test_runner_results_report_and_cache_hit(smoke_run, evaluator_file):
     assert results["rows"][0]["metrics"]["paired_specificity"] == pytest.approx(1.0)
     summary = results["summary"]["uce"]
     assert summary["acc_e"] == edited["metrics"]["acc_e"]["argmax"] and summary["attack_asr"] == emb["asr"]
-    assert results["summary"]["unedited"].get("acc_s_rel") in (None, 1.0) and results["summary_by_task"]["erase-circle"]
+    assert results["summary"]["unedited"].get("acc_s_rel") in (None, 1.0) and results["summary_by_task"]["erase-quistbright"]
     assert len(results["images"]) == 20 and all(Path(im["path"]).is_file() for im in results["images"])
     out = smoke_run.out_dir
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))

@@ -126,7 +126,7 @@ def test_shipped_configs_validate_and_dispatch():
     single, _ = load_custom_config("shapes-custom-single")
     assert [c.object for c in single.concepts] == ["mushroom", "key", "umbrella"]
     assert {m.label() for m in single.methods} == {"custom-diffusion", "lora", "textual-inversion"}
-    assert all(m.params.get("steps", 1000) <= 200 for m in single.methods)
+    assert all(m.params.get("steps", 1000) <= 600 for m in single.methods)  # ~75 s per run on one thread
     multi, _ = load_custom_config("shapes-custom-multi")
     assert len(multi.concepts) == 2 and multi.relearn is not None and multi.relearn.concept == "circle"
     assert {c.kind for c in multi.compositions} == {"joint", "merge", "hook"}
