@@ -142,3 +142,36 @@ def tiny_sdxl_pipe():
     pipe = copy.deepcopy(_tiny_sdxl_pipe())
     pipe.conceptsmith_defaults = dict(TINY_GENERATION_DEFAULTS)
     return pipe, describe(pipe, "<tiny-sdxl>")
+
+
+#: A tiny open_clip config (random weights) for evaluator tests: the same code path as ViT-L-14.
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def evaluator_file(tmp_path_factory):
+    """A random tiny open_clip model saved as a local checkpoint with its config beside it."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("evaluator")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**json.loads(json.dumps(TINY_CLIP)))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny.safetensors"))
+    (folder / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    return folder / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,14 +25,7 @@ from evaluation.attacks import (
 )
 from evaluation.clip import Classification
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_closed_form_attack_inverts_shared_low_rank_edit():

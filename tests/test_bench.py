@@ -10,38 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from evaluation.bench import BENCH_DIR, bench_kind, load_bench_config, run_bench, summary_table
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def evaluator_file(tmp_path_factory):
-    """A random tiny open_clip model saved as a local checkpoint with its config beside it."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("evaluator")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**json.loads(json.dumps(TINY_CLIP)))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "tiny.safetensors"))
-    (d / "tiny.json").write_text(json.dumps(TINY_CLIP))
-    return d / "tiny.safetensors"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

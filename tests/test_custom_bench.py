@@ -11,10 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
-from test_bench import TINY_CLIP
 from typer.testing import CliRunner
 
 from conceptsmith.config import ConfigError
@@ -76,28 +74,7 @@ TINY = {
 # fits: 3 methods x 2 concepts + joint + relearn (erase, customize); images: 2 concepts x 4 rows +
 # 6 composition rows + 3 relearning rows (1 prompt, 1 seed each)
 TRAINED, GENERATED = 9, 17
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def evaluator_file(tmp_path_factory) -> Path:
-    """A random tiny open_clip model saved as a local checkpoint with its config beside it."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("evaluator")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**copy.deepcopy(TINY_CLIP))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny.safetensors"))
-    (folder / "tiny.json").write_text(json.dumps(TINY_CLIP))
-    return folder / "tiny.safetensors"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(folder: Path, data: dict, name: str = "bench.yaml") -> Path:

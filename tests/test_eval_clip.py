@@ -8,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import TINY_CLIP
 from PIL import Image
 
 from evaluation.clip import (  # noqa: E402
@@ -19,29 +20,16 @@ from evaluation.clip import (  # noqa: E402
     register_evaluator,
 )
 
-TINY_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**json.loads(json.dumps(TINY_CFG)))
+    model = open_clip.CLIP(**json.loads(json.dumps(TINY_CLIP)))
     open_clip.set_model_preprocess_cfg(
         model, {"size": 32, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
     )
     return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +153,7 @@ def test_load_local_checkpoint_forms(tmp_path, parts):
 
     # 1) weights file with <stem>.json (plain open_clip model config) beside it
     _save(model, tmp_path / "tiny.safetensors")
-    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CFG))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CLIP))
     ev = load_evaluator(str(tmp_path / "tiny.safetensors"))
     torch.testing.assert_close(ev.embed_images(imgs), ref_img, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ev.embed_texts(["a star"]), ref_txt, atol=1e-5, rtol=1e-5)
@@ -175,20 +163,20 @@ def test_load_local_checkpoint_forms(tmp_path, parts):
     d = tmp_path / "dir"
     d.mkdir()
     _save(model, d / "open_clip_model.safetensors")
-    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
     ev = load_evaluator(str(d))
     torch.testing.assert_close(ev.embed_images(imgs), ref_img, atol=1e-5, rtol=1e-5)
 
     # 3) a named architecture: "ARCH@weights", arch=..., and open_clip's "NAME/PRETRAINED" with a file
     (tmp_path / "cfgs").mkdir()
-    (tmp_path / "cfgs" / "cs-tiny-test-arch.json").write_text(json.dumps(TINY_CFG))
+    (tmp_path / "cfgs" / "cs-tiny-test-arch.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "cfgs")
     bare = tmp_path / "bare.safetensors"
     _save(model, bare)
     for e in (
         load_evaluator(f"cs-tiny-test-arch@{bare}"),
         load_evaluator(str(bare), arch="cs-tiny-test-arch"),
-        load_evaluator(str(bare), arch=TINY_CFG),
+        load_evaluator(str(bare), arch=TINY_CLIP),
         load_evaluator(f"cs-tiny-test-arch/{bare}"),
     ):
         torch.testing.assert_close(e.embed_texts(["a star"]), ref_txt, atol=1e-5, rtol=1e-5)
@@ -225,7 +213,7 @@ def test_shapes_clip_loader_parts_are_adapted(tmp_path, parts):
 
     model, tokenizer = parts
     _save(model, tmp_path / "open_clip_model.safetensors")
-    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
     register_evaluator(
         "cs-tiny-world", lambda device="cpu": clip_train.load_shapes_clip(device, weights_dir=tmp_path)
     )
