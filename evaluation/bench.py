@@ -747,8 +747,7 @@ def summary_table(results: dict[str, Any]) -> str:
         m = r["metrics"]
         vals = []
         for c in cols:
-            v = m.get(c)
-            v = v.get(mode) if isinstance(v, dict) else v
+            v = _headline(m.get(c), mode)
             vals.append("-" if v is None else f"{v:.3f}")
         for k in attack_kinds:
             a = r.get("attacks", {}).get(k, {})
@@ -773,11 +772,13 @@ def bench_command(
     """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table.
     Dispatches on the config's ``kind``: customization benchmarks run :mod:`evaluation.custom_bench`."""
     if bench_kind(config) == "customization":
-        from evaluation.custom_bench import custom_bench_command
+        from evaluation.custom_bench import load_custom_config, print_custom_run, run_custom_bench
 
-        return custom_bench_command(config, out, methods, model, evaluator, cache, as_json)
-    cfg, _ = load_bench_config(config)
-    run = run_bench(
+        load, runner, show = load_custom_config, run_custom_bench, print_custom_run
+    else:
+        load, runner, show = load_bench_config, run_bench, _print_run
+    cfg, _ = load(config)
+    run = runner(
         config,
         out or Path("conceptsmith-runs") / cfg.name,
         methods=methods.split(",") if methods else None,
@@ -785,7 +786,7 @@ def bench_command(
         evaluator=evaluator,
         cache_dir=cache,
     )
-    _print_run(run, as_json)
+    show(run, as_json)
     return run.results
 
 

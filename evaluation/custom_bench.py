@@ -82,7 +82,7 @@ __all__ = [
     "RelearnSpec",
     "both_present_halves",
     "check_custom_config",
-    "custom_bench_command",
+    "print_custom_run",
     "load_custom_config",
     "relative",
     "resolve_method",
@@ -925,25 +925,8 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
 # ============================================================================================
 # CLI (dispatched by evaluation.bench.bench_command on `kind: customization`)
 # ============================================================================================
-def custom_bench_command(
-    config: str,
-    out: str | None = None,
-    methods: str | None = None,
-    model: str | None = None,
-    evaluator: str | None = None,
-    cache: str | None = None,
-    as_json: bool = False,
-) -> dict[str, Any]:
-    """``conceptsmith bench CONFIG [--methods a,b] --out DIR`` for a customization benchmark."""
-    cfg, _ = load_custom_config(config)
-    run = run_custom_bench(
-        config,
-        out or Path("conceptsmith-runs") / cfg.name,
-        methods=methods.split(",") if methods else None,
-        model=model,
-        evaluator=evaluator,
-        cache_dir=cache,
-    )
+def print_custom_run(run: CustomBenchRun, as_json: bool) -> None:
+    """What ``conceptsmith bench`` prints for a customization benchmark: the summary table (or JSON)."""
     if as_json:
         print(
             json.dumps({k: run.results[k] for k in ("bench", "model", "evaluator", "summary")}, default=float)
@@ -954,4 +937,3 @@ def custom_bench_command(
         print(f"results: {run.out_dir / 'results.json'}")
         if "html" in run.report:
             print(f"report:  {run.report['html']}  (and {run.report['markdown'].name})")
-    return run.results
