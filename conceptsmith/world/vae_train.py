@@ -115,6 +115,17 @@ def build_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
+def _resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, resume: bool, what: str, logfile) -> int:
+    """Load model + optimizer state from ``ckpt`` when resuming; returns the step to continue from (0: fresh)."""
+    if not (resume and ckpt.exists()):
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    log(f"{what}: resumed from {ckpt} at step {int(state['step'])}", logfile)
+    return int(state["step"])
+
+
 def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, logfile: str | Path | None = "/tmp/cs/vae_train.log",
               progress: bool = True, resume: bool = True):
     """Train (or resume) the autoencoder; writes ``out_dir`` (default weights/shapes-sd/vae) with save_pretrained."""
@@ -128,13 +139,7 @@ def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, lo
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     ckpt = cache_dir() / f"vae_ckpt_s{cfg.seed}.pt"
-    step = 0
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        log(f"VAE: resumed from {ckpt} at step {step}", logfile)
+    step = _resume(ckpt, vae, opt, resume, "VAE", logfile)
     gen = np.random.default_rng((cfg.seed, 11, step))
     n_eval = 256
     held = to_tensor(images[-n_eval:])
@@ -196,8 +201,9 @@ def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, 
 
     torch.set_num_threads(threads)
     vae_dir = Path(vae_dir) if vae_dir else weights_dir() / "shapes-sd" / "vae"
-    stored_dtype = next(iter(AutoencoderKL.from_pretrained(vae_dir).state_dict().values())).dtype
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    stored_dtype = vae.dtype
+    vae = vae.to(torch.float32)
     vae.requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
@@ -205,13 +211,7 @@ def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     images, _ = render_pool(10000, seed, progress=progress, logfile=logfile)
     ckpt = cache_dir() / f"vae_decoder_ckpt_s{seed}.pt"
-    step = 0
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        log(f"decoder fine-tune: resumed at step {step}", logfile)
+    step = _resume(ckpt, vae, opt, resume, "decoder fine-tune", logfile)
     held = to_tensor(images[-256:])
     last = time.time()
     bar = tqdm(total=steps, initial=step, desc="vae-decoder", disable=not progress)
