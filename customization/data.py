@@ -206,9 +206,17 @@ def training_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, s
             )
             parts.append(Examples.from_images(pipe.vae, images, size, prompt, ("{}",), config.flip))
         classes = Examples.concat(parts)
-    prompt_templates = templates(config.templates)
-    instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip) for s in specs])
+    instances, prompt_templates = instance_examples(pipe, specs, config.templates, config.flip, size)
     return instances, classes, prompt_templates
+
+
+def instance_examples(
+    pipe: Any, specs: Sequence[Any], kind: str | Sequence[str], flip: bool, size: int
+) -> tuple[Examples, tuple[str, ...]]:
+    """``(instances, prompt_templates)``: each concept's reference images with its phrase in the ``kind`` templates."""
+    prompt_templates = templates(kind)
+    instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, flip) for s in specs])
+    return instances, prompt_templates
 
 
 # -- sampling ------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ class TextualInversion(Editor):
     Config = TextualInversionConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from customization.data import Examples, concept_specs, default_resolution, templates
+        from customization.data import concept_specs, default_resolution, instance_examples
         from customization.training import DenoisingObjective, frozen, noise_scheduler, pipe_components, train
 
         config: TextualInversionConfig = self.config
@@ -327,10 +327,7 @@ class TextualInversion(Editor):
         size = config.resolution or default_resolution(pipe)
         with frozen(*pipe_components(pipe)):
             tokens = NewTokens(pipe, [s.token for s in specs], [config.init_word or s.class_word for s in specs], config.num_vectors, request.seed)
-            prompt_templates = templates(config.templates)
-            instances = Examples.concat(
-                [Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip) for s in specs]
-            )
+            instances, _ = instance_examples(pipe, specs, config.templates, config.flip, size)
             unet = shared_copy(pipe.unet)
             objective = DenoisingObjective(unet, noise_scheduler(pipe), tokens.conditioner(size), instances, None, config.batch_size)
             result = train(
