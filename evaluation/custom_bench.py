@@ -22,7 +22,7 @@ Protocol (CustomConcept101, Kumari et al. 2023, adapted to ShapesWorld):
   editor (t2i-zero, a-star) on top of another composition. ``both_present`` is the share of images
   with both concepts detected by the rule ``presence``: ``top2`` =
   :func:`evaluation.metrics.both_concepts_present_rate` on the whole image, ``halves`` = the left and
-  right halves (:func:`conceptsmith.world.check.half`) are classified as the two concepts, one each.
+  right halves (:func:`conceptsmith.world.check.object_crop`) are classified as the two concepts, one each.
   Both rules are recorded per row; the summary's ``both_present`` is the configured one;
 * **relearning** (optional): erase a ShapesWorld shape, then customize the erased model with a new
   token on renders of that shape; ``relearn_rate`` = share of images classified as the erased shape
@@ -345,11 +345,11 @@ def both_present_halves(
     classnames: Sequence[str],
     templates: Sequence[str],
 ) -> float:
-    """Share of images whose left and right halves (:func:`conceptsmith.world.check.half`) have the
+    """Share of images whose left and right halves (:func:`conceptsmith.world.check.object_crop`) have the
     two concepts of ``pair`` as top-1 zero-shot classes, one each (either order)."""
-    from conceptsmith.world.check import half
+    from conceptsmith.world.check import object_crop
 
-    crops = [half(im, side) for side in ("left", "right") for im in images]
+    crops = [object_crop(im, side) for side in ("left", "right") for im in images]
     labels = evaluator.classify(crops, classnames, templates).labels()
     n = len(images)
     hits = sum({labels[i], labels[n + i]} == set(pair) for i in range(n))

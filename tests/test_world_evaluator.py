@@ -33,3 +33,43 @@ def test_shapes_clip_recognises_shapes_artists_colors_and_patterns():
     assert _accuracy(evaluator, "artist", list(V.ARTISTS)) >= 0.9
     assert _accuracy(evaluator, "color", list(V.COLORS)) >= 0.85
     assert _accuracy(evaluator, "pattern", list(V.PATTERNS)) >= 0.6
+
+
+def _two_object_scene(relation: str = "left of") -> tuple[np.ndarray, dict]:
+    labels = R.sample_labels(np.random.default_rng(5), n_objects=2, shape="circle", color="red", shape2="star",
+                             color2="blue", relation=relation, artist=None, background="plain", pattern="solid",
+                             pattern2="solid")
+    return R.render_scene(labels, seed=5), labels
+
+
+def _share_close_to(image, rgb, tol: float = 40.0) -> float:
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return float((np.abs(a - np.array(rgb, np.float32)).sum(-1) < tol).mean())
+
+
+def test_object_crop_shows_one_object_enlarged():
+    from PIL import Image
+
+    from conceptsmith.world.check import object_crop
+
+    scene, _ = _two_object_scene("left of")
+    red, blue = V.COLORS["red"], V.COLORS["blue"]
+    left, right = object_crop(Image.fromarray(scene), "left"), object_crop(Image.fromarray(scene), "right")
+    assert left.size == right.size == (64, 64)
+    assert _share_close_to(left, red) > 0.15 and _share_close_to(left, blue) == 0.0
+    assert _share_close_to(right, blue) > 0.08 and _share_close_to(right, red) == 0.0
+    # enlarged: the object covers more of the crop than of the scene
+    assert _share_close_to(left, red) > 1.5 * _share_close_to(Image.fromarray(scene), red)
+    above, _ = _two_object_scene("above")
+    top = object_crop(Image.fromarray(above), "top")
+    assert _share_close_to(top, red) > 0.15 and _share_close_to(top, blue) == 0.0
+
+
+def test_judge_reads_both_objects_of_rendered_two_object_scenes():
+    """The ceiling of gen_two_object_acc: the judge on ground-truth renders of the check's prompts. Measured 0.86
+    (16 seeds); the bare-half judge it replaced scored 0.31."""
+    from conceptsmith.world.check import Judge, build_jobs, judge_jobs, render_jobs
+
+    jobs = build_jobs(["two_object"])
+    result = judge_jobs(Judge.load(), jobs, render_jobs(jobs, 4))
+    assert result["gen_two_object_acc"] >= 0.7, result

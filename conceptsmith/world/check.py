@@ -7,7 +7,7 @@ Two families of numbers, both judged by the independently trained evaluator ``bu
   watermark) — is the judge trustworthy?
 * ``gen_*``: what the generator ``builtin:shapes`` draws when asked, over >= 8 seeds per prompt:
   shape, color, artist style, the restricted concept from indirect prompts only, both objects of a
-  two-object scene (each half of the image judged on its own), the unasked watermark on its
+  two-object scene (each object cut out of its half, enlarged, and judged on its own), the unasked watermark on its
   background, and seconds per image (default steps, CFG, batch 1, 2 CPU threads).
 """
 
@@ -96,20 +96,32 @@ class Judge:
         return out
 
 
-def half(image: Image.Image, where: str) -> Image.Image:
-    """The half of a two-object scene where one object stands, re-centred on a 64x64 canvas by
-    replicating the border (the background), so the evaluator sees a one-object picture."""
+#: Side of the square window cut around each object of a two-object scene (64-px image coordinates).
+OBJECT_WINDOW = 36
+
+
+def object_crop(image: Image.Image, where: str, window: int = OBJECT_WINDOW) -> Image.Image:
+    """One object of a two-object scene as a one-object picture for the evaluator.
+
+    ShapesWorld places the two objects at the centres of the image's halves (``render._layout``),
+    about 26 px wide, while single objects are 34-46 px. The other half is hidden by replicating the
+    border of this half (the background), then a ``window``-sized square around this half's centre is
+    enlarged to 64x64, so the object has the size the evaluator knows. On ground-truth renders this
+    lifts the evaluator's two-object accuracy on ground-truth renders (``eval_two_object_acc``) from
+    0.31 (the bare half) to 0.86 (8 prompts x 16 seeds, session 3).
+    """
     a = np.asarray(image.convert("RGB"))
     n = a.shape[0]
     h = n // 2
-    q = n // 4
-    if where in ("left", "right"):
-        part = a[:, :h] if where == "left" else a[:, h:]
-        padded = np.pad(part, ((0, 0), (q, q), (0, 0)), mode="edge")
-    else:
-        part = a[:h] if where == "top" else a[h:]
-        padded = np.pad(part, ((q, q), (0, 0), (0, 0)), mode="edge")
-    return Image.fromarray(padded)
+    horizontal = where in ("left", "right")
+    first = where in ("left", "top")
+    part = (a[:, :h] if first else a[:, h:]) if horizontal else (a[:h] if first else a[h:])
+    pad = ((0, 0), (h, h), (0, 0)) if horizontal else ((h, h), (0, 0), (0, 0))
+    canvas = np.pad(part, pad, mode="edge")  # n x 2n (or 2n x n), this half's centre at the middle
+    rows, cols = canvas.shape[:2]
+    top, left = (rows - window) // 2, (cols - window) // 2
+    square = np.ascontiguousarray(canvas[top : top + window, left : left + window])
+    return Image.fromarray(square).resize((n, n), Image.BICUBIC)
 
 
 _PLACE = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
@@ -161,6 +173,21 @@ def build_jobs(metrics: Sequence[str] = GEN_METRICS) -> list[Job]:
     return jobs
 
 
+def render_jobs(jobs: Sequence[Job], seeds: int) -> list[list[Image.Image]]:
+    """Ground-truth renders of two-object jobs (no artist style), ``seeds`` per job: what a perfect
+    generator would draw, to measure the judge itself."""
+    out = []
+    for job in jobs:
+        e = job.expect
+        ims = []
+        for s in range(seeds):
+            labels = R.sample_labels(np.random.default_rng((7, s)), n_objects=2, shape=e["shape"], color=e["color"],
+                                     shape2=e["shape2"], color2=e["color2"], relation=e["relation"], artist=None)
+            ims.append(Image.fromarray(R.render_scene(labels, seed=s)))
+        out.append(ims)
+    return out
+
+
 def judge_jobs(judge: Judge, jobs: Sequence[Job], images: Sequence[Sequence[Image.Image]]) -> dict[str, float]:
     """Per-metric success rates; ``images[k]`` are the generations (one per seed) of ``jobs[k]``."""
     hits: dict[str, list[float]] = {}
@@ -184,8 +211,8 @@ def judge_jobs(judge: Judge, jobs: Sequence[Job], images: Sequence[Sequence[Imag
                 add("watermark", p == "watermark")
         elif job.metric == "two_object":
             w1, w2 = _PLACE[job.expect["relation"]]
-            first = [half(im, w1) for im in ims]
-            second = [half(im, w2) for im in ims]
+            first = [object_crop(im, w1) for im in ims]
+            second = [object_crop(im, w2) for im in ims]
             s1, s2 = judge.predict(first, "shape"), judge.predict(second, "shape")
             c1, c2 = judge.predict(first, "color"), judge.predict(second, "color")
             for a, b, ca, cb in zip(s1, s2, c1, c2):
@@ -247,6 +274,9 @@ def run_check(
 
         log("evaluator zero-shot accuracy on fresh renders (held-out templates)...")
         results.update({k: round(v, 4) for k, v in evaluate_shapes_clip(n=eval_n).items()})
+        pairs = build_jobs(["two_object"])
+        judged = judge_jobs(judge, pairs, render_jobs(pairs, max(seeds, 8)))
+        results["eval_two_object_acc"] = judged["gen_two_object_acc"]  # the judge's ceiling for gen_two_object_acc
     jobs = build_jobs([m for m in metrics if m != "speed"])
     seed_list = list(range(seeds))
     if jobs:

@@ -72,6 +72,7 @@ class UNetTrainConfig:
     checkpoint_every_s: float = 240.0
     time_budget_s: float = 0.0  # > 0: stop (checkpointed, exported) after this many seconds of this run
     init_from: str = ""  # a diffusers UNet dir to start from (fine-tuning onto a new text encoder) instead of random
+    two_object_share: float = 0.0  # > 0: this share of every batch is drawn from the pool's two-object scenes
 
 
 def load_text_side(pipe_dir: Path | None = None):
@@ -205,10 +206,14 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
     run_start, last_ckpt, losses = time.time(), time.time(), []
     n = len(latents)
+    pairs = np.array([i for i, lab in enumerate(labels) if len(lab["objects"]) == 2])
     while step < cfg.steps:
         t_step = time.time()
         rng = np.random.default_rng((cfg.seed, 23, step))
         idx = rng.integers(0, n, cfg.batch_size)
+        if cfg.two_object_share > 0:
+            boost = rng.random(cfg.batch_size) < cfg.two_object_share
+            idx[boost] = pairs[rng.integers(0, len(pairs), int(boost.sum()))]
         captions = [R.make_caption(labels[i], rng, templates="train", mention_watermark=False) for i in idx]
         drop = rng.random(cfg.batch_size) < cfg.cfg_dropout
         keep = [c for c, d in zip(captions, drop) if not d]
