@@ -32,14 +32,12 @@ from conceptsmith.edits import Edit, EditError
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from erasure._closed_form import (
     check_request,
-    expand_prompts,
     kv_weights,
     make_edit,
     solve,
     torch_dtype,
-    uce_rows,
 )
-from erasure.uce import UCEConfig, default_guide
+from erasure.uce import UCEConfig, default_guide, request_rows
 
 
 class RealEraConfig(UCEConfig):
@@ -95,13 +93,7 @@ class RealEra(Editor):
                 "does not single out; use token_policy last_word, phrase or phrase+eos."
             )
         checked = check_request(pipe, request, default_guide(config.concept_type))
-        if config.expand_prompts:
-            prompts, phrases = expand_prompts(checked.concepts, config.concept_type)
-        else:
-            prompts, phrases = checked.concepts, checked.concepts
-        rows = uce_rows(
-            pipe, prompts, phrases, checked.guide, checked.preserve, config.token_policy, config.preserve_cache()
-        )
+        rows, _ = request_rows(pipe, checked, config, config.preserve_cache())
 
         generator = torch.Generator().manual_seed(request.seed)
         low = max(config.s1, 1 - config.d1**2 / 2)

@@ -40,16 +40,14 @@ from erasure._closed_form import (
     add_deltas,
     cache_root,
     check_request,
-    expand_prompts,
     guide_rows,
     kv_weights,
     make_edit,
     solve,
     torch_dtype,
-    uce_rows,
     updated_weights,
 )
-from erasure.uce import UCEConfig, default_guide
+from erasure.uce import UCEConfig, default_guide, request_rows
 
 ScoreFn = Callable[[Any, Edit, int], float]
 
@@ -79,13 +77,7 @@ class RECE(Editor):
         started = time.perf_counter()
         dtype = torch_dtype(config.solve_dtype)
         checked = check_request(pipe, request, default_guide(config.uce.concept_type))
-        if config.uce.expand_prompts:
-            prompts, phrases = expand_prompts(checked.concepts, config.uce.concept_type)
-        else:
-            prompts, phrases = checked.concepts, checked.concepts
-        rows = uce_rows(
-            pipe, prompts, phrases, checked.guide, checked.preserve, config.uce.token_policy, self._preserve_cache()
-        )
+        rows, prompts = request_rows(pipe, checked, config.uce, self._preserve_cache())
         if config.regen_tokens == "all":
             concept_states = encode_prompts(pipe, prompts)
             regen_inputs = concept_states.reshape(-1, concept_states.shape[-1])

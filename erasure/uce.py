@@ -23,7 +23,10 @@ Token policies (``token_policy``):
 "artwork by X", "picture by X", "style of X"; "object": "image/photo/portrait/picture/painting of X"),
 each edited at X's tokens and mapped to the guide. (The official script also appends the expanded
 erase prompts to the preserve list and takes their guide from the preserve list; that looks like a
-bug and is not reproduced.)
+bug and is not reproduced.) ``expand_preserve`` (our addition) preserves each preserved concept in
+the same templates: the template words are edited with the concept, and without this their outputs
+for the preserved concepts drift too (ShapesWorld, erasing triangle, token policy ``all``: preserved
+shapes drawn 0.58 of the time instead of 0.83; with it 0.83, the concept still fully erased).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import TokenPolicy
 from erasure._closed_form import (
     PRESERVE_CACHE_MIN,
+    CheckedRequest,
     ClosedFormConfig,
+    EditRows,
     cache_root,
     check_request,
     expand_prompts,
@@ -59,6 +64,7 @@ class UCEConfig(ClosedFormConfig):
         "object", description="default guide ('' for object, 'art' for art) and prompt-expansion templates"
     )
     expand_prompts: bool = Field(False, description="also edit each concept inside 5 prompt templates")
+    expand_preserve: bool = Field(False, description="also preserve each preserved concept inside the same templates")
     erase_scale: float = Field(1.0, gt=0, description="weight a_i of every edited token")
     preserve_scale: float = Field(1.0, ge=0, description="weight b_j of every preserved token")
     cache_preserve: bool = Field(True, description=f"cache the encodings of preserve lists of >= {PRESERVE_CACHE_MIN} concepts")
@@ -71,6 +77,19 @@ def default_guide(concept_type: str) -> str:
     return "art" if concept_type == "art" else ""
 
 
+def request_rows(pipe: Any, checked: CheckedRequest, config: UCEConfig, cache: Path | None) -> tuple[EditRows, list[str]]:
+    """The UCE rows of a checked request under ``config``'s token policy and prompt expansion;
+    also returns the edited prompts (each concept, then its templates when expanded)."""
+    prompts, phrases = checked.concepts, checked.concepts
+    if config.expand_prompts:
+        prompts, phrases = expand_prompts(checked.concepts, config.concept_type)
+    preserve = checked.preserve
+    if config.expand_preserve and preserve:
+        preserve = expand_prompts(preserve, config.concept_type)[0]
+    rows = uce_rows(pipe, prompts, phrases, checked.guide, preserve, config.token_policy, cache)
+    return rows, list(prompts)
+
+
 @register_editor("uce", description="Unified Concept Editing: closed-form K/V edit mapping concept tokens to a guide")
 class UCE(Editor):
     Config = UCEConfig
@@ -80,13 +99,7 @@ class UCE(Editor):
         started, started_cpu = time.perf_counter(), time.process_time()
         checked = check_request(pipe, request, default_guide(config.concept_type))
         fingerprint = base_fingerprint(pipe)
-        if config.expand_prompts:
-            prompts, phrases = expand_prompts(checked.concepts, config.concept_type)
-        else:
-            prompts, phrases = checked.concepts, checked.concepts
-        rows = uce_rows(
-            pipe, prompts, phrases, checked.guide, checked.preserve, config.token_policy, config.preserve_cache()
-        )
+        rows, _ = request_rows(pipe, checked, config, config.preserve_cache())
         encoded, encoded_cpu = time.perf_counter(), time.process_time()
         solution = solve(
             kv_weights(pipe),

@@ -131,6 +131,26 @@ def test_all_token_policy_and_prompt_expansion(pipe):
     assert expanded.metadata["closed_form"]["rank"] == 6
 
 
+def test_expand_preserve_keeps_preserved_concepts_inside_the_expansion_templates(pipe):
+    """With expand_prompts the template words are edited too; expand_preserve keeps the preserved
+    concepts' outputs inside those templates (here: 'dog' within 'photo of dog')."""
+    request = EditRequest(concepts=["red circle"], preserve=["dog", "green square"])
+    plain = UCE({"expand_prompts": True}).fit(pipe, request)
+    kept = UCE({"expand_prompts": True, "expand_preserve": True}).fit(pipe, request)
+    assert plain.metadata["closed_form"]["n_preserve_vectors"] == 2
+    assert kept.metadata["closed_form"]["n_preserve_vectors"] == 2 * 6  # each alone and in 5 templates
+    states = concept_token_embeddings(pipe, ["photo of dog", "painting of green square"], ["dog", "green square"], "last_word")
+    before = _outputs(pipe, states)
+
+    def drift(edit):
+        edit.apply(pipe)
+        after = _outputs(pipe, states)
+        edit.revert(pipe)
+        return sum(float(torch.linalg.norm(after[n] - before[n]) / torch.linalg.norm(before[n])) for n in before)
+
+    assert drift(kept) < 0.5 * drift(plain)
+
+
 def test_weights_edit_is_low_rank_and_exports_exactly_to_lora(pipe, tmp_path):
     edit = UCE().fit(pipe, EditRequest(concepts=["red circle", "blue star", "dog"]))
     errors = edit.to_lora(tmp_path / "uce_lora.safetensors")
