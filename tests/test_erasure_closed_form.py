@@ -245,6 +245,25 @@ def test_rece_erases_what_the_regenerating_embedding_recovers(pipe):
     assert recovered(rece) > 2 * recovered(uce)
 
 
+def test_rece_steps_keep_the_concept_itself_erased(pipe):
+    """The published RECE step only constrains c' and the preserved tokens; keep_erased also holds the concept's
+    own rows at the guide, so erasing c' cannot pull the concept back."""
+    request = EditRequest(concepts=["red circle"], guide="blue star", preserve=["green square"])
+    concept, guide = _word(pipe, "red circle"), _word(pipe, "blue star")
+    old_c, target = _outputs(pipe, concept), _outputs(pipe, guide)
+
+    def residual(edit):
+        edit.apply(pipe)
+        new_c = _outputs(pipe, concept)
+        edit.revert(pipe)
+        return max(float(torch.linalg.norm(new_c[n] - target[n]) / torch.linalg.norm(old_c[n] - target[n])) for n in new_c)
+
+    settings = {"epochs": 2, "regen_tokens": "edited", "lam_reg": 1e-3}
+    kept = residual(RECE({**settings, "keep_erased": True}).fit(pipe, request))
+    published = residual(RECE({**settings, "keep_erased": False}).fit(pipe, request))
+    assert kept < 0.1 and kept < 0.5 * published, (kept, published)
+
+
 def test_realera_samples_in_band_and_erases_neighbors(pipe):
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(3, 32, dtype=torch.float64) * 5
