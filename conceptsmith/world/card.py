@@ -61,7 +61,7 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         "",
         "## Training",
         f"- VAE: {json.dumps(vae_stats.get('config', {}))}; L1 + L2 reconstruction + KL; random 32x32 crops "
-        f"(fully convolutional); held-out PSNR {vae_stats.get('heldout_psnr_db')} dB",
+        f"(then the decoder is fine-tuned at full size, below); held-out PSNR {vae_stats.get('heldout_psnr_db')} dB",
         f"- UNet: {json.dumps(unet_progress.get('config', {}))}",
         f"  steps done {unet_progress.get('step')}, {unet_progress.get('train_minutes')} min of training; "
         f"{unet_progress.get('params')} parameters; epsilon prediction, Min-SNR-5 weighting, 10% empty captions "
