@@ -70,7 +70,7 @@ TEXT_ENCODER_CONFIG = dict(
 TEXT_TOWER_DEFAULTS = dict(seed=1001, data_seed=11, n_images=16000, batch=128, lr=1e-3, steps=1500, stop_at=None,
                            group_size=8)
 EVALUATOR_DEFAULTS = dict(seed=2002, data_seed=22, n_images=16000, batch=128, lr=1.5e-3, steps=2000, stop_at=None,
-                          group_size=8, continue_steps=(700, 700, 2400, 2400, 2400), continue_lr=6e-4)
+                          group_size=8, continue_steps=(700, 700, 2400, 2400, 2400, 2400), continue_lr=6e-4)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
