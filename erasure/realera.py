@@ -17,6 +17,13 @@ cosine ``s`` uniform in the band. The distance is then ``||e' - e|| = ||e|| sqrt
 bound ``d1`` (relative to ``||e||``) caps the band at ``s >= 1 - d1^2 / 2``. Defaults: ``s1 = 0.85``,
 ``s2 = 0.97``, ``d1 = 0.5`` (cos >= 0.875), 8 neighbors; beyond band ``[0.5, 0.75]``, 8 samples.
 The RealEra LoRA stage (noise alignment) is training-based and not part of this editor.
+
+Every token policy works: with ``all`` (concept word through the padding) every edited row gets its
+neighbours and beyond-concept samples, i.e. thousands of rows for a 77-token prompt and its templates.
+Their weights then decide everything: on ShapesWorld (128-dim text states) the defaults swamped the edit
+(triangle still drawn in every image), while a band inside the gap between concepts (two shapes' padding
+states have cosine ~0.98: ``s1 = 0.99``, ``s2 = 0.998``, ``d1 = 0.15``) with ``neighbor_scale = 0.25`` and
+``beyond_scale = 0.02`` erased it (``configs/bench/shapes-objects.yaml``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from conceptsmith.edits import Edit, EditError
+from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from erasure._closed_form import (
     check_request,
@@ -87,11 +94,6 @@ class RealEra(Editor):
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         config: RealEraConfig = self.config
         started = time.perf_counter()
-        if config.token_policy == "all":
-            raise EditError(
-                "RealEra mines neighbors of the concept's own tokens, which token_policy 'all' (padding included) "
-                "does not single out; use token_policy last_word, phrase or phrase+eos."
-            )
         checked = check_request(pipe, request, default_guide(config.concept_type))
         rows, _ = request_rows(pipe, checked, config, config.preserve_cache())
 

@@ -292,8 +292,11 @@ def test_realera_samples_in_band_and_erases_neighbors(pipe):
         return sum(float(torch.linalg.norm(out[n] - bos[n])) for n in out)
 
     assert distance(realera) < distance(uce)
-    with pytest.raises(EditError, match="token_policy"):
-        RealEra({"token_policy": "all"}).fit(pipe, request)
+    # token policy 'all': neighbours and beyond-concept samples around every edited row (concept word through padding)
+    everything = RealEra({"token_policy": "all", "n_neighbors": 2, "n_beyond": 1}).fit(pipe, request)
+    edited = 77 - 2  # "red circle": last word at position 2, paired with the empty guide from its BOS
+    assert everything.metadata["mining"] == {**everything.metadata["mining"], "edited_tokens": edited,
+                                            "neighbors": 2 * edited, "beyond": edited}
 
 
 def test_match_surrounding_aligns_prefix_suffix_and_padding():
