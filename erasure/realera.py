@@ -23,7 +23,7 @@ neighbours and beyond-concept samples, i.e. thousands of rows for a 77-token pro
 Their weights then decide everything: on ShapesWorld (128-dim text states) the defaults swamped the edit
 (triangle still drawn in every image), while a band inside the gap between concepts (two shapes' padding
 states have cosine ~0.98: ``s1 = 0.99``, ``s2 = 0.998``, ``d1 = 0.15``) with ``neighbor_scale = 0.25`` and
-``beyond_scale = 0.02`` erased it (``configs/bench/shapes-objects.yaml``).
+``beyond_scale = 0.005`` erased it (``configs/bench/shapes-objects.yaml``).
 """
 
 from __future__ import annotations
