@@ -35,11 +35,11 @@ def test_shapes_clip_recognises_shapes_artists_colors_and_patterns():
     assert _accuracy(evaluator, "pattern", list(V.PATTERNS)) >= 0.6
 
 
-def _two_object_scene(relation: str = "left of") -> tuple[np.ndarray, dict]:
+def _two_object_scene(relation: str = "left of") -> np.ndarray:
     labels = R.sample_labels(np.random.default_rng(5), n_objects=2, shape="circle", color="red", shape2="star",
                              color2="blue", relation=relation, artist=None, background="plain", pattern="solid",
                              pattern2="solid")
-    return R.render_scene(labels, seed=5), labels
+    return R.render_scene(labels, seed=5)
 
 
 def _share_close_to(image, rgb, tol: float = 40.0) -> float:
@@ -52,7 +52,7 @@ def test_object_crop_shows_one_object_enlarged():
 
     from conceptsmith.world.check import object_crop
 
-    scene, _ = _two_object_scene("left of")
+    scene = _two_object_scene("left of")
     red, blue = V.COLORS["red"], V.COLORS["blue"]
     left, right = object_crop(Image.fromarray(scene), "left"), object_crop(Image.fromarray(scene), "right")
     assert left.size == right.size == (64, 64)
@@ -60,7 +60,7 @@ def test_object_crop_shows_one_object_enlarged():
     assert _share_close_to(right, blue) > 0.08 and _share_close_to(right, red) == 0.0
     # enlarged: the object covers more of the crop than of the scene
     assert _share_close_to(left, red) > 1.5 * _share_close_to(Image.fromarray(scene), red)
-    above, _ = _two_object_scene("above")
+    above = _two_object_scene("above")
     top = object_crop(Image.fromarray(above), "top")
     assert _share_close_to(top, red) > 0.15 and _share_close_to(top, blue) == 0.0
 

@@ -92,11 +92,11 @@ def test_vae_reconstructs_colors_without_a_tint(shapes):
     import numpy as np
 
     from conceptsmith.world import render as R
+    from conceptsmith.world.vae_train import to_tensor
 
     pipe, _ = shapes
     labels = [R.sample_labels(np.random.default_rng((9, s)), n_objects=1, artist=None) for s in range(48)]
-    x = np.stack([R.render_scene(lab, seed=s) for s, lab in enumerate(labels)])
-    pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels = to_tensor(np.stack([R.render_scene(lab, seed=s) for s, lab in enumerate(labels)]))
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
     shift = (recon - pixels).mean(dim=(2, 3)) * 127.5  # per image and channel, in 0-255 units
