@@ -601,6 +601,9 @@ def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             edit, key = run.customize(spec, [(concept.token, concept.word(), refs.folder)])
             images = run.generate("single", concept.token, spec.label(), key, edit, prompts)
             metrics = _single_metrics(run.evaluator, images, texts, concept.token, train, norm, baseline)
+            seconds = edit.metadata.get("training", {}).get("seconds")
+            if seconds is not None:  # measured when the edit was trained (it may come from the cache)
+                metrics["train_seconds"] = float(seconds)
             rows.append(_row("single", concept.token, spec.label(), key, metrics))
     return rows
 
@@ -715,6 +718,8 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
             )
             if section == "composition" and name != "unedited":
                 keys += ("clip_t", "clip_t_rel")
+            if section == "single" and all("train_seconds" in m for m in mine):
+                keys += ("train_seconds",)
             summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
     relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
     if relearn:

@@ -177,6 +177,9 @@ def test_runner_writes_results_and_report(first_run):
     assert list(summary) == ["unedited", *singles, *compositions, "t2i-zero", "a-star", "relearn"]
     for name in ("unedited", *singles):
         assert {"clip_i", "clip_i_rel", "clip_t", "clip_t_rel"} <= set(summary[name])
+    for name in singles:  # the measured training time of one run, kept with the (cached) edit
+        assert summary[name]["train_seconds"] > 0
+    assert "train_seconds" not in summary["unedited"]
     for name in (*compositions, "t2i-zero", "a-star"):
         assert {"both_present", "clip_t", "clip_t_rel"} <= set(summary[name])
         assert 0.0 <= summary[name]["both_present"] <= 1.0

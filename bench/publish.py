@@ -1,0 +1,97 @@
+"""Copy finished ShapesWorld benchmark runs into ``bench/results/`` (what the README cites).
+
+For every run directory written by ``conceptsmith bench CONFIG --out DIR``: ``results.json`` becomes
+``bench/results/<bench name with underscores>.json`` and the human-readable report (``report.md``,
+``report.html``, ``grids/``, ``plots/``) goes to ``bench/results/<bench name>/``. The two customization
+runs (``shapes-custom-single`` and ``shapes-custom-multi``) are merged into one
+``bench/results/shapes_custom.json`` whose ``summary`` holds every method of both (single-concept
+methods with ``train_seconds``, the mean measured training time of one run).
+
+Run: ``.venv/bin/python bench/publish.py out/shapes-objects out/shapes-custom-single out/shapes-custom-multi``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPORT_PARTS = ("report.md", "report.html", "grids", "plots")
+CUSTOM_PARTS = {"shapes-custom-single": "single", "shapes-custom-multi": "multi"}
+
+
+def write_json(data: dict, path: Path) -> None:
+    """Atomic JSON write (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def copy_report(run: Path, name: str, results: Path) -> None:
+    target = results / name
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for part in REPORT_PARTS:
+        source = run / part
+        if source.is_dir():
+            shutil.copytree(source, target / part)
+        elif source.is_file():
+            shutil.copy2(source, target / part)
+
+
+def merge_custom(parts: dict[str, tuple[Path, dict]]) -> dict:
+    summary: dict[str, dict] = {}
+    for _, data in parts.values():
+        for method, metrics in data["summary"].items():
+            summary.setdefault(method, {}).update(metrics)
+    return {
+        "bench": "shapes-custom (single + multi)",
+        "summary": summary,
+        **{key: data for key, (_, data) in parts.items()},
+    }
+
+
+def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
+    """Publish the runs; returns the JSON files written."""
+    results.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    custom: dict[str, tuple[Path, dict]] = {}
+    for run in runs:
+        source = run / "results.json"
+        if not source.is_file():
+            raise SystemExit(f"error: {source} does not exist; run `conceptsmith bench CONFIG --out {run}` first")
+        data = json.loads(source.read_text())
+        name = data["bench"]
+        copy_report(run, name, results)
+        if name in CUSTOM_PARTS:
+            custom[CUSTOM_PARTS[name]] = (run, data)
+            continue
+        path = results / f"{name.replace('-', '_')}.json"
+        write_json(data, path)
+        written.append(path)
+    if custom:
+        if set(custom) != set(CUSTOM_PARTS.values()):
+            raise SystemExit("error: publish shapes-custom-single and shapes-custom-multi together (one merged file)")
+        path = results / "shapes_custom.json"
+        write_json(merge_custom(custom), path)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (conceptsmith bench --out DIR)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to publish (default: bench/results)")
+    args = parser.parse_args()
+    for path in publish(args.runs, args.results):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
