@@ -105,3 +105,60 @@ def test_vae_reconstructs_colors_without_a_tint(shapes):
         assert shift[rows].mean(0).abs().max() < 6.0, (background, shift[rows].mean(0))
     psnr = 10 * torch.log10(4.0 / (recon - pixels).pow(2).mean())
     assert psnr > 22.0, psnr
+
+
+def _tiny_unet(down: tuple[str, ...], up: tuple[str, ...]):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, down_block_types=down,
+                                up_block_types=up, block_out_channels=(16, 32), layers_per_block=1,
+                                norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2)
+
+
+def test_grown_unet_starts_as_the_smaller_one_and_rejects_misfits():
+    from conceptsmith.world.unet_train import grow_from
+
+    small = _tiny_unet(("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"))
+    grown = _tiny_unet(("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 7, 16)
+    with torch.no_grad():
+        before = grown(x, t, cond).sample
+        new_blocks = grow_from(grown, small.state_dict())
+        assert new_blocks == ["down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
+        assert torch.equal(grown(x, t, cond).sample, small(x, t, cond).sample)
+        assert not torch.allclose(before, small(x, t, cond).sample)  # the grown model was different before
+    wider = _tiny_unet(("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D"))
+    wider.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        grow_from(grown, wider.state_dict())
+
+
+def test_offset_noise_moves_channel_means_only_when_asked():
+    from conceptsmith.world.unet_train import training_noise
+
+    plain = training_noise((64, 4, 8, 8), 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain, torch.randn((64, 4, 8, 8), generator=torch.Generator().manual_seed(0)))
+    offset = training_noise((64, 4, 8, 8), 0.5, torch.Generator().manual_seed(0))
+    # per-(image, channel) means: std 1/8 for white noise, sqrt(1/64 + 0.25) ~ 0.52 with the offset
+    assert plain.mean(dim=(2, 3)).std() < 0.2 < 0.35 < offset.mean(dim=(2, 3)).std()
+    within = offset - offset.mean(dim=(2, 3), keepdim=True)  # the offset is constant over each channel
+    assert abs(float(within.std()) - 1.0) < 0.05
+
+
+def test_text_binding_cosines_compare_the_tokens_that_differ(tiny_pipe):
+    import torch.nn.functional as F
+
+    from conceptsmith.text import encode_prompts
+    from conceptsmith.world.check import text_binding_cosines
+
+    tiny_pipe, _ = tiny_pipe
+    a, b = "a red circle left of a blue star", "a red circle right of a blue star"
+    got = text_binding_cosines(tiny_pipe, {"relation": [(a, b)]})
+    ids = tiny_pipe.tokenizer([a, b], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    first = int((ids[0] != ids[1]).nonzero()[0])  # "left" / "right"
+    eos = int((ids[0] == tiny_pipe.tokenizer.eos_token_id).nonzero()[0])
+    states = encode_prompts(tiny_pipe, [a, b])
+    want = F.cosine_similarity(states[0, first : eos + 1], states[1, first : eos + 1], dim=-1).mean()
+    assert got == {"text_relation_cos": round(float(want), 4)}
+    assert got["text_relation_cos"] < 0.999  # a random encoder does tell the two apart

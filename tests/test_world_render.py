@@ -114,3 +114,24 @@ def test_reference_set_of_novel_objects():
         assert refs[0].image.tobytes() == R.reference_set(obj, n=1, seed=1)[0].image.tobytes()
     with pytest.raises(KeyError):
         R.reference_set("teapot")
+
+
+@pytest.mark.parametrize("relation", V.RELATIONS)
+def test_binding_variants_differ_only_in_binding(relation):
+    s = R.render(5, n_objects=2, relation=relation, shape="square", shape2="circle", color="blue", color2="yellow",
+                 pattern="solid", pattern2="solid", background="plain", artist=None, watermark=False)
+    same, colors, places, both = R.binding_variants(s.labels)
+    assert same == s.labels
+    key, sign = {"left of": ("cx", -1), "right of": ("cx", 1), "above": ("cy", -1), "below": ("cy", 1)}[relation]
+    for variant in (places, both):  # the relation still says where the first-named object is
+        a, b = variant["objects"]
+        assert variant["relation"] == R.OPPOSITE_RELATION[relation] and np.sign(a[key] - b[key]) == -sign
+    assert [ob["color"] for ob in colors["objects"]] == ["yellow", "blue"]
+    assert [ob["shape"] for ob in both["objects"]] == ["square", "circle"]
+    for variant, first_color in ((places, "blue"), (colors, "yellow"), (both, "yellow")):
+        image = R.render_scene(variant, seed=5)
+        a = variant["objects"][0]
+        assert _close(image[int(a["cy"]), int(a["cx"])], V.COLORS[first_color])
+        assert not np.array_equal(image, s.image)
+    with pytest.raises(ValueError, match="two-object"):
+        R.binding_variants(R.render(5, n_objects=1).labels)

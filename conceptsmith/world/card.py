@@ -20,6 +20,14 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def _attention_resolutions(unet_cfg: dict) -> str:
+    """E.g. ``16x16, 8x8 and 4x4``: the latent sizes of the UNet blocks that have cross-attention."""
+    size = unet_cfg.get("sample_size", 16)
+    sizes = [size // 2**i for i, kind in enumerate(unet_cfg.get("down_block_types", [])) if "CrossAttn" in kind]
+    names = [f"{s}x{s}" for s in sizes]
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
 def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0) -> Path:
     from conceptsmith.world.check import BARS, passes
     from conceptsmith.world.clip_train import EVALUATOR_DEFAULTS, TEXT_TOWER_DEFAULTS
@@ -52,7 +60,7 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         f"- unet: UNet2DConditionModel block_out_channels {unet_cfg.get('block_out_channels')}, "
         f"down {unet_cfg.get('down_block_types')}, up {unet_cfg.get('up_block_types')}, layers_per_block "
         f"{unet_cfg.get('layers_per_block')}, cross_attention_dim {unet_cfg.get('cross_attention_dim')}, "
-        f"{unet_cfg.get('attention_head_dim')} heads; cross-attention at 8x8 and 4x4 latents (7 attn2 layers)",
+        f"{unet_cfg.get('attention_head_dim')} heads; cross-attention at {_attention_resolutions(unet_cfg)} latents",
         f"- scheduler: DPMSolverMultistepScheduler (DPM-Solver++ 2nd order) on SD's scaled-linear schedule {SCHEDULE}",
         f"- defaults: {DEFAULTS}",
         f"- weights stored in float16 (load in float32 with `load_pipeline('builtin:shapes')`); "
@@ -66,7 +74,8 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         f"  steps done {unet_progress.get('step')}, {unet_progress.get('train_minutes')} min of training; "
         f"{unet_progress.get('params')} parameters; epsilon prediction, Min-SNR-5 weighting, 10% empty captions "
         f"(classifier-free guidance), EMA {unet_progress.get('config', {}).get('ema_decay')} weights shipped, bf16 "
-        "autocast, AdamW, warmup + cosine LR",
+        "autocast, AdamW, warmup + cosine LR"
+        + (f", offset noise {offset}" if (offset := unet_progress.get("config", {}).get("offset_noise")) else ""),
         *[f"  - {note}" for note in _read_json(cache_dir() / f"unet_history_s{seed}.json").get("notes", [])],
         f"- VAE decoder fine-tune (encoder frozen, latents unchanged): {json.dumps(vae_stats.get('decoder_finetune'))}",
         f"- Evaluator `builtin:shapes-clip` (open_clip config `clip_config/shapes-clip.json`): {json.dumps(EVALUATOR_DEFAULTS)}; "

@@ -225,6 +225,39 @@ def judge_jobs(judge: Judge, jobs: Sequence[Job], images: Sequence[Sequence[Imag
     return {names[k]: round(sum(v) / len(v), 4) for k, v in hits.items()}
 
 
+#: Prompt pairs that use the same words and differ only in binding: which place (relation) or which
+#: color goes with which object. A text encoder that maps both sides to the same conditioning leaves the
+#: UNet no way to draw the right one.
+BINDING_PAIRS: dict[str, list[tuple[str, str]]] = {
+    "relation": [(f"a red circle {a} a blue star", f"a red circle {b} a blue star")
+                 for a, b in (("left of", "right of"), ("above", "below"))]
+    + [(f"a green heart {a} a yellow square", f"a green heart {b} a yellow square")
+       for a, b in (("left of", "right of"), ("above", "below"))],
+    "color": [("a red circle left of a blue star", "a blue circle left of a red star"),
+              ("a green heart above a yellow square", "a yellow heart above a green square")],
+}
+
+
+@torch.no_grad()
+def text_binding_cosines(pipe, pairs: dict[str, list[tuple[str, str]]] = BINDING_PAIRS) -> dict[str, float]:
+    """``text_<kind>_cos``: mean cosine similarity of the UNet's conditioning for each binding pair,
+    per token from the first token that differs through the EOS token (1.0 = indistinguishable)."""
+    from conceptsmith.text import encode_prompts
+
+    out = {}
+    for kind, kind_pairs in pairs.items():
+        values = []
+        for a, b in kind_pairs:
+            ids = pipe.tokenizer([a, b], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            first = int((ids[0] != ids[1]).nonzero()[0])
+            last = int((ids[0] == pipe.tokenizer.eos_token_id).nonzero()[0])
+            states = encode_prompts(pipe, [a, b])
+            values.append(float(F.cosine_similarity(states[0, first : last + 1], states[1, first : last + 1], dim=-1).mean()))
+        out[f"text_{kind}_cos"] = round(statistics.mean(values), 4)
+    return out
+
+
 def seconds_per_image(pipe, repeats: int = 5, threads: int = 2) -> float:
     """Median wall time of one image (batch 1, the pipeline's default steps and guidance)."""
     from conceptsmith.generation import default_settings
@@ -293,6 +326,8 @@ def run_check(
             image_grid(first, columns=8, labels=labels).save(grid_path)
             log(f"sample grid (seed 0 of every prompt): {grid_path}")
         results["images"] = len(out)
+    if "two_object" in metrics:
+        results.update(text_binding_cosines(pipe))
     if "speed" in metrics:
         log("timing one image (batch 1, CFG, default steps, 2 threads)...")
         results["gen_seconds_per_image"] = seconds_per_image(pipe)

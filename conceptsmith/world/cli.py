@@ -20,8 +20,10 @@ def train(
     unet_batch: int = typer.Option(48, help="UNet batch size."),
     text_tower_stop: int | None = typer.Option(None, help="Freeze the text tower after this many steps of its schedule."),
     unet_lr: float = typer.Option(4e-4, help="UNet peak learning rate (warmup + cosine)."),
-    unet_init: Path | None = typer.Option(None, help="Start the UNet from this diffusers UNet dir (fine-tune onto a new "
-                                          "text encoder) instead of random weights."),
+    unet_init: Path | None = typer.Option(None, help="Start the UNet from this diffusers UNet dir instead of random weights "
+                                          "(fine-tune onto a new text encoder, or grow a UNet with fewer attention "
+                                          "blocks: its layers are loaded, new blocks start as the identity)."),
+    unet_two_object_share: float = typer.Option(0.0, help="Share of every UNet batch drawn from two-object scenes."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
     resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
     threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
@@ -40,7 +42,8 @@ def train(
     log = lambda message: vae_train.log(message, unet_train.LOGFILE)  # noqa: E731
     unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, lr=unet_lr,
                                           threads=threads, time_budget_s=time_budget,
-                                          init_from=str(unet_init) if unet_init else "")
+                                          init_from=str(unet_init) if unet_init else "",
+                                          two_object_share=unet_two_object_share)
     if "data" in chosen:
         log("stage data: render pool")
         vae_train.render_pool(unet_cfg.pool_size, seed)

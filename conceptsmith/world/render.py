@@ -317,6 +317,35 @@ def _layout(rng: np.random.Generator, n_obj: int, relation: str | None):
     return [(*b, r1), (*a, r2)]
 
 
+#: The relation that names the same layout with the two objects' places exchanged.
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def binding_variants(labels: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[scene, colors exchanged, places exchanged, both]``: a two-object scene and the three scenes
+    that differ from it only in binding (exchanging the objects' places flips the relation).
+
+    Their captions use the same words (``a red circle left of a blue star`` / ``... right of ...`` /
+    ``a blue circle left of a red star``), so a contrastive text tower trained with them in one batch
+    must encode which color and which place belong to which object.
+    """
+    if len(labels["objects"]) != 2:
+        raise ValueError("binding variants need a two-object scene")
+    variants = []
+    for swap_places in (False, True):
+        for swap_colors in (False, True):
+            first, second = (dict(ob) for ob in labels["objects"])
+            relation = labels["relation"]
+            if swap_places:
+                for key in ("cx", "cy", "bbox"):
+                    first[key], second[key] = second[key], first[key]
+                relation = OPPOSITE_RELATION[relation]
+            if swap_colors:
+                first["color"], second["color"] = second["color"], first["color"]
+            variants.append({**labels, "objects": [first, second], "relation": relation})
+    return variants
+
+
 def render_scene(labels: dict[str, Any], seed: int | Sequence[int] = 0) -> np.ndarray:
     """Draw the scene described by ``labels`` (as returned in ``Sample.labels``). Deterministic."""
     rng = np.random.default_rng(seed)

@@ -2,9 +2,9 @@
 
 A ``diffusers.UNet2DConditionModel`` on 16x16x4 latents, conditioned through cross-attention on
 the frozen ShapesWorld CLIP text tower (exactly as Stable Diffusion 1.x conditions on CLIP-L):
-cross-attention at 8x8 and 4x4 (7 attn2 layers), epsilon prediction on SD's scaled-linear
-schedule, classifier-free-guidance dropout (10% empty captions), Min-SNR loss weighting, AdamW,
-EMA weights (those are shipped).
+cross-attention at 8x8 and 4x4 (7 attn2 layers; ``attention_16`` adds the 16x16 level: 10), epsilon
+prediction on SD's scaled-linear schedule, classifier-free-guidance dropout (10% empty captions),
+Min-SNR loss weighting, optional offset noise, AdamW, EMA weights (those are shipped).
 
 Data: a pool of generator-split renders (no novel objects, no watermark in captions) whose VAE
 latents are encoded once and cached; every step re-draws each image's caption from its labels
@@ -35,13 +35,16 @@ from conceptsmith.world.vae_train import _atomic_save, cache_dir, log, render_po
 LOGFILE = "/tmp/cs/unet_train.log"
 
 
-def unet_config(cross_attention_dim: int) -> dict:
+def unet_config(cross_attention_dim: int, attention_16: bool = False) -> dict:
+    """The UNet's diffusers config; ``attention_16`` adds cross-attention at the 16x16 level (each object
+    of a two-object scene is only ~6 latent pixels wide)."""
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_16 else ("DownBlock2D", "UpBlock2D")
     return dict(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(first_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         block_out_channels=(64, 128, 128),
         layers_per_block=1,
         norm_num_groups=32,
@@ -71,8 +74,10 @@ class UNetTrainConfig:
     threads: int = 2
     checkpoint_every_s: float = 240.0
     time_budget_s: float = 0.0  # > 0: stop (checkpointed, exported) after this many seconds of this run
-    init_from: str = ""  # a diffusers UNet dir to start from (fine-tuning onto a new text encoder) instead of random
+    init_from: str = ""  # a diffusers UNet dir to start from instead of random (see ``grow_from``)
     two_object_share: float = 0.0  # > 0: this share of every batch is drawn from the pool's two-object scenes
+    offset_noise: float = 0.0  # > 0: add this much per-(image, channel) constant noise (see ``training_noise``)
+    attention_16: bool = False  # cross-attention also at 16x16 (10 attn2 layers instead of 7)
 
 
 def load_text_side(pipe_dir: Path | None = None):
@@ -126,10 +131,52 @@ def encode_pool(vae, images: np.ndarray, key: str, logfile=LOGFILE, batch: int =
     return out
 
 
-def build_unet(cross_attention_dim: int):
+def build_unet(cross_attention_dim: int, attention_16: bool = False):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**unet_config(cross_attention_dim))
+    return UNet2DConditionModel(**unet_config(cross_attention_dim, attention_16))
+
+
+def architecture_digest(cross_attention_dim: int, attention_16: bool = False) -> str:
+    """Digest of the UNet config: a checkpoint of another architecture is never resumed into this one."""
+    text = json.dumps(unet_config(cross_attention_dim, attention_16), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@torch.no_grad()
+def grow_from(unet, start_state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a smaller UNet's weights into ``unet``; returns the names of the blocks that are new.
+
+    Every tensor of ``start_state`` must exist in ``unet`` with the same shape (a grown model keeps
+    all old layers). New transformer blocks get a zero ``proj_out``; a ``Transformer2DModel`` adds its
+    output to its input, so each new block starts as the identity and the grown UNet computes
+    exactly what the old one did until training moves it.
+    """
+    own = unet.state_dict()
+    bad = [k for k, v in start_state.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"cannot grow from a UNet whose tensors do not fit this architecture: {bad[:5]}")
+    missing = unet.load_state_dict(start_state, strict=False).missing_keys
+    new_blocks = sorted({k.split(".proj_out.")[0] for k in missing if ".proj_out." in k})
+    for name in new_blocks:
+        proj_out = unet.get_submodule(f"{name}.proj_out")
+        proj_out.weight.zero_()
+        proj_out.bias.zero_()
+    return new_blocks
+
+
+def training_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise plus ``offset`` times a per-(image, channel) constant ("offset noise", Guttenberg 2023).
+
+    SD's scaled-linear schedule never reaches zero SNR: at t = 999 some of the image's mean still
+    shows through, the model learns to read it, and sampling from pure noise (mean ~0) regresses every
+    image towards the average color. Training with a random per-channel offset teaches the model to set
+    the mean itself (on ShapesWorld: dark brown was drawn as orange, orange as yellow).
+    """
+    noise = torch.randn(shape, generator=generator)
+    if offset > 0:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
 
 
 def _lr_at(cfg: UNetTrainConfig, step: int) -> float:
@@ -165,16 +212,18 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     te_key = _file_digest(next((pipe_dir / "text_encoder").glob("*.safetensors")))
 
     torch.manual_seed(cfg.seed)
-    unet = build_unet(text_encoder.config.hidden_size)
+    unet = build_unet(text_encoder.config.hidden_size, cfg.attention_16)
     if cfg.init_from:
         from diffusers import UNet2DConditionModel
 
         start = UNet2DConditionModel.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
-        unet.load_state_dict(start.state_dict())
-        log(f"UNet: initialized from {cfg.init_from}", logfile)
+        grown = grow_from(unet, start.state_dict())
+        log(f"UNet: initialized from {cfg.init_from}" + (f"; new identity-initialized blocks {grown}" if grown else ""),
+            logfile)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = cache_dir() / f"unet_ckpt_s{cfg.seed}_{te_key}.pt"
+    arch = architecture_digest(text_encoder.config.hidden_size, cfg.attention_16)
+    ckpt = cache_dir() / f"unet_ckpt_s{cfg.seed}_{te_key}_{arch}.pt"
     step, elapsed = 0, 0.0
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -222,7 +271,7 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
             cond[torch.from_numpy(~drop)] = encode_text(tokenizer, text_encoder, keep)
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
         x0 = latents[torch.from_numpy(idx)]
-        noise = torch.randn(x0.shape, generator=g)
+        noise = training_noise(tuple(x0.shape), cfg.offset_noise, g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
