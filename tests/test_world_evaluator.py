@@ -73,3 +73,35 @@ def test_judge_reads_both_objects_of_rendered_two_object_scenes():
     jobs = build_jobs(["two_object"])
     result = judge_jobs(Judge.load(), jobs, render_jobs(jobs, 4))
     assert result["gen_two_object_acc"] >= 0.7, result
+
+
+def test_contrastive_batches_hold_binding_variants(monkeypatch, tmp_path):
+    """With binding_groups, every batch carries freshly rendered two-object scenes in their four bindings,
+    captioned with the relation each layout needs."""
+    import pytest
+
+    from conceptsmith.world import clip_train as C
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path))
+    samples = [R.render(i, n_objects=1 + i % 2, artist=None) for i in range(24)]
+    images, labels = np.stack([s.image for s in samples]), [s.labels for s in samples]
+    rendered: list[dict] = []
+    render = R.render_scene
+    monkeypatch.setattr(R, "render_scene", lambda lab, seed=0: rendered.append(lab) or render(lab, seed))
+    captions: list[str] = []
+    encode = C._hf_encoder()
+    model = C.TextTowerCLIP(dict(C.TEXT_ENCODER_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, projection_dim=16))
+    kwargs = dict(name="t", images=images, labels=labels, mean=(0.5,) * 3, std=(0.25,) * 3, batch=8, lr=1e-3, seed=0,
+                  resume=False, group_size=4, threads=1,
+                  caption=lambda lab, rng: captions.append(R.make_caption(lab, rng)) or captions[-1],
+                  tokenize=lambda caps, rng: C._encode_ids(encode, caps, 77, C.EOS_ID, rng))
+    C._contrastive_train(model, steps=2, binding_groups=1, **kwargs)
+    assert len(rendered) == 2 * 4  # one scene per binding group, four bindings each, per step
+    for step in range(2):
+        same, colors, places, both = rendered[4 * step : 4 * step + 4]
+        assert places["relation"] == both["relation"] == R.OPPOSITE_RELATION[same["relation"]]
+        assert [o["color"] for o in colors["objects"]] == [o["color"] for o in same["objects"]][::-1]
+        assert f" {places['relation']} " in captions[8 * step + 6]  # the batch's last four captions are theirs
+    with pytest.raises(ValueError, match="divisible by 4"):
+        C._contrastive_train(model, steps=1, binding_groups=1, **{**kwargs, "group_size": 2})
