@@ -124,3 +124,16 @@ def test_console_entry_point_mounts_every_command():
     for command in ("generate", "methods", "inspect", "erase", "customize", "merge", "export", "to-lora", "bench",
                     "evaluate", "world"):
         assert command in result.stdout
+
+
+def test_world_check_measures_a_candidate_generator():
+    from conceptsmith.world.cli import app as world_app
+
+    result = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--only", "two_object", "--seeds", "1",
+                                       "--no-eval", "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.output.strip().splitlines()[-1])
+    assert 0.0 <= measured["gen_two_object_acc"] <= 1.0 and measured["images"] == 8
+    assert -1.0 <= measured["text_relation_cos"] < 1.0 and -1.0 <= measured["text_color_cos"] < 1.0
+    refused = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--model-card"])
+    assert refused.exit_code == 2 and "shipped builtin:shapes" in refused.output
