@@ -59,14 +59,19 @@ def merge_custom(parts: dict[str, tuple[Path, dict]]) -> dict:
 
 def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
     """Publish the runs; returns the JSON files written."""
-    results.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    custom: dict[str, tuple[Path, dict]] = {}
-    for run in runs:
+    loaded: list[tuple[Path, dict]] = []
+    for run in runs:  # check everything before writing anything
         source = run / "results.json"
         if not source.is_file():
             raise SystemExit(f"error: {source} does not exist; run `conceptsmith bench CONFIG --out {run}` first")
-        data = json.loads(source.read_text())
+        loaded.append((run, json.loads(source.read_text())))
+    customs = {CUSTOM_PARTS[d["bench"]] for _, d in loaded if d["bench"] in CUSTOM_PARTS}
+    if customs and customs != set(CUSTOM_PARTS.values()):
+        raise SystemExit("error: publish shapes-custom-single and shapes-custom-multi together (one merged file)")
+    results.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    custom: dict[str, tuple[Path, dict]] = {}
+    for run, data in loaded:
         name = data["bench"]
         copy_report(run, name, results)
         if name in CUSTOM_PARTS:
@@ -76,8 +81,6 @@ def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
         write_json(data, path)
         written.append(path)
     if custom:
-        if set(custom) != set(CUSTOM_PARTS.values()):
-            raise SystemExit("error: publish shapes-custom-single and shapes-custom-multi together (one merged file)")
         path = results / "shapes_custom.json"
         write_json(merge_custom(custom), path)
         written.append(path)
