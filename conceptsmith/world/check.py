@@ -9,6 +9,8 @@ Two families of numbers, both judged by the independently trained evaluator ``bu
   shape, color, artist style, the restricted concept from indirect prompts only, both objects of a
   two-object scene (each object cut out of its half, enlarged, and judged on its own), the unasked watermark on its
   background, and seconds per image (default steps, CFG, batch 1, 2 CPU threads).
+* ``text_relation_cos`` / ``text_color_cos`` (with ``two_object``; no bar): can the generator's text
+  encoder tell apart prompts that differ only in binding? 1.0 = the UNet gets the same input for both.
 """
 
 from __future__ import annotations
