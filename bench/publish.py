@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from conceptsmith.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPORT_PARTS = ("report.md", "report.html", "grids", "plots")
 CUSTOM_PARTS = {"shapes-custom-single": "single", "shapes-custom-multi": "multi"}
-
-
-def write_json(data: dict, path: Path) -> None:
-    """Atomic JSON write (a reader never sees half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def copy_report(run: Path, name: str, results: Path) -> None:
@@ -45,15 +37,15 @@ def copy_report(run: Path, name: str, results: Path) -> None:
             shutil.copy2(source, target / part)
 
 
-def merge_custom(parts: dict[str, tuple[Path, dict]]) -> dict:
+def merge_custom(parts: dict[str, dict]) -> dict:
     summary: dict[str, dict] = {}
-    for _, data in parts.values():
+    for data in parts.values():
         for method, metrics in data["summary"].items():
             summary.setdefault(method, {}).update(metrics)
     return {
         "bench": "shapes-custom (single + multi)",
         "summary": summary,
-        **{key: data for key, (_, data) in parts.items()},
+        **parts,
     }
 
 
@@ -70,19 +62,19 @@ def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
         raise SystemExit("error: publish shapes-custom-single and shapes-custom-multi together (one merged file)")
     results.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    custom: dict[str, tuple[Path, dict]] = {}
+    custom: dict[str, dict] = {}
     for run, data in loaded:
         name = data["bench"]
         copy_report(run, name, results)
         if name in CUSTOM_PARTS:
-            custom[CUSTOM_PARTS[name]] = (run, data)
+            custom[CUSTOM_PARTS[name]] = data
             continue
         path = results / f"{name.replace('-', '_')}.json"
-        write_json(data, path)
+        write_json(path, data)
         written.append(path)
     if custom:
         path = results / "shapes_custom.json"
-        write_json(merge_custom(custom), path)
+        write_json(path, merge_custom(custom))
         written.append(path)
     return written
 
