@@ -45,6 +45,17 @@ def test_builtin_shapes_is_a_stable_diffusion_pipeline(shapes):
     assert pipe.conceptsmith_defaults["height"] == 64
 
 
+def test_world_train_defaults_build_the_shipped_unet(shapes):
+    """`conceptsmith world train` reproduces the shipped architecture: cross-attention at 16x16, 8x8 and 4x4."""
+    from conceptsmith.world.unet_train import UNetTrainConfig, unet_config
+
+    pipe, info = shapes
+    recipe = unet_config(pipe.text_encoder.config.hidden_size, UNetTrainConfig().attention_16)
+    for key, value in recipe.items():
+        assert pipe.unet.config[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert info.cross_attention_layers == 10
+
+
 def test_shipped_weights_fit_the_budget():
     total = sum(f.stat().st_size for f in WORLD_WEIGHTS.rglob("*") if f.is_file())
     assert total <= 40 * 2**20, f"ShapesWorld weights are {total / 2**20:.1f} MB (> 40 MB)"

@@ -16,14 +16,17 @@ STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
 def train(
     stages: str = typer.Option(",".join(STAGES), help=f"Comma-separated stages to run, in order: {', '.join(STAGES)}."),
     seed: int = typer.Option(0, help="Seed of the generator's data pool, VAE and UNet."),
-    unet_steps: int = typer.Option(3000, help="UNet optimizer steps (schedule length)."),
+    unet_steps: int = typer.Option(6000, help="UNet optimizer steps (schedule length)."),
     unet_batch: int = typer.Option(48, help="UNet batch size."),
     text_tower_stop: int | None = typer.Option(None, help="Freeze the text tower after this many steps of its schedule."),
     unet_lr: float = typer.Option(4e-4, help="UNet peak learning rate (warmup + cosine)."),
     unet_init: Path | None = typer.Option(None, help="Start the UNet from this diffusers UNet dir instead of random weights "
                                           "(fine-tune onto a new text encoder, or grow a UNet with fewer attention "
                                           "blocks: its layers are loaded, new blocks start as the identity)."),
-    unet_two_object_share: float = typer.Option(0.0, help="Share of every UNet batch drawn from two-object scenes."),
+    unet_two_object_share: float = typer.Option(0.5, help="Share of every UNet batch drawn from two-object scenes."),
+    unet_offset_noise: float = typer.Option(0.1, help="Offset noise of the UNet's training noise (0 = plain Gaussian)."),
+    unet_attention_16: bool = typer.Option(True, help="Cross-attention also at the 16x16 latent level "
+                                           "(10 attn2 layers; --no-unet-attention-16 gives the 7-layer UNet)."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
     resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
     threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
@@ -43,7 +46,8 @@ def train(
     unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, lr=unet_lr,
                                           threads=threads, time_budget_s=time_budget,
                                           init_from=str(unet_init) if unet_init else "",
-                                          two_object_share=unet_two_object_share)
+                                          two_object_share=unet_two_object_share, offset_noise=unet_offset_noise,
+                                          attention_16=unet_attention_16)
     if "data" in chosen:
         log("stage data: render pool")
         vae_train.render_pool(unet_cfg.pool_size, seed)

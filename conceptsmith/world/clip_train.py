@@ -68,7 +68,7 @@ TEXT_ENCODER_CONFIG = dict(
 
 # Default stage settings (seed, data sample) - the generator's and the evaluator's never overlap.
 TEXT_TOWER_DEFAULTS = dict(seed=1001, data_seed=11, n_images=16000, batch=128, lr=1e-3, steps=1500, stop_at=None,
-                           group_size=8, continue_steps=(), continue_lr=3e-4, binding_groups=4)
+                           group_size=8, continue_steps=(600, 1500), continue_lr=3e-4, binding_groups=4)
 EVALUATOR_DEFAULTS = dict(seed=2002, data_seed=22, n_images=16000, batch=128, lr=1.5e-3, steps=2000, stop_at=None,
                           group_size=8, continue_steps=(700, 700, 2400, 2400, 2400, 2400), continue_lr=6e-4)
 

@@ -2,8 +2,8 @@
 
 A ``diffusers.UNet2DConditionModel`` on 16x16x4 latents, conditioned through cross-attention on
 the frozen ShapesWorld CLIP text tower (exactly as Stable Diffusion 1.x conditions on CLIP-L):
-cross-attention at 8x8 and 4x4 (7 attn2 layers; ``attention_16`` adds the 16x16 level: 10), epsilon
-prediction on SD's scaled-linear schedule, classifier-free-guidance dropout (10% empty captions),
+cross-attention at 16x16, 8x8 and 4x4 (10 attn2 layers; ``attention_16=False`` drops the 16x16 level: 7),
+epsilon prediction on SD's scaled-linear schedule, classifier-free-guidance dropout (10% empty captions),
 Min-SNR loss weighting, optional offset noise, AdamW, EMA weights (those are shipped).
 
 Data: a pool of generator-split renders (no novel objects, no watermark in captions) whose VAE
@@ -35,7 +35,7 @@ from conceptsmith.world.vae_train import _atomic_save, cache_dir, log, render_po
 LOGFILE = "/tmp/cs/unet_train.log"
 
 
-def unet_config(cross_attention_dim: int, attention_16: bool = False) -> dict:
+def unet_config(cross_attention_dim: int, attention_16: bool = True) -> dict:
     """The UNet's diffusers config; ``attention_16`` adds cross-attention at the 16x16 level (each object
     of a two-object scene is only ~6 latent pixels wide)."""
     first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_16 else ("DownBlock2D", "UpBlock2D")
@@ -60,24 +60,26 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 @dataclass
 class UNetTrainConfig:
+    """UNet training settings; the defaults are the shipped generator's recipe (see its MODEL_CARD.md)."""
+
     seed: int = 0
-    pool_size: int = 40000
+    pool_size: int = 20000
     steps: int = 6000
-    batch_size: int = 64
+    batch_size: int = 48
     lr: float = 4e-4
-    warmup: int = 200
+    warmup: int = 100
     weight_decay: float = 0.01
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.998
     bf16: bool = True
     threads: int = 2
     checkpoint_every_s: float = 240.0
     time_budget_s: float = 0.0  # > 0: stop (checkpointed, exported) after this many seconds of this run
     init_from: str = ""  # a diffusers UNet dir to start from instead of random (see ``grow_from``)
-    two_object_share: float = 0.0  # > 0: this share of every batch is drawn from the pool's two-object scenes
-    offset_noise: float = 0.0  # > 0: add this much per-(image, channel) constant noise (see ``training_noise``)
-    attention_16: bool = False  # cross-attention also at 16x16 (10 attn2 layers instead of 7)
+    two_object_share: float = 0.5  # > 0: this share of every batch is drawn from the pool's two-object scenes
+    offset_noise: float = 0.1  # > 0: add this much per-(image, channel) constant noise (see ``training_noise``)
+    attention_16: bool = True  # cross-attention also at 16x16 (10 attn2 layers instead of 7)
 
 
 def load_text_side(pipe_dir: Path | None = None):
@@ -131,13 +133,13 @@ def encode_pool(vae, images: np.ndarray, key: str, logfile=LOGFILE, batch: int =
     return out
 
 
-def build_unet(cross_attention_dim: int, attention_16: bool = False):
+def build_unet(cross_attention_dim: int, attention_16: bool = True):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**unet_config(cross_attention_dim, attention_16))
 
 
-def architecture_digest(cross_attention_dim: int, attention_16: bool = False) -> str:
+def architecture_digest(cross_attention_dim: int, attention_16: bool = True) -> str:
     """Digest of the UNet config: a checkpoint of another architecture is never resumed into this one."""
     text = json.dumps(unet_config(cross_attention_dim, attention_16), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
