@@ -173,3 +173,16 @@ def test_text_binding_cosines_compare_the_tokens_that_differ(tiny_pipe):
     want = F.cosine_similarity(states[0, first : eos + 1], states[1, first : eos + 1], dim=-1).mean()
     assert got == {"text_relation_cos": round(float(want), 4)}
     assert got["text_relation_cos"] < 0.999  # a random encoder does tell the two apart
+
+
+def test_a_candidate_directory_is_checked_with_the_shipped_sampling_defaults():
+    """`world check --model DIR` must sample a candidate exactly as it samples builtin:shapes (a bare directory
+    would otherwise get the library-wide 30 steps / guidance 7.5 and its numbers would not be comparable)."""
+    from conceptsmith.generation import default_settings
+    from conceptsmith.models import load_pipeline
+    from conceptsmith.world.check import load_generator
+
+    bare, _ = load_pipeline(str(PIPE_DIR))
+    builtin, _ = load_pipeline("builtin:shapes")
+    assert default_settings(bare) != default_settings(builtin)  # what the helper is for
+    assert default_settings(load_generator(str(PIPE_DIR))) == default_settings(builtin)

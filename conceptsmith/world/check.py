@@ -282,6 +282,19 @@ def seconds_per_image(pipe, repeats: int = 5, threads: int = 2) -> float:
     return round(statistics.median(times), 4)
 
 
+def load_generator(spec: str):
+    """Load a generator to check. A candidate pipeline directory carries no sampling defaults of its own, so it
+    gets the shipped generator's (20 DPM-Solver++ steps, guidance 5): every generator is measured alike."""
+    from conceptsmith.generation import DEFAULTS_ATTRIBUTE
+    from conceptsmith.models import load_pipeline
+    from conceptsmith.world.pipeline import DEFAULTS
+
+    pipe, _ = load_pipeline(spec)
+    if not hasattr(pipe, DEFAULTS_ATTRIBUTE):
+        setattr(pipe, DEFAULTS_ATTRIBUTE, dict(DEFAULTS))
+    return pipe
+
+
 def run_check(
     seeds: int = 8,
     metrics: Sequence[str] = GEN_METRICS,

@@ -82,11 +82,11 @@ def check(
     grid: Path = typer.Option(Path("out/world_check_grid.png"), help="Where to write the sample grid."),
     model_card: bool = typer.Option(False, "--model-card", help="Also write the numbers into MODEL_CARD.md."),
     strict: bool = typer.Option(False, help="Exit with code 1 if a bar is missed."),
-    model: str = typer.Option("builtin:shapes", help="Generator to measure, e.g. a candidate pipeline directory."),
+    model: str = typer.Option("builtin:shapes", help="Generator to measure, e.g. a candidate pipeline directory "
+                                       "(sampled with the shipped defaults unless its loader sets its own)."),
 ) -> None:
     """Measure the evaluator on renders and the generator on held-out prompts; last line is JSON."""
-    from conceptsmith.models import load_pipeline
-    from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, run_check
+    from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, load_generator, run_check
 
     metrics = GEN_METRICS if not only else tuple(m.strip() for m in only.split(",") if m.strip())
     bad = [m for m in metrics if m not in GEN_METRICS]
@@ -95,7 +95,7 @@ def check(
     if model_card and model != "builtin:shapes":
         raise typer.BadParameter("--model-card describes the shipped builtin:shapes; drop it or --model")
     say = (lambda message: None) if json_only else typer.echo
-    pipe, _ = load_pipeline(model)
+    pipe = load_generator(model)
     results = run_check(seeds=seeds, metrics=metrics, include_eval=not no_eval, pipe=pipe,
                         grid_path=None if json_only else grid, progress=not json_only, log=say)
     if model_card:
