@@ -284,9 +284,8 @@ def _encode_kwargs(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
 def resolve_path(ref: str, bench_path: Path | None, what: str = "method config") -> Path:
     """``ref`` as given (relative to the working directory), else relative to the bench file, else to
     the repository; the error lists every place tried."""
-    candidates = [Path(ref)]
-    if bench_path is not None:
-        candidates += [bench_path.parent / ref, BENCH_DIR.parent.parent / ref]
+    candidates = [Path(ref)] + ([bench_path.parent / ref] if bench_path is not None else [])
+    candidates.append(BENCH_DIR.parent.parent / ref)
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         raise FileNotFoundError(f"{what} '{ref}' not found (tried {[str(c) for c in candidates]})")

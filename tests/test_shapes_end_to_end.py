@@ -1,0 +1,33 @@
+"""End to end on the shipped world: UCE erases a shape from builtin:shapes, judged by builtin:shapes-clip.
+
+The measured claim behind the benchmarks, asserted with fixed seeds: the erased shape is no longer drawn,
+from its name or its paraphrase, and the other shapes still are."""
+
+from __future__ import annotations
+
+import pytest
+
+from evaluation.bench import load_bench_config, run_bench
+
+
+@pytest.fixture(scope="module")
+def circle_erased(tmp_path_factory):
+    objects, _ = load_bench_config("shapes-objects")
+    config = objects.model_copy(update={
+        "name": "shapes-objects-circle",
+        "seeds": [0, 1, 2],
+        "eval_templates": ["a picture of a {}", "an image of a {}"],
+        "tasks": [task for task in objects.tasks if task.name == "erase-circle"],
+        "methods": [method for method in objects.methods if method.name == "uce"],
+        "attacks": [],
+    })
+    return run_bench(config, tmp_path_factory.mktemp("circle"), progress=False, report=False)
+
+
+def test_uce_erases_circle_from_builtin_shapes_and_keeps_the_rest(circle_erased):
+    summary = circle_erased.results["summary"]
+    unedited, uce = summary["unedited"], summary["uce"]
+    assert unedited["acc_e"] >= 0.75, unedited  # the base model draws circles (so the test can fail)
+    assert uce["acc_e"] <= 0.2, uce  # ... and the edited one does not
+    assert uce["acc_g"] <= 0.35, uce  # nor from the paraphrase "round disc"
+    assert uce["acc_s_rel"] >= 0.85, uce  # the eight other shapes are still drawn
