@@ -312,9 +312,7 @@ def run_check(
 
     log = log or (lambda message: None)
     if pipe is None:
-        from conceptsmith.models import load_pipeline
-
-        pipe, _ = load_pipeline("builtin:shapes")
+        pipe = load_generator("builtin:shapes")
     judge = judge or Judge.load()
     results: dict[str, float] = {}
     if include_eval:

@@ -245,13 +245,13 @@ def _contrastive_train(
     pairs = np.array([i for i, lab in enumerate(labels) if len(lab["objects"]) == 2])
     if binding_groups and (group_size % 4 or not len(pairs) or binding_groups * group_size > batch):
         raise ValueError("binding_groups needs two-object scenes, a group_size divisible by 4 and room in the batch")
+    regular = batch - binding_groups * group_size  # rows of every batch drawn from the data set
     model.train()
     end = min(steps, stop_at or steps)
     bar = tqdm(range(start, end), initial=start, total=end, desc=name)
     t0, run_loss = time.time(), None
     for step in bar:
         rng = np.random.default_rng((seed, 7, step))
-        regular = batch - binding_groups * group_size
         if groups:
             keys = rng.integers(0, len(groups), regular // group_size)
             idx = np.concatenate([rng.choice(groups[k], group_size, replace=False) for k in keys])
