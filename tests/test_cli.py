@@ -137,3 +137,22 @@ def test_world_check_measures_a_candidate_generator():
     assert -1.0 <= measured["text_relation_cos"] < 1.0 and -1.0 <= measured["text_color_cos"] < 1.0
     refused = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--model-card"])
     assert refused.exit_code == 2 and "shipped builtin:shapes" in refused.output
+
+
+def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path):
+    """`world train` builds the UNet config from UNetTrainConfig's defaults (the shipped recipe); only options given
+    on the command line override them."""
+    from conceptsmith.world import unet_train
+    from conceptsmith.world.cli import app as world_app
+
+    seen: list = []
+    monkeypatch.setattr(unet_train, "LOGFILE", str(tmp_path / "logs" / "unet_train.log"))  # a dir not there yet
+    monkeypatch.setattr(unet_train, "train_unet", lambda cfg, resume=True: seen.append(cfg))
+    assert runner.invoke(world_app, ["train", "--stages", "unet"]).exit_code == 0
+    assert seen[-1] == unet_train.UNetTrainConfig(threads=1)
+    result = runner.invoke(world_app, ["train", "--stages", "unet", "--unet-steps", "10", "--no-unet-attention-16",
+                                       "--unet-offset-noise", "0"])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].steps, seen[-1].attention_16, seen[-1].offset_noise) == (10, False, 0.0)
+    assert seen[-1].two_object_share == unet_train.UNetTrainConfig().two_object_share
+    assert "stage unet" in (tmp_path / "logs" / "unet_train.log").read_text()

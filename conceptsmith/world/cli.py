@@ -16,25 +16,31 @@ STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
 def train(
     stages: str = typer.Option(",".join(STAGES), help=f"Comma-separated stages to run, in order: {', '.join(STAGES)}."),
     seed: int = typer.Option(0, help="Seed of the generator's data pool, VAE and UNet."),
-    unet_steps: int = typer.Option(6000, help="UNet optimizer steps (schedule length)."),
-    unet_batch: int = typer.Option(48, help="UNet batch size."),
+    unet_steps: int | None = typer.Option(None, help="UNet optimizer steps (schedule length). "
+                                          "Default: the shipped recipe's."),
+    unet_batch: int | None = typer.Option(None, help="UNet batch size. Default: the shipped recipe's."),
     text_tower_stop: int | None = typer.Option(None, help="Freeze the text tower after this many steps of its schedule."),
-    unet_lr: float = typer.Option(4e-4, help="UNet peak learning rate (warmup + cosine)."),
+    unet_lr: float | None = typer.Option(None, help="UNet peak learning rate (warmup + cosine). "
+                                         "Default: the shipped recipe's."),
     unet_init: Path | None = typer.Option(None, help="Start the UNet from this diffusers UNet dir instead of random weights "
                                           "(fine-tune onto a new text encoder, or grow a UNet with fewer attention "
                                           "blocks: its layers are loaded, new blocks start as the identity)."),
-    unet_two_object_share: float = typer.Option(0.5, help="Share of every UNet batch drawn from two-object scenes."),
-    unet_offset_noise: float = typer.Option(0.1, help="Offset noise of the UNet's training noise (0 = plain Gaussian)."),
-    unet_attention_16: bool = typer.Option(True, help="Cross-attention also at the 16x16 latent level "
-                                           "(10 attn2 layers; --no-unet-attention-16 gives the 7-layer UNet)."),
+    unet_two_object_share: float | None = typer.Option(None, help="Share of every UNet batch drawn from two-object "
+                                                       "scenes. Default: the shipped recipe's."),
+    unet_offset_noise: float | None = typer.Option(None, help="Offset noise of the UNet's training noise (0 = plain "
+                                                   "Gaussian). Default: the shipped recipe's."),
+    unet_attention_16: bool | None = typer.Option(None, "--unet-attention-16/--no-unet-attention-16",
+                                                  help="Cross-attention also at the 16x16 latent level (10 attn2 "
+                                                  "layers; off: the 7-layer UNet). Default: on (the shipped recipe)."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
     resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
     threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
 ) -> None:
     """Train every stage: render pool -> contrastive text tower -> VAE -> UNet -> evaluator.
 
-    Every stage is seeded, checkpoints to ~/.cache/conceptsmith/world and resumes; the generator is
-    written to conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip."""
+    UNet options left unset take the shipped recipe's values (``unet_train.UNetTrainConfig``). Every stage is
+    seeded, checkpoints to ~/.cache/conceptsmith/world and resumes; the generator is written to
+    conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip."""
     from conceptsmith.world import unet_train, vae_train
     from conceptsmith.world.pipeline import PIPE_DIR
 
@@ -43,11 +49,11 @@ def train(
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
     log = lambda message: vae_train.log(message, unet_train.LOGFILE)  # noqa: E731
-    unet_cfg = unet_train.UNetTrainConfig(seed=seed, steps=unet_steps, batch_size=unet_batch, lr=unet_lr,
-                                          threads=threads, time_budget_s=time_budget,
+    overrides = dict(steps=unet_steps, batch_size=unet_batch, lr=unet_lr, two_object_share=unet_two_object_share,
+                     offset_noise=unet_offset_noise, attention_16=unet_attention_16)
+    unet_cfg = unet_train.UNetTrainConfig(seed=seed, threads=threads, time_budget_s=time_budget,
                                           init_from=str(unet_init) if unet_init else "",
-                                          two_object_share=unet_two_object_share, offset_noise=unet_offset_noise,
-                                          attention_16=unet_attention_16)
+                                          **{key: value for key, value in overrides.items() if value is not None})
     if "data" in chosen:
         log("stage data: render pool")
         vae_train.render_pool(unet_cfg.pool_size, seed)

@@ -54,6 +54,7 @@ def log(message: str, logfile: str | Path | None) -> None:
     line = f"{time.strftime('%H:%M:%S')} {message}"
     print(line, flush=True)
     if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         with open(logfile, "a") as fh:
             fh.write(line + "\n")
 
