@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -141,18 +143,74 @@ def test_world_check_measures_a_candidate_generator():
 
 def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path):
     """`world train` builds the UNet config from UNetTrainConfig's defaults (the shipped recipe); only options given
-    on the command line override them."""
+    on the command line override them. Its log and training clock live in the cache dir."""
     from conceptsmith.world import unet_train
     from conceptsmith.world.cli import app as world_app
 
     seen: list = []
-    monkeypatch.setattr(unet_train, "LOGFILE", str(tmp_path / "logs" / "unet_train.log"))  # a dir not there yet
-    monkeypatch.setattr(unet_train, "train_unet", lambda cfg, resume=True: seen.append(cfg))
-    assert runner.invoke(world_app, ["train", "--stages", "unet"]).exit_code == 0
-    assert seen[-1] == unet_train.UNetTrainConfig(threads=1)
-    result = runner.invoke(world_app, ["train", "--stages", "unet", "--unet-steps", "10", "--no-unet-attention-16",
-                                       "--unet-offset-noise", "0"])
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))  # a dir not there yet
+    monkeypatch.setattr(unet_train, "train_unet", lambda cfg, **kwargs: seen.append(cfg))
+    result = runner.invoke(world_app, ["train", "--stages", "unet"])
     assert result.exit_code == 0, result.output
-    assert (seen[-1].steps, seen[-1].attention_16, seen[-1].offset_noise) == (10, False, 0.0)
+    assert seen[-1] == unet_train.UNetTrainConfig(threads=os.cpu_count())  # alone, the stage takes every core
+    assert "total wall" in result.output and "unet" in result.output
+    result = runner.invoke(world_app, ["train", "--stages", "unet", "--unet-steps", "10", "--no-unet-attention-16",
+                                       "--unet-offset-noise", "0", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].steps, seen[-1].attention_16, seen[-1].offset_noise, seen[-1].threads) == (10, False, 0.0, 1)
     assert seen[-1].two_object_share == unet_train.UNetTrainConfig().two_object_share
-    assert "stage unet" in (tmp_path / "logs" / "unet_train.log").read_text()
+    assert "stage unet" in (tmp_path / "cache" / "world" / "train.log").read_text()
+
+
+class _FakeProcess:
+    """Stands in for the evaluator's child process: alive for ``alive_polls`` polls."""
+
+    def __init__(self, alive_polls: int, exitcode: int = 0):
+        self.alive_polls, self.exitcode, self.joined = alive_polls, exitcode, False
+
+    def is_alive(self) -> bool:
+        self.alive_polls -= 1
+        return self.alive_polls >= 0
+
+    def join(self) -> None:
+        self.joined = True
+
+
+def test_world_train_runs_the_evaluator_beside_the_generator(monkeypatch, tmp_path):
+    """With --jobs 2 the evaluator stage goes to a second process; the generator's stages get one core, the UNet
+    gets the second one once that process is done, and a failed evaluator fails the command."""
+    from conceptsmith.world import cli as world_cli
+    from conceptsmith.world import unet_train
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(world_cli.os, "cpu_count", lambda: 2)
+    child = _FakeProcess(alive_polls=1)
+    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log: child)
+    threads_seen: list = []
+
+    def fake_unet(cfg, threads_now=None, **kwargs):
+        threads_seen.extend([cfg.threads, threads_now(), threads_now()])
+
+    monkeypatch.setattr(unet_train, "train_unet", fake_unet)
+    result = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator"])
+    assert result.exit_code == 0, result.output
+    assert threads_seen == [1, 1, 2] and child.joined
+    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log: _FakeProcess(0, exitcode=3))
+    failed = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator"])
+    assert failed.exit_code == 1 and "exit code 3" in failed.output
+
+
+def test_stage_clock_sums_spans_over_runs_and_resets(monkeypatch, tmp_path):
+    from conceptsmith.world import stage_clock
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path))
+    for _ in range(2):  # two resumed runs of the same stage
+        with stage_clock.timed("vae", flush_s=0.01):
+            time.sleep(0.05)
+    with pytest.raises(RuntimeError), stage_clock.timed("unet"):  # a failing stage still records its time
+        raise RuntimeError("killed")
+    sums = stage_clock.totals()
+    assert set(sums) == {"vae", "unet"} and sums["vae"] >= 0.1
+    assert "vae" in stage_clock.report() and "total wall" in stage_clock.report()
+    stage_clock.reset()
+    assert stage_clock.totals() == {}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -33,49 +36,99 @@ def train(
                                                   help="Cross-attention also at the 16x16 latent level (10 attn2 "
                                                   "layers; off: the 7-layer UNet). Default: on (the shipped recipe)."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
-    resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world."),
-    threads: int = typer.Option(1, help="Torch threads of the VAE/UNet stages (1 is fastest on a shared 2-core machine)."),
+    resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world "
+                                "(--no-resume also resets the training clock)."),
+    jobs: int = typer.Option(2, help="Processes: with 2, the evaluator (independent of the generator) trains in a "
+                             "second process beside the generator's stages, and the UNet takes its core when it is done."),
+    threads: int = typer.Option(0, help="Torch threads per process (0: the machine's cores divided among the jobs)."),
 ) -> None:
     """Train every stage: render pool -> contrastive text tower -> VAE -> UNet -> evaluator.
 
     UNet options left unset take the shipped recipe's values (``unet_train.UNetTrainConfig``). Every stage is
-    seeded, checkpoints to ~/.cache/conceptsmith/world and resumes; the generator is written to
-    conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip."""
-    from conceptsmith.world import unet_train, vae_train
+    seeded, checkpoints to ~/.cache/conceptsmith/world (or $CONCEPTSMITH_CACHE/world) and resumes; the generator is
+    written to conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip. Wall
+    time per stage is summed over resumed runs and printed at the end; the log is world/train.log in the cache."""
+    from conceptsmith.world import stage_clock, unet_train, vae_train
     from conceptsmith.world.pipeline import PIPE_DIR
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    log = lambda message: vae_train.log(message, unet_train.LOGFILE)  # noqa: E731
+    if not resume:
+        stage_clock.reset()
+    logfile = vae_train.cache_dir() / "train.log"
+    log = lambda message: vae_train.log(message, logfile)  # noqa: E731
+    cores = os.cpu_count() or 1
+    sibling = _start_evaluator_process(resume, log) if jobs > 1 and "evaluator" in chosen and len(chosen) > 1 else None
+    if sibling:
+        chosen.remove("evaluator")
+    per_process = threads or (max(1, cores // 2) if sibling else cores)
     overrides = dict(steps=unet_steps, batch_size=unet_batch, lr=unet_lr, two_object_share=unet_two_object_share,
                      offset_noise=unet_offset_noise, attention_16=unet_attention_16)
-    unet_cfg = unet_train.UNetTrainConfig(seed=seed, threads=threads, time_budget_s=time_budget,
+    unet_cfg = unet_train.UNetTrainConfig(seed=seed, threads=per_process, time_budget_s=time_budget,
                                           init_from=str(unet_init) if unet_init else "",
                                           **{key: value for key, value in overrides.items() if value is not None})
-    if "data" in chosen:
-        log("stage data: render pool")
-        vae_train.render_pool(unet_cfg.pool_size, seed)
-    if "text-tower" in chosen:
-        log("stage text-tower: contrastive text tower (frozen afterwards)")
-        from conceptsmith.world import clip_train
+    with stage_clock.timed(stage_clock.WALL):
+        if "data" in chosen:
+            log("stage data: render pool")
+            with stage_clock.timed("data"):
+                vae_train.render_pool(unet_cfg.pool_size, seed, logfile=logfile)
+        if "text-tower" in chosen:
+            log("stage text-tower: contrastive text tower (frozen afterwards)")
+            from conceptsmith.world import clip_train
 
-        kwargs = {"stop_at": text_tower_stop} if text_tower_stop else {}
-        clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, **kwargs)
-    if "vae" in chosen:
-        log("stage vae: autoencoder")
-        vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=threads), resume=resume)
-        vae_train.finetune_decoder(seed=seed, threads=threads, resume=resume)
-    if "unet" in chosen:
-        log("stage unet: denoiser")
-        unet_train.train_unet(unet_cfg, resume=resume)
-    if "evaluator" in chosen:
-        log("stage evaluator: open_clip shapes-clip")
-        from conceptsmith.world import clip_train
+            kwargs = {"stop_at": text_tower_stop} if text_tower_stop else {}
+            with stage_clock.timed("text-tower"):
+                clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, threads=per_process, **kwargs)
+        if "vae" in chosen:
+            log("stage vae: autoencoder")
+            with stage_clock.timed("vae"):
+                vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=per_process), resume=resume,
+                                    logfile=logfile)
+                vae_train.finetune_decoder(seed=seed, threads=per_process, resume=resume, logfile=logfile)
+        if "unet" in chosen:
+            log("stage unet: denoiser")
+            # once the evaluator's process is done, its core goes to the UNet
+            threads_now = (lambda: per_process if sibling.is_alive() else (threads or cores)) if sibling else None
+            with stage_clock.timed("unet"):
+                unet_train.train_unet(unet_cfg, resume=resume, logfile=logfile, threads_now=threads_now)
+        if "evaluator" in chosen:
+            log("stage evaluator: open_clip shapes-clip")
+            from conceptsmith.world import clip_train
 
-        clip_train.train_evaluator(resume=resume)
+            with stage_clock.timed("evaluator"):
+                clip_train.train_evaluator(resume=resume, threads=per_process)
+        if sibling:
+            log("waiting for the evaluator's process")
+            sibling.join()
+            if sibling.exitcode != 0:
+                typer.echo(f"the evaluator's process failed (exit code {sibling.exitcode}); see "
+                           f"{vae_train.cache_dir() / 'evaluator.log'}", err=True)
+                raise typer.Exit(1)
+    typer.echo("training clock (summed over resumed runs):\n" + stage_clock.report())
     typer.echo("done. Measure it with: conceptsmith world check")
+
+
+def _start_evaluator_process(resume: bool, log) -> multiprocessing.Process:
+    """The evaluator stage in a spawned child process with one thread; its output goes to world/evaluator.log."""
+    from conceptsmith.world import vae_train
+
+    logfile = vae_train.cache_dir() / "evaluator.log"
+    log(f"stage evaluator: in a second process, output in {logfile}")
+    process = multiprocessing.get_context("spawn").Process(target=_evaluator_job, args=(resume, str(logfile)),
+                                                            name="shapes-clip")
+    process.start()
+    return process
+
+
+def _evaluator_job(resume: bool, logfile: str) -> None:
+    from conceptsmith.world import clip_train, stage_clock
+
+    with open(logfile, "a") as out:
+        sys.stdout = sys.stderr = out
+        with stage_clock.timed("evaluator"):
+            clip_train.train_evaluator(resume=resume, threads=1)
 
 
 @app.command()

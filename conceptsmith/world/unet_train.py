@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,8 +32,6 @@ import numpy as np
 import torch
 
 from conceptsmith.world.vae_train import _atomic_save, cache_dir, log, render_pool, to_tensor, weights_dir
-
-LOGFILE = "/tmp/cs/unet_train.log"
 
 
 def unet_config(cross_attention_dim: int, attention_16: bool = True) -> dict:
@@ -117,7 +116,7 @@ def _file_digest(path: Path) -> str:
 
 
 @torch.no_grad()
-def encode_pool(vae, images: np.ndarray, key: str, logfile=LOGFILE, batch: int = 250) -> torch.Tensor:
+def encode_pool(vae, images: np.ndarray, key: str, logfile: str | Path | None = None, batch: int = 250) -> torch.Tensor:
     """Scaled VAE latents (posterior means) of the pool, cached on disk per VAE weights."""
     path = cache_dir() / f"latents_{key}_{len(images)}.pt"
     if path.exists():
@@ -188,9 +187,12 @@ def _lr_at(cfg: UNetTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None, logfile=LOGFILE, progress: bool = True,
-               resume: bool = True):
-    """Train (or resume) the UNet; exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end."""
+def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None, logfile: str | Path | None = None,
+               progress: bool = True, resume: bool = True, threads_now: Callable[[], int] | None = None):
+    """Train (or resume) the UNet; exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end.
+
+    ``threads_now``, if given, is asked every 50 steps how many torch threads to use from then on (``world train``
+    hands the UNet the evaluator's core once that process is done)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -295,6 +297,9 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
         losses.append(loss.item())
         bar.update(1)
         if step % 50 == 0:
+            if threads_now and threads_now() != torch.get_num_threads():
+                torch.set_num_threads(threads_now())
+                log(f"UNet: {torch.get_num_threads()} threads from step {step}", logfile)
             avg = sum(losses) / len(losses)
             losses.clear()
             bar.set_postfix(loss=f"{avg:.4f}")

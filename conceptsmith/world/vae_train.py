@@ -127,7 +127,7 @@ def _resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, resu
     return int(state["step"])
 
 
-def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, logfile: str | Path | None = "/tmp/cs/vae_train.log",
+def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, logfile: str | Path | None = None,
               progress: bool = True, resume: bool = True):
     """Train (or resume) the autoencoder; writes ``out_dir`` (default weights/shapes-sd/vae) with save_pretrained."""
     from tqdm.auto import tqdm
@@ -192,7 +192,7 @@ def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, lo
 
 
 def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, crop: int = 64,
-                     vae_dir: Path | None = None, threads: int = 1, logfile: str | Path | None = "/tmp/cs/vae_train.log",
+                     vae_dir: Path | None = None, threads: int = 1, logfile: str | Path | None = None,
                      progress: bool = True, resume: bool = True):
     """Improve the decoder with the encoder frozen: the latent space (and every latent the UNet was
     trained on) stays bit-identical, only the pixels decoded from it get better. Decodes posterior
