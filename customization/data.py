@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, Field, field_validator
 
 from customization import CustomizationError
 
@@ -140,6 +141,59 @@ def encode_images(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 
     return torch.cat(means), torch.cat(stds)
 
 
+@dataclass(frozen=True)
+class ZoomOut:
+    """Custom Diffusion's scale augmentation (Kumari et al., CVPR 2023, Sec. 3.1 "data augmentation"): each
+    reference image is also shown shrunk to ``scale`` of the frame at a random place, with the loss taken only
+    where the image is (:func:`zoomed_out`), so the token is learned as an object that can be small and share
+    the frame, not as "one object filling the image" (which composition prompts cannot place twice).
+
+    ``variants`` zoomed copies per image (so ``variants / (variants + 1)`` of the draws are zoomed);
+    ``words`` are put before the phrase of a zoomed copy's prompts (the paper: "very small", "far away")."""
+
+    variants: int = 1
+    scale: tuple[float, float] = (0.4, 0.6)
+    words: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def zoomed_out(pixels: torch.Tensor, scale: float, left: int, top: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixels`` ``[3, s, s]`` shrunk to ``round(scale * s)`` and pasted at ``(left, top)`` on a canvas of the
+    image's mean border color; returns ``(pixels, mask)`` with ``mask`` ``[1, s / factor, s / factor]`` = 1 on the
+    latent cells the pasted image covers completely (the only ones the loss sees)."""
+    size = pixels.shape[-1]
+    side = max(factor, round(scale * size))
+    if left < 0 or top < 0 or left + side > size or top + side > size:
+        raise ValueError(f"a {side}px image at ({left}, {top}) does not fit a {size}px frame")
+    small = torch.nn.functional.interpolate(pixels[None], size=(side, side), mode="bicubic", antialias=True,
+                                            align_corners=False)[0].clamp(-1, 1)
+    border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1).mean(1)
+    canvas = border[:, None, None].expand(3, size, size).clone()
+    canvas[:, top : top + side, left : left + side] = small
+    mask = torch.zeros(1, size // factor, size // factor)
+    first_x, last_x = -(-left // factor), (left + side) // factor
+    first_y, last_y = -(-top // factor), (top + side) // factor
+    mask[:, first_y:last_y, first_x:last_x] = 1.0
+    return canvas, mask
+
+
+def zoom_variants(pixels: torch.Tensor, zoom: ZoomOut, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``zoom.variants`` zoomed-out copies of each image of ``pixels`` ``[n, 3, s, s]`` (seeded scale and place)."""
+    generator = torch.Generator().manual_seed(zoom.seed)
+    size = pixels.shape[-1]
+    out, masks = [], []
+    for _ in range(zoom.variants):
+        for image in pixels:
+            low, high = zoom.scale
+            scale = low + (high - low) * float(torch.rand((), generator=generator))
+            side = max(factor, round(scale * size))
+            left, top = (int(torch.randint(0, size - side + 1, (), generator=generator)) for _ in range(2))
+            canvas, mask = zoomed_out(image, scale, left, top, factor)
+            out.append(canvas)
+            masks.append(mask)
+    return torch.stack(out), torch.stack(masks)
+
+
 # -- class-regularization images -----------------------------------------------------------------------
 
 
@@ -206,20 +260,60 @@ def training_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, s
             )
             parts.append(Examples.from_images(pipe.vae, images, size, prompt, ("{}",), config.flip))
         classes = Examples.concat(parts)
-    instances, prompt_templates = instance_examples(pipe, specs, config.templates, config.flip, size)
+    instances, prompt_templates = instance_examples(pipe, specs, config, size, seed)
     return instances, classes, prompt_templates
 
 
-def instance_examples(
-    pipe: Any, specs: Sequence[Any], kind: str | Sequence[str], flip: bool, size: int
-) -> tuple[Examples, tuple[str, ...]]:
-    """``(instances, prompt_templates)``: each concept's reference images with its phrase in the ``kind`` templates."""
-    prompt_templates = templates(kind)
-    instances = Examples.concat([Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, flip) for s in specs])
+def instance_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, seed: int) -> tuple[Examples, tuple[str, ...]]:
+    """``(instances, prompt_templates)``: each concept's reference images with its phrase in the config's
+    templates (mirrored with ``config.flip``, zoomed out per :meth:`ZoomOutOptions.zoom`)."""
+    prompt_templates = templates(config.templates)
+    zoom = config.zoom(seed)
+    instances = Examples.concat(
+        [Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip, zoom) for s in specs]
+    )
     return instances, prompt_templates
 
 
+class ZoomOutOptions(BaseModel):
+    """Config fields of :class:`ZoomOut` shared by the methods that train on reference images."""
+
+    zoom_out: int = Field(0, ge=0, description="zoomed-out copies per reference image (0: none; Custom Diffusion's "
+                          "scale augmentation, for composing several concepts in one image)")
+    zoom_out_scale: tuple[float, float] = Field((0.4, 0.6), description="size range of a zoomed-out copy (share of the frame)")
+    zoom_out_words: list[str] = Field(default_factory=list, description="words put before the phrase of zoomed-out "
+                                      "copies, e.g. ['very small'] (only words the text encoder knows)")
+
+    @field_validator("zoom_out_scale")
+    @classmethod
+    def _scale_in_frame(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"zoom_out_scale needs 0 < low <= high <= 1; got {list(value)}")
+        return value
+
+    def zoom(self, seed: int) -> ZoomOut | None:
+        if not self.zoom_out:
+            return None
+        return ZoomOut(self.zoom_out, tuple(self.zoom_out_scale), tuple(self.zoom_out_words), seed)
+
+
 # -- sampling ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One draw of training examples: latents, their prompts and (if any example is zoomed out) loss masks."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    mask: torch.Tensor | None = None
+
+    def cat(self, other: Batch) -> Batch:
+        mask = None
+        if self.mask is not None or other.mask is not None:
+            ones = lambda b: b.mask if b.mask is not None else torch.ones_like(b.latents[:, :1])  # noqa: E731
+            mask = torch.cat([ones(self), ones(other)])
+        return Batch(torch.cat([self.latents, other.latents]), self.prompts + other.prompts, mask)
 
 
 @dataclass
@@ -230,6 +324,7 @@ class Examples:
     std: torch.Tensor
     phrases: list[str]
     templates: tuple[str, ...]
+    mask: torch.Tensor | None = None  # [n, 1, h, w]: latent cells the loss sees (None: all of them)
 
     @classmethod
     def from_images(
@@ -240,38 +335,53 @@ class Examples:
         phrases: str | Sequence[str],
         prompt_templates: Sequence[str] = ("{}",),
         flip: bool = False,
+        zoom: ZoomOut | None = None,
     ) -> Examples:
-        """Encode ``images`` (and their horizontal mirror images with ``flip``) once."""
+        """Encode ``images`` (and their horizontal mirror images with ``flip``, and ``zoom``'s zoomed-out copies of
+        all of them, whose phrases get ``zoom.words``) once."""
         pixels = to_pixels(images, size)
         phrase_list = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
         if flip:
             pixels = torch.cat([pixels, pixels.flip(-1)])
             phrase_list = phrase_list * 2
+        mask = None
+        if zoom is not None and zoom.variants > 0:
+            mean, _ = encode_images(vae, pixels[:1])
+            factor = size // mean.shape[-1]
+            zoomed, zoom_mask = zoom_variants(pixels, zoom, factor)
+            full = torch.ones(len(pixels), *zoom_mask.shape[1:])
+            pixels, mask = torch.cat([pixels, zoomed]), torch.cat([full, zoom_mask])
+            prefix = " ".join(zoom.words)
+            phrase_list = phrase_list + [f"{prefix} {p}".strip() for p in phrase_list] * zoom.variants
         mean, std = encode_images(vae, pixels)
-        return cls(mean, std, phrase_list, tuple(prompt_templates))
+        return cls(mean, std, phrase_list, tuple(prompt_templates), mask)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
 
-    def sample(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """``count`` latents (drawn from each image's latent distribution) and their prompts."""
+    def sample(self, count: int, generator: torch.Generator) -> Batch:
+        """``count`` latents (drawn from each image's latent distribution), their prompts and loss masks."""
         index = torch.randint(len(self), (count,), generator=generator)
         template = torch.randint(len(self.templates), (count,), generator=generator)
         noise = torch.randn((count, *self.mean.shape[1:]), generator=generator)
         latents = self.mean[index] + self.std[index] * noise
         prompts = [self.templates[t].format(self.phrases[i]) for i, t in zip(index.tolist(), template.tolist())]
-        return latents, prompts
+        return Batch(latents, prompts, None if self.mask is None else self.mask[index])
 
     @staticmethod
     def concat(parts: Sequence[Examples]) -> Examples:
         """One example set from several with the same templates (e.g. one per concept)."""
         if len({p.templates for p in parts}) != 1:
             raise ValueError("Examples.concat needs parts with the same templates.")
+        masks = None
+        if any(p.mask is not None for p in parts):
+            masks = torch.cat([p.mask if p.mask is not None else torch.ones_like(p.mean[:, :1]) for p in parts])
         return Examples(
             torch.cat([p.mean for p in parts]),
             torch.cat([p.std for p in parts]),
             [phrase for p in parts for phrase in p.phrases],
             parts[0].templates,
+            masks,
         )
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor, register_hook
 from customization import CustomizationError
+from customization.data import ZoomOutOptions
 from customization.training import TextConditioner, TrainingConfig, shared_copy
 
 TOKEN_HOOK = "custom-tokens"
@@ -300,7 +301,7 @@ def export_embeddings(edit: Edit, folder: str | Path) -> list[Path]:
 # -- the textual-inversion editor ----------------------------------------------------------------------
 
 
-class TextualInversionConfig(TrainingConfig):
+class TextualInversionConfig(TrainingConfig, ZoomOutOptions):
     """Defaults mirror ``configs/customize/textual-inversion.yaml``."""
 
     steps: int = Field(500, ge=1)
@@ -327,7 +328,7 @@ class TextualInversion(Editor):
         size = config.resolution or default_resolution(pipe)
         with frozen(*pipe_components(pipe)):
             tokens = NewTokens(pipe, [s.token for s in specs], [config.init_word or s.class_word for s in specs], config.num_vectors, request.seed)
-            instances, _ = instance_examples(pipe, specs, config.templates, config.flip, size)
+            instances, _ = instance_examples(pipe, specs, config, size, request.seed)
             unet = shared_copy(pipe.unet)
             objective = DenoisingObjective(unet, noise_scheduler(pipe), tokens.conditioner(size), instances, None, config.batch_size)
             result = train(

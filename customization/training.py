@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from conceptsmith.registry import EditorConfig
 from customization import CustomizationError
+from customization.data import ZoomOutOptions
 
 CHECKPOINT_KEY = "conceptsmith_checkpoint"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -88,7 +89,7 @@ class TrainingConfig(EditorConfig):
         return {name: getattr(self, name) for name in TrainingConfig.model_fields}
 
 
-class SubjectTrainingConfig(TrainingConfig):
+class SubjectTrainingConfig(TrainingConfig, ZoomOutOptions):
     """Fields of the methods that fine-tune weights on reference images of a subject (Custom Diffusion,
     DreamBooth-LoRA): how the subject appears in prompts and the class-regularization (prior) images."""
 
@@ -296,11 +297,13 @@ def denoising_loss(
     latents: torch.Tensor,
     conditioning: Conditioning,
     generator: torch.Generator,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example diffusion loss ``[B]``: MSE between the UNet's prediction and the scheduler's target.
 
     Noise and timesteps come from ``generator`` (CPU); the target follows the scheduler's
-    ``prediction_type`` (epsilon, v_prediction or sample).
+    ``prediction_type`` (epsilon, v_prediction or sample). ``mask`` ``[B, 1, h, w]`` restricts the mean to
+    the latent cells where it is 1 (zoomed-out reference images, :class:`customization.data.ZoomOut`).
     """
     device = module_device(unet)
     batch = latents.shape[0]
@@ -323,7 +326,11 @@ def denoising_loss(
     if conditioning.added_cond_kwargs is not None:
         kwargs["added_cond_kwargs"] = {k: v.to(dtype=dtype) for k, v in conditioning.added_cond_kwargs.items()}
     prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=hidden, **kwargs).sample
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    error = (prediction.float() - target.float()).pow(2)
+    if mask is None:
+        return error.flatten(1).mean(1)
+    mask = mask.to(error.device).expand_as(error)
+    return (error * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1.0)
 
 
 class DenoisingObjective:
@@ -353,11 +360,11 @@ class DenoisingObjective:
         self.prior_weight = prior_weight
 
     def __call__(self, step: TrainStep) -> dict[str, torch.Tensor]:
-        latents, prompts = self.instances.sample(self.batch_size, step.generator)
+        batch = self.instances.sample(self.batch_size, step.generator)
         if self.classes is not None:
-            class_latents, class_prompts = self.classes.sample(self.batch_size, step.generator)
-            latents, prompts = torch.cat([latents, class_latents]), prompts + class_prompts
-        losses = denoising_loss(self.unet, self.scheduler, latents, self.conditioner(prompts), step.generator)
+            batch = batch.cat(self.classes.sample(self.batch_size, step.generator))
+        losses = denoising_loss(self.unet, self.scheduler, batch.latents, self.conditioner(batch.prompts), step.generator,
+                                batch.mask)
         instance = losses[: self.batch_size].mean()
         if self.classes is None:
             return {"loss": instance, "instance": instance}
@@ -370,8 +377,9 @@ class DenoisingObjective:
         generator = torch.Generator().manual_seed(seed)
         total = 0.0
         for _ in range(batches):
-            latents, prompts = self.instances.sample(self.batch_size, generator)
-            total += float(denoising_loss(self.unet, self.scheduler, latents, self.conditioner(prompts), generator).mean())
+            batch = self.instances.sample(self.batch_size, generator)
+            total += float(denoising_loss(self.unet, self.scheduler, batch.latents, self.conditioner(batch.prompts),
+                                          generator, batch.mask).mean())
         return total / max(1, batches)
 
 

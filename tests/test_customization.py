@@ -16,8 +16,22 @@ from conceptsmith.edits import Edit, EditError, applied_edits
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
 from customization import CustomizationError
-from customization.data import class_images, concept_specs, load_images, to_pixels
-from customization.training import TrainingConfig, latest_checkpoint, resolve_mixed_precision, train
+from customization.data import (
+    Examples,
+    ZoomOut,
+    class_images,
+    concept_specs,
+    load_images,
+    to_pixels,
+    zoomed_out,
+)
+from customization.training import (
+    TrainingConfig,
+    denoising_loss,
+    latest_checkpoint,
+    resolve_mixed_precision,
+    train,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "customize"
 
@@ -88,6 +102,69 @@ def test_requests_are_checked(refs, tmp_path):
     other = make_references(tmp_path / "other", 3)
     both = specs(tokens=["<a>", "<b>"], class_words=["dog", "cat"], images=[refs, other])
     assert [(s.token, s.phrase, len(s.images)) for s in both] == [("<a>", "<a> dog", 4), ("<b>", "<b> cat", 3)]
+
+
+def test_zoomed_out_copy_pastes_the_image_small_and_masks_exactly_its_latent_cells():
+    pixels = to_pixels([Image.fromarray(np.full((32, 32, 3), (250, 10, 10), np.uint8))], 32)[0]
+    pixels[:, 0, :] = pixels[:, -1, :] = pixels[:, :, 0] = pixels[:, :, -1] = -1.0  # a black border
+    canvas, mask = zoomed_out(pixels, 0.5, left=3, top=8, factor=8)
+    assert canvas.shape == (3, 32, 32) and mask.shape == (1, 4, 4)
+    # the 16px copy covers x 3..18 and y 8..23: latent cells fully inside are x in {1}, y in {1, 2}
+    assert mask[0].nonzero().tolist() == [[1, 1], [2, 1]]
+    assert canvas[0, 12, 10] > 0.9 and canvas[1, 12, 10] < -0.8  # the red inside, shrunk
+    assert canvas[:, 0, 0].tolist() == canvas[:, 31, 31].tolist()  # the canvas is one border color
+    with pytest.raises(ValueError, match="does not fit"):
+        zoomed_out(pixels, 0.5, left=20, top=0, factor=8)
+
+
+def test_zoom_out_adds_seeded_masked_copies_with_their_own_phrase(tiny_pipe, refs):
+    pipe, _ = tiny_pipe
+    images = load_images(refs)
+    plain = Examples.from_images(pipe.vae, images, 32, "<z> dog", ("a photo of a {}",), flip=True)
+    zoom = ZoomOut(variants=2, scale=(0.4, 0.6), words=("very small",), seed=3)
+    zoomed = Examples.from_images(pipe.vae, images, 32, "<z> dog", ("a photo of a {}",), flip=True, zoom=zoom)
+    n = len(images) * 2
+    cells = tuple(plain.mean.shape[-2:])
+    assert plain.mask is None and len(zoomed) == 3 * n and zoomed.mask.shape == (3 * n, 1, *cells)
+    assert zoomed.mask[:n].eq(1).all() and 0 < zoomed.mask[n:].sum() < 0.4 * 2 * n * cells[0] * cells[1]
+    assert zoomed.phrases[:n] == plain.phrases and set(zoomed.phrases[n:]) == {"very small <z> dog"}
+    torch.testing.assert_close(zoomed.mean[:n], plain.mean)
+    again = Examples.from_images(pipe.vae, images, 32, "<z> dog", ("a photo of a {}",), flip=True, zoom=zoom)
+    assert torch.equal(again.mask, zoomed.mask) and torch.equal(again.mean, zoomed.mean)
+    batch = zoomed.sample(6, torch.Generator().manual_seed(0))
+    assert batch.mask.shape == (6, 1, *cells) and len(batch.prompts) == 6
+    both = batch.cat(plain.sample(2, torch.Generator().manual_seed(0)))
+    assert both.mask.shape == (8, 1, *cells) and both.mask[6:].eq(1).all()
+
+
+def test_masked_denoising_loss_only_sees_the_masked_cells(tiny_pipe):
+    from customization.training import TextConditioner, noise_scheduler
+
+    pipe, _ = tiny_pipe
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    conditioning = TextConditioner.for_pipe(pipe, size=32)(["a dog", "a cat"])
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2, :2] = 1
+    loss = lambda lat, m=None: denoising_loss(pipe.unet, noise_scheduler(pipe), lat, conditioning,  # noqa: E731
+                                              torch.Generator().manual_seed(1), m)
+    full, masked = loss(latents), loss(latents, mask)
+    assert not torch.allclose(full, masked)
+    changed = latents.clone()
+    changed[:, :, 3, 3] += 5.0  # outside the mask: the masked loss cannot see it (the UNet's output there moves)
+    outside = loss(changed, mask)
+    assert not torch.allclose(loss(changed), full)
+    assert torch.allclose(outside, masked, atol=0.5)
+    torch.testing.assert_close(loss(latents, torch.ones(2, 1, 4, 4)), full)
+
+
+def test_zoom_out_options_are_checked():
+    from customization.custom_diffusion import CustomDiffusionConfig
+
+    assert CustomDiffusionConfig().zoom(0) is None
+    zoom = CustomDiffusionConfig(zoom_out=2, zoom_out_words=["far away"]).zoom(5)
+    assert zoom == ZoomOut(2, (0.4, 0.6), ("far away",), 5)
+    with pytest.raises(ValueError, match="zoom_out_scale"):
+        CustomDiffusionConfig(zoom_out=1, zoom_out_scale=(0.7, 1.5))
 
 
 def test_class_images_come_from_the_model_and_are_cached(tiny_pipe, tmp_path):
