@@ -157,12 +157,11 @@ class ZoomOut:
     seed: int = 0
 
 
-def zoomed_out(pixels: torch.Tensor, scale: float, left: int, top: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pixels`` ``[3, s, s]`` shrunk to ``round(scale * s)`` and pasted at ``(left, top)`` on a canvas of the
+def zoomed_out(pixels: torch.Tensor, side: int, left: int, top: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixels`` ``[3, s, s]`` shrunk to ``side`` x ``side`` and pasted at ``(left, top)`` on a canvas of the
     image's mean border color; returns ``(pixels, mask)`` with ``mask`` ``[1, s / factor, s / factor]`` = 1 on the
     latent cells the pasted image covers completely (the only ones the loss sees)."""
     size = pixels.shape[-1]
-    side = max(factor, round(scale * size))
     if left < 0 or top < 0 or left + side > size or top + side > size:
         raise ValueError(f"a {side}px image at ({left}, {top}) does not fit a {size}px frame")
     small = torch.nn.functional.interpolate(pixels[None], size=(side, side), mode="bicubic", antialias=True,
@@ -188,7 +187,7 @@ def zoom_variants(pixels: torch.Tensor, zoom: ZoomOut, factor: int) -> tuple[tor
             scale = low + (high - low) * float(torch.rand((), generator=generator))
             side = max(factor, round(scale * size))
             left, top = (int(torch.randint(0, size - side + 1, (), generator=generator)) for _ in range(2))
-            canvas, mask = zoomed_out(image, scale, left, top, factor)
+            canvas, mask = zoomed_out(image, side, left, top, factor)
             out.append(canvas)
             masks.append(mask)
     return torch.stack(out), torch.stack(masks)
@@ -309,11 +308,15 @@ class Batch:
     mask: torch.Tensor | None = None
 
     def cat(self, other: Batch) -> Batch:
-        mask = None
-        if self.mask is not None or other.mask is not None:
-            ones = lambda b: b.mask if b.mask is not None else torch.ones_like(b.latents[:, :1])  # noqa: E731
-            mask = torch.cat([ones(self), ones(other)])
+        mask = joined_masks([(self.mask, self.latents), (other.mask, other.latents)])
         return Batch(torch.cat([self.latents, other.latents]), self.prompts + other.prompts, mask)
+
+
+def joined_masks(parts: Sequence[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor | None:
+    """Concatenated loss masks of ``(mask, latents)`` parts, all-ones for a part without one; None if none has one."""
+    if all(mask is None for mask, _ in parts):
+        return None
+    return torch.cat([mask if mask is not None else torch.ones_like(latents[:, :1]) for mask, latents in parts])
 
 
 @dataclass
@@ -346,8 +349,7 @@ class Examples:
             phrase_list = phrase_list * 2
         mask = None
         if zoom is not None and zoom.variants > 0:
-            mean, _ = encode_images(vae, pixels[:1])
-            factor = size // mean.shape[-1]
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling, as diffusers computes it
             zoomed, zoom_mask = zoom_variants(pixels, zoom, factor)
             full = torch.ones(len(pixels), *zoom_mask.shape[1:])
             pixels, mask = torch.cat([pixels, zoomed]), torch.cat([full, zoom_mask])
@@ -373,15 +375,12 @@ class Examples:
         """One example set from several with the same templates (e.g. one per concept)."""
         if len({p.templates for p in parts}) != 1:
             raise ValueError("Examples.concat needs parts with the same templates.")
-        masks = None
-        if any(p.mask is not None for p in parts):
-            masks = torch.cat([p.mask if p.mask is not None else torch.ones_like(p.mean[:, :1]) for p in parts])
         return Examples(
             torch.cat([p.mean for p in parts]),
             torch.cat([p.std for p in parts]),
             [phrase for p in parts for phrase in p.phrases],
             parts[0].templates,
-            masks,
+            joined_masks([(p.mask, p.mean) for p in parts]),
         )
 
 

@@ -107,14 +107,14 @@ def test_requests_are_checked(refs, tmp_path):
 def test_zoomed_out_copy_pastes_the_image_small_and_masks_exactly_its_latent_cells():
     pixels = to_pixels([Image.fromarray(np.full((32, 32, 3), (250, 10, 10), np.uint8))], 32)[0]
     pixels[:, 0, :] = pixels[:, -1, :] = pixels[:, :, 0] = pixels[:, :, -1] = -1.0  # a black border
-    canvas, mask = zoomed_out(pixels, 0.5, left=3, top=8, factor=8)
+    canvas, mask = zoomed_out(pixels, 16, left=3, top=8, factor=8)
     assert canvas.shape == (3, 32, 32) and mask.shape == (1, 4, 4)
     # the 16px copy covers x 3..18 and y 8..23: latent cells fully inside are x in {1}, y in {1, 2}
     assert mask[0].nonzero().tolist() == [[1, 1], [2, 1]]
     assert canvas[0, 12, 10] > 0.9 and canvas[1, 12, 10] < -0.8  # the red inside, shrunk
     assert canvas[:, 0, 0].tolist() == canvas[:, 31, 31].tolist()  # the canvas is one border color
     with pytest.raises(ValueError, match="does not fit"):
-        zoomed_out(pixels, 0.5, left=20, top=0, factor=8)
+        zoomed_out(pixels, 16, left=20, top=0, factor=8)
 
 
 def test_zoom_out_adds_seeded_masked_copies_with_their_own_phrase(tiny_pipe, refs):

@@ -95,10 +95,7 @@ def train(
                 unet_train.train_unet(unet_cfg, resume=resume, logfile=logfile, threads_now=threads_now)
         if "evaluator" in chosen:
             log("stage evaluator: open_clip shapes-clip")
-            from conceptsmith.world import clip_train
-
-            with stage_clock.timed("evaluator"):
-                clip_train.train_evaluator(resume=resume, threads=per_process)
+            _evaluator_stage(resume, per_process)
         if sibling:
             log("waiting for the evaluator's process")
             sibling.join()
@@ -123,12 +120,17 @@ def _start_evaluator_process(resume: bool, log) -> multiprocessing.Process:
 
 
 def _evaluator_job(resume: bool, logfile: str) -> None:
-    from conceptsmith.world import clip_train, stage_clock
-
     with open(logfile, "a") as out:
         sys.stdout = sys.stderr = out
-        with stage_clock.timed("evaluator"):
-            clip_train.train_evaluator(resume=resume, threads=1)
+        _evaluator_stage(resume, threads=1)
+
+
+def _evaluator_stage(resume: bool, threads: int) -> None:
+    """The evaluator stage, timed; in ``world train``'s own process or in the second one."""
+    from conceptsmith.world import clip_train, stage_clock
+
+    with stage_clock.timed("evaluator"):
+        clip_train.train_evaluator(resume=resume, threads=threads)
 
 
 @app.command()

@@ -297,9 +297,10 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
         losses.append(loss.item())
         bar.update(1)
         if step % 50 == 0:
-            if threads_now and threads_now() != torch.get_num_threads():
-                torch.set_num_threads(threads_now())
-                log(f"UNet: {torch.get_num_threads()} threads from step {step}", logfile)
+            wanted = threads_now() if threads_now else torch.get_num_threads()
+            if wanted != torch.get_num_threads():
+                torch.set_num_threads(wanted)
+                log(f"UNet: {wanted} threads from step {step}", logfile)
             avg = sum(losses) / len(losses)
             losses.clear()
             bar.set_postfix(loss=f"{avg:.4f}")
