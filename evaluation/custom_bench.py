@@ -216,6 +216,11 @@ class CustomBenchConfig(StrictModel):
         default_factory=lambda: ["a picture of a {}"], description="single-concept templates"
     )
     composition_prompts: list[str] = Field(default_factory=lambda: ["a picture of a {a} next to a {b}"])
+    known_pairs: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="pairs of classes the base model already draws, composed by the unedited model with the same "
+        "prompts and presence rule: the ceiling of both_present for this prompt set",
+    )
     presence: Literal["top2", "halves"] = "top2"
     methods: list[MethodSpec] = Field(default_factory=list)
     compositions: list[Composition] = Field(default_factory=list)
@@ -286,6 +291,7 @@ def _check_names(cfg: CustomBenchConfig, path: Path | None) -> None:
     if cfg.compositions and len(cfg.concepts) < 2:
         raise ConfigError(f"{source}: compositions need at least two concepts")
     needed = [c.noun() for c in cfg.concepts] if cfg.compositions else []
+    needed += [name for pair in cfg.known_pairs for name in pair]
     needed += [cfg.relearn.concept] if cfg.relearn else []
     missing = [n for n in needed if n not in cfg.classes]
     if missing:
@@ -644,7 +650,7 @@ def _composed(
 
 def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
     """Per pair of concepts: the unedited model and every selected composition (both_present, CLIP-T)."""
-    from evaluation.metrics import both_concepts_present_rate, clip_t
+    from evaluation.metrics import clip_t
 
     cfg, ev, rows = run.cfg, run.evaluator, []
     selected = [c for c in cfg.compositions if c.name in labels]
@@ -661,17 +667,50 @@ def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             images = run.generate("composition", group, name, key, edit, used)
             ct = clip_t(ev, images, [p for p in used for _ in cfg.seeds], strip_tokens=[a.token, b.token])
             baseline = ct if baseline is None else baseline
-            present = {
-                "top2": both_concepts_present_rate(ev, images, pair, cfg.classes, cfg.eval_templates),
-                "halves": both_present_halves(ev, images, pair, cfg.classes, cfg.eval_templates),
-            }
-            metrics = {
-                "both_present": present[cfg.presence],
-                **{f"both_present_{k}": v for k, v in present.items()},
-            }
+            metrics = _presence_metrics(cfg, ev, images, pair)
             metrics |= {"clip_t": ct, "clip_t_base": baseline, "clip_t_rel": relative(ct, baseline)}
             rows.append(_row("composition", group, name, key, metrics))
+    for pair in cfg.known_pairs:
+        used = [t.format(a=pair[0], b=pair[1]) for t in cfg.composition_prompts]
+        images = run.generate("composition", "+".join(pair), KNOWN_PAIRS, "unedited", None, used)
+        rows.append(
+            _row(
+                "composition",
+                "+".join(pair),
+                KNOWN_PAIRS,
+                "unedited",
+                _presence_metrics(cfg, ev, images, pair),
+            )
+        )
     return rows
+
+
+#: Row name of the unedited model composing ``known_pairs`` (the both_present ceiling of the prompt set).
+KNOWN_PAIRS = "known-pairs"
+
+
+def _presence_metrics(
+    cfg: CustomBenchConfig, evaluator: Any, images: list[Image.Image], pair: tuple[str, str]
+) -> dict[str, Any]:
+    """both_present under both rules (``both_present`` = the configured one) and, per composition prompt,
+    under the configured rule (images are prompt-major, ``len(cfg.seeds)`` per prompt)."""
+    from evaluation.metrics import both_concepts_present_rate
+
+    def rate(rule: str, part: list[Image.Image]) -> float:
+        if rule == "top2":
+            return both_concepts_present_rate(evaluator, part, pair, cfg.classes, cfg.eval_templates)
+        return both_present_halves(evaluator, part, pair, cfg.classes, cfg.eval_templates)
+
+    n = len(cfg.seeds)
+    present = {rule: rate(rule, images) for rule in ("top2", "halves")}
+    by_prompt = {
+        t: rate(cfg.presence, images[i * n : (i + 1) * n]) for i, t in enumerate(cfg.composition_prompts)
+    }
+    return {
+        "both_present": present[cfg.presence],
+        **{f"both_present_{k}": v for k, v in present.items()},
+        "both_present_by_prompt": by_prompt,
+    }
 
 
 def _relearn_rows(run: _Runner) -> list[dict[str, Any]]:
@@ -716,11 +755,16 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
             keys = (
                 ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel") if section == "single" else ("both_present",)
             )
-            if section == "composition" and name != "unedited":
+            if section == "composition" and name not in ("unedited", KNOWN_PAIRS):
                 keys += ("clip_t", "clip_t_rel")
             if section == "single" and all("train_seconds" in m for m in mine):
                 keys += ("train_seconds",)
             summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
+            if section == "composition" and all("both_present_by_prompt" in m for m in mine):
+                prompts = mine[0]["both_present_by_prompt"]
+                summary[name]["both_present_by_prompt"] = {
+                    t: _mean([m["both_present_by_prompt"][t] for m in mine]) for t in prompts
+                }
     relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
     if relearn:
         summary["relearn"] = {"concept": relearn_concept, **relearn}
@@ -831,6 +875,32 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["name", *_TABLE[:-1], "both_present / relearn_rate"], rows
 
 
+def _prompt_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """both_present per composition prompt (``{a}``/``{b}`` left as placeholders), one row per composition."""
+    named = {
+        name: m["both_present_by_prompt"] for name, m in summary.items() if "both_present_by_prompt" in m
+    }
+    if not named:
+        return None
+    prompts = list(next(iter(named.values())))
+    return ["name", *prompts], [[name, *(f"{by[t]:.3f}" for t in prompts)] for name, by in named.items()]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def summary_table(results: dict[str, Any]) -> str:
     """A fixed-width summary table for terminals."""
     header, rows = _table(results["summary"])
@@ -849,10 +919,11 @@ def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> P
     from conceptsmith.generation import image_grid
 
     tokens = [group] if group in results["references"] else group.split("+")
-    refs = [p for t in tokens for p in results["references"][t]["train"][: columns // len(tokens)]]
+    known = [t for t in tokens if t in results["references"]]  # none for a known-pairs group
+    refs = [p for t in known for p in results["references"][t]["train"][: columns // len(tokens)]]
     mine = [im for im in results["images"] if im["group"] == group]
     seeds = list(dict.fromkeys(im["seed"] for im in mine))
-    rows = [("references", refs)]
+    rows = [("references", refs)] if refs else []
     for method in dict.fromkeys(im["method"] for im in mine):
         ordered = sorted(
             (im for im in mine if im["method"] == method), key=lambda im: seeds.index(im["seed"])
@@ -888,12 +959,15 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
     ]
     md = [f"# Customization benchmark `{results['bench']}`", "", results["description"], ""]
     md += [f"* **{k}**: {v}" for k, v in facts]
-    md += [
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in rows],
-    ]
+    md += ["", *_md_table(header, rows)]
+    by_prompt = _prompt_table(results["summary"])
+    if by_prompt:
+        md += [
+            "",
+            f"**both_present by composition prompt** (rule: {results['presence']})",
+            "",
+            *_md_table(*by_prompt),
+        ]
     for g, path in grids.items():
         md += [
             "",
@@ -910,10 +984,13 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
         "<ul>",
         *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
         "</ul>",
-        "<table><thead><tr>",
+        _html_table(header, rows),
     ]
-    body += [f"<th>{e(h)}</th>" for h in header] + ["</tr></thead><tbody>"]
-    body += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows] + ["</tbody></table>"]
+    if by_prompt:
+        body += [
+            f"<h3>both_present by composition prompt (rule: {e(results['presence'])})</h3>",
+            _html_table(*by_prompt),
+        ]
     for g, path in grids.items():
         src, alt = e(path.relative_to(out).as_posix()), e(f"{g}: references, then one row per method")
         body.append(f'<h2>{e(g)}</h2><figure><img src="{src}" alt="{alt}"></figure>')

@@ -36,7 +36,8 @@ TINY = {
     "concepts": [{"token": "<mush>", "object": "mushroom"}, {"token": "<key>", "object": "key"}],
     "n_reference": 3,
     "prompts": ["a picture of a {}"],
-    "composition_prompts": ["a picture of a {a} next to a {b}"],
+    "composition_prompts": ["a picture of a {a} next to a {b}", "a picture of a {a} left of a {b}"],
+    "known_pairs": [["circle", "square"]],
     "methods": [
         {"config": "configs/customize/custom-diffusion.yaml", "params": CD_FAST},
         {"config": "configs/customize/lora.yaml", "params": FAST},
@@ -72,8 +73,8 @@ TINY = {
     },
 }
 # fits: 3 methods x 2 concepts + joint + relearn (erase, customize); images: 2 concepts x 4 rows +
-# 6 composition rows + 3 relearning rows (1 prompt, 1 seed each)
-TRAINED, GENERATED = 9, 17
+# (6 composition rows + 1 known pair) x 2 prompts + 3 relearning rows (1 seed each)
+TRAINED, GENERATED = 9, 25
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -174,7 +175,15 @@ def test_runner_writes_results_and_report(first_run):
         ["custom-diffusion", "lora", "textual-inversion"],
         ["joint", "closed-form", "lora-sum"],
     )
-    assert list(summary) == ["unedited", *singles, *compositions, "t2i-zero", "a-star", "relearn"]
+    assert list(summary) == [
+        "unedited",
+        *singles,
+        *compositions,
+        "t2i-zero",
+        "a-star",
+        "known-pairs",
+        "relearn",
+    ]
     for name in ("unedited", *singles):
         assert {"clip_i", "clip_i_rel", "clip_t", "clip_t_rel"} <= set(summary[name])
     for name in singles:  # the measured training time of one run, kept with the (cached) edit
@@ -186,7 +195,16 @@ def test_runner_writes_results_and_report(first_run):
     assert "both_present" in summary["unedited"] and summary["unedited"]["clip_t_rel"] == pytest.approx(1.0)
     assert set(summary["relearn"]) == {"concept", "unedited", "erased", "erased+customized"}
     rows = results["rows"]
-    assert {r["group"] for r in rows} == {"<mush>", "<key>", "<mush>+<key>", "relearn:circle"}
+    assert {r["group"] for r in rows} == {
+        "<mush>",
+        "<key>",
+        "<mush>+<key>",
+        "circle+square",
+        "relearn:circle",
+    }
+    known = [im["prompt"] for im in results["images"] if im["method"] == "known-pairs"]
+    assert known == ["a picture of a circle next to a square", "a picture of a circle left of a square"]
+    assert set(summary["known-pairs"]) == {"both_present", "both_present_by_prompt"}
     assert all(
         {"both_present_top2", "both_present_halves"} <= set(r["metrics"])
         for r in rows
@@ -199,8 +217,9 @@ def test_runner_writes_results_and_report(first_run):
         assert first_run.report[kind].is_file()
     assert "| closed-form |" in first_run.report["markdown"].read_text()
     assert "<table>" in first_run.report["html"].read_text()
+    assert "both_present by composition prompt" in first_run.report["markdown"].read_text()
     grids = [k for k in first_run.report if k.startswith("grid:")]
-    assert len(grids) == 4 and all(first_run.report[k].is_file() for k in grids)
+    assert len(grids) == 5 and all(first_run.report[k].is_file() for k in grids)
 
 
 def test_rerun_hits_every_cache(first_run, tiny_config):
@@ -249,6 +268,29 @@ def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
         if r["section"] == "single" and r["method"] == "custom-diffusion"
     ]
     assert results["summary"]["custom-diffusion"]["clip_i_rel"] == pytest.approx(sum(per_concept) / 2)
+
+
+def test_both_present_by_prompt_splits_the_images_prompt_major(first_run, evaluator_file):
+    """Each composition row's per-prompt rates are the rule applied to that prompt's images alone
+    (recomputed here from the stored files), and with equal seeds per prompt they average to the row's rate."""
+    from evaluation.clip import load_evaluator
+    from evaluation.metrics import both_concepts_present_rate
+
+    ev, results = load_evaluator(str(evaluator_file)), first_run.results
+    prompts, classes = TINY["composition_prompts"], TINY["classes"]
+    for row in (r for r in results["rows"] if r["section"] == "composition"):
+        mine = [
+            im for im in results["images"] if im["group"] == row["group"] and im["method"] == row["method"]
+        ]
+        pair = ("circle", "square") if row["group"] == "circle+square" else ("mushroom", "key")
+        by = row["metrics"]["both_present_by_prompt"]
+        assert list(by) == prompts
+        for i, template in enumerate(prompts):
+            images = [Image.open(mine[i]["path"]).convert("RGB")]
+            assert by[template] == both_concepts_present_rate(
+                ev, images, pair, classes, ["a picture of a {}"]
+            )
+        assert row["metrics"]["both_present"] == pytest.approx(sum(by.values()) / len(by))
 
 
 def test_relative_and_the_halves_presence_rule():
@@ -300,6 +342,7 @@ def test_cli_dispatches_on_kind_and_filters_methods(first_run, tiny_config, tmp_
         "unedited",
         "textual-inversion",
         "closed-form",
+        "known-pairs",  # the ceiling row comes with any composition
     ]
     assert (out / "report.html").is_file()
     bad = CliRunner().invoke(app, ["bench", str(tiny_config), "--out", str(out), "--methods", "dreambooth"])
