@@ -193,6 +193,55 @@ def zoom_variants(pixels: torch.Tensor, zoom: ZoomOut, factor: int) -> tuple[tor
     return torch.stack(out), torch.stack(masks)
 
 
+@dataclass(frozen=True)
+class CutMix:
+    """SVDiff's Cut-Mix augmentation (Han et al., ICCV 2023, Sec. 3.3 "Cut-Mix-Unmix"): for joint training on
+    several concepts, images that show two of them side by side, each reference shrunk into one half of the frame,
+    prompted with both phrases joined by ``relation`` (e.g. ``"<a> mushroom left of a <b> key"``), so the run
+    sees the concepts together, not only each filling the frame alone. ``per_pair`` images per ordered pair of
+    concepts (reference images drawn with ``seed``). The paper's Unmix term (a cross-attention penalty) is not
+    implemented."""
+
+    per_pair: int = 4
+    relation: str = "{a} left of a {b}"
+    seed: int = 0
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Two images ``[3, s, s]`` as one: each shrunk to ``s/2`` x ``s/2`` and centred in its half, on its own
+    mean border color (ShapesWorld draws two-object scenes the same way: one object per half)."""
+    size = left.shape[-1]
+    half = size // 2
+    top = (size - half) // 2
+    canvas = torch.empty(3, size, size)
+    for image, start in ((left, 0), (right, half)):
+        small = torch.nn.functional.interpolate(image[None], size=(half, half), mode="bicubic", antialias=True,
+                                                align_corners=False)[0].clamp(-1, 1)
+        border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).mean(1)
+        canvas[:, :, start : start + half] = border[:, None, None]
+        canvas[:, top : top + half, start : start + half] = small
+    return canvas
+
+
+def cut_mix_pixels(pixels: Sequence[torch.Tensor], phrases: Sequence[str], mix: CutMix) -> tuple[torch.Tensor, list[str]]:
+    """``mix.per_pair`` side-by-side images per ordered pair of concepts (``pixels[i]`` ``[n_i, 3, s, s]`` are
+    concept ``i``'s references, ``phrases[i]`` its phrase) and their phrases."""
+    if len(pixels) < 2:
+        raise CustomizationError(
+            "cut_mix puts two concepts in one image, so it needs a run with at least two concepts (joint training); "
+            "set cut_mix: 0 for a single concept."
+        )
+    generator = torch.Generator().manual_seed(mix.seed)
+    images, mixed_phrases = [], []
+    for a, b in ((a, b) for a in range(len(pixels)) for b in range(len(pixels)) if a != b):
+        for _ in range(mix.per_pair):
+            i = int(torch.randint(len(pixels[a]), (), generator=generator))
+            j = int(torch.randint(len(pixels[b]), (), generator=generator))
+            images.append(side_by_side(pixels[a][i], pixels[b][j]))
+            mixed_phrases.append(mix.relation.format(a=phrases[a], b=phrases[b]))
+    return torch.stack(images), mixed_phrases
+
+
 # -- class-regularization images -----------------------------------------------------------------------
 
 
@@ -265,13 +314,16 @@ def training_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, s
 
 def instance_examples(pipe: Any, specs: Sequence[Any], config: Any, size: int, seed: int) -> tuple[Examples, tuple[str, ...]]:
     """``(instances, prompt_templates)``: each concept's reference images with its phrase in the config's
-    templates (mirrored with ``config.flip``, zoomed out per :meth:`ZoomOutOptions.zoom`)."""
+    templates (mirrored with ``config.flip``, zoomed out per :meth:`ZoomOutOptions.zoom`), plus, for a joint run with
+    ``config.cut_mix``, side-by-side images of every ordered pair of concepts (:func:`cut_mix_pixels`)."""
     prompt_templates = templates(config.templates)
     zoom = config.zoom(seed)
-    instances = Examples.concat(
-        [Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip, zoom) for s in specs]
-    )
-    return instances, prompt_templates
+    parts = [Examples.from_images(pipe.vae, s.images, size, s.phrase, prompt_templates, config.flip, zoom) for s in specs]
+    mix = config.mix(seed)
+    if mix is not None:
+        mixed, phrases = cut_mix_pixels([to_pixels(s.images, size) for s in specs], [s.phrase for s in specs], mix)
+        parts.append(Examples.from_pixels(pipe.vae, mixed, phrases, prompt_templates))
+    return Examples.concat(parts), prompt_templates
 
 
 class ZoomOutOptions(BaseModel):
@@ -294,6 +346,25 @@ class ZoomOutOptions(BaseModel):
         if not self.zoom_out:
             return None
         return ZoomOut(self.zoom_out, tuple(self.zoom_out_scale), tuple(self.zoom_out_words), seed)
+
+
+class CutMixOptions(BaseModel):
+    """Config fields of :class:`CutMix` shared by the methods that train on reference images."""
+
+    cut_mix: int = Field(0, ge=0, description="side-by-side images per ordered pair of concepts in a joint run (0: none; "
+                         "SVDiff's Cut-Mix, for composing several concepts in one image)")
+    cut_mix_relation: str = Field("{a} left of a {b}", description="how a side-by-side image joins the two phrases "
+                                  "({a} is the left concept, {b} the right)")
+
+    @field_validator("cut_mix_relation")
+    @classmethod
+    def _both_concepts(cls, value: str) -> str:
+        if "{a}" not in value or "{b}" not in value:
+            raise ValueError(f"cut_mix_relation needs '{{a}}' and '{{b}}'; got {value!r}")
+        return value
+
+    def mix(self, seed: int) -> CutMix | None:
+        return CutMix(self.cut_mix, self.cut_mix_relation, seed) if self.cut_mix else None
 
 
 # -- sampling ------------------------------------------------------------------------------------------
@@ -355,8 +426,20 @@ class Examples:
             pixels, mask = torch.cat([pixels, zoomed]), torch.cat([full, zoom_mask])
             prefix = " ".join(zoom.words)
             phrase_list = phrase_list + [f"{prefix} {p}".strip() for p in phrase_list] * zoom.variants
+        return cls.from_pixels(vae, pixels, phrase_list, prompt_templates, mask)
+
+    @classmethod
+    def from_pixels(
+        cls,
+        vae: torch.nn.Module,
+        pixels: torch.Tensor,
+        phrases: Sequence[str],
+        prompt_templates: Sequence[str] = ("{}",),
+        mask: torch.Tensor | None = None,
+    ) -> Examples:
+        """Encode ``pixels`` ``[n, 3, s, s]`` in ``[-1, 1]`` (one phrase each) once."""
         mean, std = encode_images(vae, pixels)
-        return cls(mean, std, phrase_list, tuple(prompt_templates), mask)
+        return cls(mean, std, list(phrases), tuple(prompt_templates), mask)
 
     def __len__(self) -> int:
         return self.mean.shape[0]

@@ -33,7 +33,7 @@ from torch import nn
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor, register_hook
 from customization import CustomizationError
-from customization.data import ZoomOutOptions
+from customization.data import CutMixOptions, ZoomOutOptions
 from customization.training import TextConditioner, TrainingConfig, shared_copy
 
 TOKEN_HOOK = "custom-tokens"
@@ -301,7 +301,7 @@ def export_embeddings(edit: Edit, folder: str | Path) -> list[Path]:
 # -- the textual-inversion editor ----------------------------------------------------------------------
 
 
-class TextualInversionConfig(TrainingConfig, ZoomOutOptions):
+class TextualInversionConfig(TrainingConfig, ZoomOutOptions, CutMixOptions):
     """Defaults mirror ``configs/customize/textual-inversion.yaml``."""
 
     steps: int = Field(500, ge=1)

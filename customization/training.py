@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from conceptsmith.registry import EditorConfig
 from customization import CustomizationError
-from customization.data import ZoomOutOptions
+from customization.data import CutMixOptions, ZoomOutOptions
 
 CHECKPOINT_KEY = "conceptsmith_checkpoint"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -89,7 +89,7 @@ class TrainingConfig(EditorConfig):
         return {name: getattr(self, name) for name in TrainingConfig.model_fields}
 
 
-class SubjectTrainingConfig(TrainingConfig, ZoomOutOptions):
+class SubjectTrainingConfig(TrainingConfig, ZoomOutOptions, CutMixOptions):
     """Fields of the methods that fine-tune weights on reference images of a subject (Custom Diffusion,
     DreamBooth-LoRA): how the subject appears in prompts and the class-regularization (prior) images."""
 

@@ -17,11 +17,15 @@ from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
 from customization import CustomizationError
 from customization.data import (
+    CutMix,
     Examples,
     ZoomOut,
     class_images,
     concept_specs,
+    cut_mix_pixels,
+    instance_examples,
     load_images,
+    side_by_side,
     to_pixels,
     zoomed_out,
 )
@@ -165,6 +169,56 @@ def test_zoom_out_options_are_checked():
     assert zoom == ZoomOut(2, (0.4, 0.6), ("far away",), 5)
     with pytest.raises(ValueError, match="zoom_out_scale"):
         CustomDiffusionConfig(zoom_out=1, zoom_out_scale=(0.7, 1.5))
+
+
+def test_side_by_side_puts_each_image_small_in_its_half_on_its_border_color():
+    left = torch.full((3, 32, 32), 0.5)
+    left[:, 8:24, 8:24] = -1.0  # a dark square on grey
+    right = torch.full((3, 32, 32), -0.25)
+    right[0, 4:28, 4:28] = 1.0  # a red square on dark grey
+    mixed = side_by_side(left, right)
+    assert mixed.shape == (3, 32, 32)
+    expected_left = torch.nn.functional.interpolate(left[None], size=(16, 16), mode="bicubic", antialias=True)[0]
+    torch.testing.assert_close(mixed[:, 8:24, :16], expected_left.clamp(-1, 1))
+    assert torch.equal(mixed[:, :8, :16], torch.full((3, 8, 16), 0.5))  # the left image's border color
+    assert torch.equal(mixed[:, 24:, 16:], torch.full((3, 8, 16), -0.25))  # the right image's
+    assert mixed[0, 16, 24] > 0.9 and mixed[1, 16, 24] < -0.2  # the red square, centred in the right half
+    assert mixed[0, 16, 8] < -0.9  # the dark square, centred in the left half
+
+
+def test_cut_mix_pairs_every_ordered_pair_of_concepts_with_seeded_references():
+    a, b, c = (torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(n)) * 2 - 1 for n in (3, 4, 5))
+    mix = CutMix(per_pair=2, relation="{a} left of a {b}", seed=7)
+    images, phrases = cut_mix_pixels([a, b, c], ["<a> cup", "<b> hat", "<c> pen"], mix)
+    assert images.shape == (12, 3, 16, 16)  # 3 x 2 ordered pairs x 2
+    assert phrases[:2] == ["<a> cup left of a <b> hat"] * 2 and phrases[-1] == "<c> pen left of a <b> hat"
+    left_halves = {tuple(side_by_side(x, b[0])[:, 4:12, :8].flatten().tolist()) for x in a}
+    assert tuple(images[0, :, 4:12, :8].flatten().tolist()) in left_halves  # the left half is one of a's images
+    again, _ = cut_mix_pixels([a, b, c], ["<a> cup", "<b> hat", "<c> pen"], mix)
+    assert torch.equal(images, again)
+    other, _ = cut_mix_pixels([a, b, c], ["<a> cup", "<b> hat", "<c> pen"], CutMix(2, seed=8))
+    assert not torch.equal(images, other)
+    with pytest.raises(CustomizationError, match="at least two concepts"):
+        cut_mix_pixels([a], ["<a> cup"], mix)
+
+
+def test_cut_mix_joins_a_joint_run_examples(tiny_pipe, refs, tmp_path):
+    from customization.custom_diffusion import CustomDiffusionConfig
+
+    pipe, _ = tiny_pipe
+    second = make_references(tmp_path / "second", color=(20, 40, 230))
+    request = EditRequest(concepts=[], tokens=["<r>", "<b>"], class_words=["dog", "cat"], images=[refs, second])
+    specs = concept_specs(request, phrase_format="{token} {class_word}", need_class_word=True)
+    config = CustomDiffusionConfig(cut_mix=3, templates=["a photo of a {}"], flip=False)
+    mixed, _ = instance_examples(pipe, specs, config, 32, seed=0)
+    plain, _ = instance_examples(pipe, specs, CustomDiffusionConfig(templates=["a photo of a {}"], flip=False), 32, 0)
+    assert len(mixed) == len(plain) + 6 and mixed.phrases[: len(plain)] == plain.phrases
+    assert mixed.phrases[len(plain) :] == ["<r> dog left of a <b> cat"] * 3 + ["<b> cat left of a <r> dog"] * 3
+    assert mixed.mask is None  # a side-by-side image is whole: the loss sees all of it
+    with pytest.raises(ValueError, match="cut_mix_relation"):
+        CustomDiffusionConfig(cut_mix=1, cut_mix_relation="{a} and friends")
+    with pytest.raises(CustomizationError, match="at least two concepts"):
+        instance_examples(pipe, specs[:1], config, 32, seed=0)
 
 
 def test_class_images_come_from_the_model_and_are_cached(tiny_pipe, tmp_path):
