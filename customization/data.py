@@ -157,6 +157,17 @@ class ZoomOut:
     seed: int = 0
 
 
+def shrunk(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """``pixels`` ``[3, s, s]`` resized to ``side`` x ``side`` (bicubic, antialiased, kept in ``[-1, 1]``)."""
+    return torch.nn.functional.interpolate(pixels[None], size=(side, side), mode="bicubic", antialias=True,
+                                           align_corners=False)[0].clamp(-1, 1)
+
+
+def border_color(pixels: torch.Tensor) -> torch.Tensor:
+    """The mean color ``[3]`` of the outermost rows and columns of ``pixels`` ``[3, s, s]`` (its background)."""
+    return torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1).mean(1)
+
+
 def zoomed_out(pixels: torch.Tensor, side: int, left: int, top: int, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``pixels`` ``[3, s, s]`` shrunk to ``side`` x ``side`` and pasted at ``(left, top)`` on a canvas of the
     image's mean border color; returns ``(pixels, mask)`` with ``mask`` ``[1, s / factor, s / factor]`` = 1 on the
@@ -164,11 +175,8 @@ def zoomed_out(pixels: torch.Tensor, side: int, left: int, top: int, factor: int
     size = pixels.shape[-1]
     if left < 0 or top < 0 or left + side > size or top + side > size:
         raise ValueError(f"a {side}px image at ({left}, {top}) does not fit a {size}px frame")
-    small = torch.nn.functional.interpolate(pixels[None], size=(side, side), mode="bicubic", antialias=True,
-                                            align_corners=False)[0].clamp(-1, 1)
-    border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1).mean(1)
-    canvas = border[:, None, None].expand(3, size, size).clone()
-    canvas[:, top : top + side, left : left + side] = small
+    canvas = border_color(pixels)[:, None, None].expand(3, size, size).clone()
+    canvas[:, top : top + side, left : left + side] = shrunk(pixels, side)
     mask = torch.zeros(1, size // factor, size // factor)
     first_x, last_x = -(-left // factor), (left + side) // factor
     first_y, last_y = -(-top // factor), (top + side) // factor
@@ -215,11 +223,8 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     top = (size - half) // 2
     canvas = torch.empty(3, size, size)
     for image, start in ((left, 0), (right, half)):
-        small = torch.nn.functional.interpolate(image[None], size=(half, half), mode="bicubic", antialias=True,
-                                                align_corners=False)[0].clamp(-1, 1)
-        border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1).mean(1)
-        canvas[:, :, start : start + half] = border[:, None, None]
-        canvas[:, top : top + half, start : start + half] = small
+        canvas[:, :, start : start + half] = border_color(image)[:, None, None]
+        canvas[:, top : top + half, start : start + half] = shrunk(image, half)
     return canvas
 
 
