@@ -671,17 +671,11 @@ def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             metrics |= {"clip_t": ct, "clip_t_base": baseline, "clip_t_rel": relative(ct, baseline)}
             rows.append(_row("composition", group, name, key, metrics))
     for pair in cfg.known_pairs:
+        group = "+".join(pair)
         used = [t.format(a=pair[0], b=pair[1]) for t in cfg.composition_prompts]
-        images = run.generate("composition", "+".join(pair), KNOWN_PAIRS, "unedited", None, used)
-        rows.append(
-            _row(
-                "composition",
-                "+".join(pair),
-                KNOWN_PAIRS,
-                "unedited",
-                _presence_metrics(cfg, ev, images, pair),
-            )
-        )
+        images = run.generate("composition", group, KNOWN_PAIRS, "unedited", None, used)
+        metrics = _presence_metrics(cfg, ev, images, pair)
+        rows.append(_row("composition", group, KNOWN_PAIRS, "unedited", metrics))
     return rows
 
 
