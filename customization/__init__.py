@@ -8,7 +8,8 @@ Editors (``conceptsmith.registry.get_editor(name)``):
 * ``t2i-zero`` / ``a-star`` (:mod:`customization.t2i_zero`, :mod:`customization.a_star`): training-free
   multi-concept composition as inference-time ``hook`` edits.
 
-Merging edits: :mod:`customization.merge`. The training loop every training-based method of the
+Merging edits: :mod:`customization.merge`. The textual-inversion ceiling of a model (the whole conditioning
+inverted, a measurement rather than an edit): :mod:`customization.conditioning_ceiling`. The training loop every training-based method of the
 project shares: :mod:`customization.training`. Reference and class images: :mod:`customization.data`.
 """
 

@@ -222,9 +222,23 @@ class CustomBenchConfig(StrictModel):
         "prompts and presence rule: the ceiling of both_present for this prompt set",
     )
     presence: Literal["top2", "halves"] = "top2"
+    ceiling: dict[str, Any] | None = Field(
+        None,
+        description="settings of the conditioning-ceiling row (customization.conditioning_ceiling.CeilingConfig): "
+        "the whole conditioning inverted on each concept's references, an upper reference for textual inversion",
+    )
     methods: list[MethodSpec] = Field(default_factory=list)
     compositions: list[Composition] = Field(default_factory=list)
     relearn: RelearnSpec | None = None
+
+    @field_validator("ceiling")
+    @classmethod
+    def _ceiling_settings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from customization.conditioning_ceiling import CeilingConfig
+
+            CeilingConfig.model_validate(value)
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> CustomBenchConfig:
@@ -250,7 +264,12 @@ class CustomBenchConfig(StrictModel):
 
 
 def _labels(cfg: CustomBenchConfig) -> list[str]:
-    return [m.label() for m in cfg.methods] + [c.name for c in cfg.compositions]
+    ceiling = [CEILING] if cfg.ceiling is not None else []
+    return [m.label() for m in cfg.methods] + ceiling + [c.name for c in cfg.compositions]
+
+
+#: Row name of the conditioning inversion (:mod:`customization.conditioning_ceiling`) of each concept.
+CEILING = "conditioning-ceiling"
 
 
 def _check_references(cfg: CustomBenchConfig, path: Path | None) -> None:
@@ -523,6 +542,31 @@ class _Runner:
         self.memo[path] = (edit, f"{method}-{edit_digest(edit)}")
         return self.memo[path]
 
+    def ceiling_images(self, concept: ConceptSpec, refs: References) -> tuple[str, list[Image.Image]]:
+        """The conditioning ceiling of ``concept`` (inverted once, cached) and its images, one per seed."""
+        from safetensors.torch import load_file, save_file
+
+        from conceptsmith import __version__
+        from conceptsmith.io import atomic_write
+        from customization.conditioning_ceiling import CeilingConfig, invert_conditioning
+
+        config = CeilingConfig.model_validate({**self.cfg.ceiling, "progress": self.progress})
+        settings = config.model_dump(exclude={"progress"})
+        images = _files_digest(refs.train)
+        key = f"{CEILING}-{digest(self.fingerprint, settings, concept.word(), images, self.cfg.training_seed, __version__)}"
+        path = self.cache / "edits" / f"{key}.safetensors"
+        if not path.is_file():
+            states = invert_conditioning(self.pipe, refs.train, concept.word(), config, self.cfg.training_seed)
+            atomic_write(path, lambda tmp: save_file({"prompt_embeds": states.contiguous()}, str(tmp)))
+            self.trained += 1
+        states = load_file(str(path))["prompt_embeds"]
+        paths = self.gen.run(key, [(key, lambda: {"prompt_embeds": states})], self.cfg.seeds, desc=f"{concept.token}: {CEILING}")
+        self.images += [
+            {"section": "single", "group": concept.token, "method": CEILING, "prompt": None, "seed": s, "path": str(paths[(key, s)])}
+            for s in self.cfg.seeds
+        ]
+        return key, load_images([paths[(key, s)] for s in self.cfg.seeds])
+
     def erase(self, spec: MethodSpec, concept: str, preserve: list[str]) -> tuple[Any, str]:
         method, params = resolve_method(spec, self.bench_path, "relearn.erase")
         task = TaskSpec(name=f"erase-{concept}", erase=[concept], preserve=preserve)
@@ -611,6 +655,10 @@ def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             if seconds is not None:  # measured when the edit was trained (it may come from the cache)
                 metrics["train_seconds"] = float(seconds)
             rows.append(_row("single", concept.token, spec.label(), key, metrics))
+        if CEILING in labels:
+            key, images = run.ceiling_images(concept, refs)
+            ci = clip_i(run.evaluator, images, train)
+            rows.append(_row("single", concept.token, CEILING, key, {"clip_i": ci, "clip_i_ref": norm, "clip_i_rel": relative(ci, norm)}))
     return rows
 
 
@@ -753,6 +801,7 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
                 keys += ("clip_t", "clip_t_rel")
             if section == "single" and all("train_seconds" in m for m in mine):
                 keys += ("train_seconds",)
+            keys = tuple(k for k in keys if all(k in m for m in mine))  # the ceiling row has no CLIP-T
             summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
             if section == "composition" and all("both_present_by_prompt" in m for m in mine):
                 prompts = mine[0]["both_present_by_prompt"]

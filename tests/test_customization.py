@@ -363,3 +363,30 @@ def test_shipped_customize_configs_validate_against_their_editors():
         validate(config.params, editor.Config, source=str(path))
         names.add(config.method)
     assert {"custom-diffusion", "lora", "textual-inversion", "t2i-zero", "a-star"} <= names
+
+
+def test_conditioning_ceiling_fits_the_whole_conditioning_and_leaves_the_pipe_alone(tiny_pipe, tiny_sdxl_pipe, refs):
+    from conceptsmith.text import encode_prompts
+    from customization.conditioning_ceiling import CeilingConfig, invert_conditioning
+    from customization.data import default_resolution
+    from customization.training import Conditioning, noise_scheduler
+
+    pipe, _ = tiny_pipe
+    before = fingerprint(pipe)
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
+    config = CeilingConfig(steps=40, learning_rate=0.05, batch_size=4, progress=False)
+    states = invert_conditioning(pipe, [refs], "dog", config)
+    initial = encode_prompts(pipe, ["a picture of a dog"])
+    assert states.shape == initial.shape and not states.requires_grad
+    assert fingerprint(pipe) == before and [p.requires_grad for p in pipe.unet.parameters()] == flags
+    # the inverted conditioning denoises the references better than the prompt it started from (same noise draws)
+    examples = Examples.from_images(pipe.vae, load_images(refs), default_resolution(pipe), "dog", flip=True)
+
+    def loss(conditioning):
+        expanded = Conditioning(conditioning.expand(len(examples), -1, -1))
+        return float(denoising_loss(pipe.unet, noise_scheduler(pipe), examples.mean, expanded, torch.Generator().manual_seed(3)).mean())
+
+    with torch.no_grad():
+        assert loss(states) < loss(initial)
+    with pytest.raises(CustomizationError, match="one text encoder"):
+        invert_conditioning(tiny_sdxl_pipe[0], [refs], "dog", config)
