@@ -16,6 +16,9 @@ Protocol (CustomConcept101, Kumari et al. 2023, adapted to ShapesWorld):
   (:func:`evaluation.metrics.clip_t`), ``clip_t_rel = clip_t / clip_t`` of the unedited model
   prompted with the same prompts without the token. The summary averages each metric over the
   concepts (``clip_i_rel`` is the mean of the per-concept ratios);
+* **conditioning ceiling** (optional, ``ceiling:``): per concept, the whole conditioning inverted on the
+  references (:func:`customization.conditioning_ceiling.invert_conditioning`), one image per seed,
+  ``clip_i`` / ``clip_i_rel`` only (there is no prompt): what textual inversion could reach at most;
 * **composition** (every pair of concepts, prompts such as ``"{a} next to {b}"``): ``joint`` trains
   one run on both concepts, ``merge`` combines the single-concept edits of a method row
   (:func:`customization.merge.merge`: closed-form, lora-sum, ...), ``hook`` puts a training-free
