@@ -60,6 +60,7 @@ from pydantic import Field, field_validator, model_validator
 
 from conceptsmith.config import ConfigError, StrictModel, load_config, validate
 from conceptsmith.world.vocab import GENERATOR_SHAPES, NOVEL_OBJECTS
+from customization.conditioning_ceiling import CeilingConfig
 from customization.merge import MERGE_METHODS
 from evaluation.bench import (
     GenerationConfig,
@@ -225,23 +226,14 @@ class CustomBenchConfig(StrictModel):
         "prompts and presence rule: the ceiling of both_present for this prompt set",
     )
     presence: Literal["top2", "halves"] = "top2"
-    ceiling: dict[str, Any] | None = Field(
+    ceiling: CeilingConfig | None = Field(
         None,
-        description="settings of the conditioning-ceiling row (customization.conditioning_ceiling.CeilingConfig): "
-        "the whole conditioning inverted on each concept's references, an upper reference for textual inversion",
+        description="settings of the conditioning-ceiling row: the whole conditioning inverted on each concept's "
+        "references, an upper reference for textual inversion",
     )
     methods: list[MethodSpec] = Field(default_factory=list)
     compositions: list[Composition] = Field(default_factory=list)
     relearn: RelearnSpec | None = None
-
-    @field_validator("ceiling")
-    @classmethod
-    def _ceiling_settings(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from customization.conditioning_ceiling import CeilingConfig
-
-            CeilingConfig.model_validate(value)
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> CustomBenchConfig:
@@ -551,9 +543,9 @@ class _Runner:
 
         from conceptsmith import __version__
         from conceptsmith.io import atomic_write
-        from customization.conditioning_ceiling import CeilingConfig, invert_conditioning
+        from customization.conditioning_ceiling import invert_conditioning
 
-        config = CeilingConfig.model_validate({**self.cfg.ceiling, "progress": self.progress})
+        config = self.cfg.ceiling.model_copy(update={"progress": self.cfg.ceiling.progress and self.progress})
         settings = config.model_dump(exclude={"progress"})
         images = _files_digest(refs.train)
         key = f"{CEILING}-{digest(self.fingerprint, settings, concept.word(), images, self.cfg.training_seed, __version__)}"
@@ -563,12 +555,7 @@ class _Runner:
             atomic_write(path, lambda tmp: save_file({"prompt_embeds": states.contiguous()}, str(tmp)))
             self.trained += 1
         states = load_file(str(path))["prompt_embeds"]
-        paths = self.gen.run(key, [(key, lambda: {"prompt_embeds": states})], self.cfg.seeds, desc=f"{concept.token}: {CEILING}")
-        self.images += [
-            {"section": "single", "group": concept.token, "method": CEILING, "prompt": None, "seed": s, "path": str(paths[(key, s)])}
-            for s in self.cfg.seeds
-        ]
-        return key, load_images([paths[(key, s)] for s in self.cfg.seeds])
+        return key, self._images("single", concept.token, CEILING, key, [(key, lambda: {"prompt_embeds": states})])
 
     def erase(self, spec: MethodSpec, concept: str, preserve: list[str]) -> tuple[Any, str]:
         method, params = resolve_method(spec, self.bench_path, "relearn.erase")
@@ -585,20 +572,27 @@ class _Runner:
     ) -> list[Image.Image]:
         """Images of every (prompt, seed) with ``edit`` applied, prompt-major; recorded in ``images``."""
         with _applied(self.pipe, edit):
-            paths = self.gen.run(key, [(p, p) for p in prompts], self.cfg.seeds, desc=f"{group}: {method}")
-        keys = [(p, s) for p in prompts for s in self.cfg.seeds]
+            return self._images(section, group, method, key, [(p, p) for p in prompts])
+
+    def _images(
+        self, section: str, group: str, method: str, key: str, conditions: list[tuple[str, Any]]
+    ) -> list[Image.Image]:
+        """Images of every (condition, seed), condition-major (:meth:`Generator.run` conditions: a prompt, or a
+        key and a maker of prompt embeddings); recorded in ``images`` with their prompt (``None`` for embeddings)."""
+        paths = self.gen.run(key, conditions, self.cfg.seeds, desc=f"{group}: {method}")
+        keys = [(k, c, s) for k, c in conditions for s in self.cfg.seeds]
         self.images += [
             {
                 "section": section,
                 "group": group,
                 "method": method,
-                "prompt": p,
+                "prompt": c if isinstance(c, str) else None,
                 "seed": s,
-                "path": str(paths[(p, s)]),
+                "path": str(paths[(k, s)]),
             }
-            for p, s in keys
+            for k, c, s in keys
         ]
-        return load_images([paths[k] for k in keys])
+        return load_images([paths[(k, s)] for k, _, s in keys])
 
 
 def _row(section: str, group: str, method: str, key: str | None, metrics: dict[str, float]) -> dict[str, Any]:
@@ -802,9 +796,10 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
             )
             if section == "composition" and name not in ("unedited", KNOWN_PAIRS):
                 keys += ("clip_t", "clip_t_rel")
-            if section == "single" and all("train_seconds" in m for m in mine):
+            if section == "single":
                 keys += ("train_seconds",)
-            keys = tuple(k for k in keys if all(k in m for m in mine))  # the ceiling row has no CLIP-T
+            # only what every concept of the row has (no training time for the unedited model, no CLIP-T for the ceiling)
+            keys = tuple(k for k in keys if all(k in m for m in mine))
             summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
             if section == "composition" and all("both_present_by_prompt" in m for m in mine):
                 prompts = mine[0]["both_present_by_prompt"]
