@@ -145,6 +145,30 @@ def test_grown_unet_starts_as_the_smaller_one_and_rejects_misfits():
         grow_from(grown, wider.state_dict())
 
 
+def test_matmul_attention_computes_what_the_fused_kernel_does():
+    """Training swaps SDPA for plain matmul attention (faster backward on CPU); values and gradients agree."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from conceptsmith.world.unet_train import use_matmul_attention
+
+    torch.manual_seed(0)
+    fused = _tiny_unet(("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    matmul = _tiny_unet(("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    matmul.load_state_dict(fused.state_dict())
+    use_matmul_attention(matmul)
+    assert {type(p) for p in matmul.attn_processors.values()} == {AttnProcessor}
+    assert not any(isinstance(p, AttnProcessor) for p in fused.attn_processors.values())
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 7, 16)
+    outs = []
+    for model in (fused, matmul):
+        out = model(x, t, cond).sample
+        out.pow(2).mean().backward()
+        outs.append((out.detach(), model.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+    assert outs[0][1].abs().max() > 0
+
+
 def test_offset_noise_moves_channel_means_only_when_asked():
     from conceptsmith.world.unet_train import training_noise
 
