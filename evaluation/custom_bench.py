@@ -258,13 +258,14 @@ class CustomBenchConfig(StrictModel):
         return " ".join(phrase.split())
 
 
+#: Row name of the conditioning inversion (:mod:`customization.conditioning_ceiling`) of each concept.
+CEILING = "conditioning-ceiling"
+
+
 def _labels(cfg: CustomBenchConfig) -> list[str]:
     ceiling = [CEILING] if cfg.ceiling is not None else []
     return [m.label() for m in cfg.methods] + ceiling + [c.name for c in cfg.compositions]
 
-
-#: Row name of the conditioning inversion (:mod:`customization.conditioning_ceiling`) of each concept.
-CEILING = "conditioning-ceiling"
 
 
 def _check_references(cfg: CustomBenchConfig, path: Path | None) -> None:
@@ -610,18 +611,23 @@ def _single_metrics(
 ) -> dict[str, float]:
     """CLIP-I against the training references and CLIP-T (token removed), each also divided by its
     normalizer: ``norm`` (references vs independent references), ``baseline`` (unedited CLIP-T)."""
-    from evaluation.metrics import clip_i, clip_t
+    from evaluation.metrics import clip_t
 
-    ci = clip_i(evaluator, images, train)
     ct = clip_t(evaluator, images, texts, strip_tokens=[token] if token else [])
     return {
-        "clip_i": ci,
-        "clip_i_ref": norm,
-        "clip_i_rel": relative(ci, norm),
+        **_clip_i_metrics(evaluator, images, train, norm),
         "clip_t": ct,
         "clip_t_base": baseline,
         "clip_t_rel": relative(ct, baseline),
     }
+
+
+def _clip_i_metrics(evaluator: Any, images: list[Image.Image], train: list[Image.Image], norm: float) -> dict[str, float]:
+    """CLIP-I against the training references, and divided by ``norm`` (references vs independent references)."""
+    from evaluation.metrics import clip_i
+
+    ci = clip_i(evaluator, images, train)
+    return {"clip_i": ci, "clip_i_ref": norm, "clip_i_rel": relative(ci, norm)}
 
 
 def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
@@ -654,8 +660,7 @@ def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             rows.append(_row("single", concept.token, spec.label(), key, metrics))
         if CEILING in labels:
             key, images = run.ceiling_images(concept, refs)
-            ci = clip_i(run.evaluator, images, train)
-            rows.append(_row("single", concept.token, CEILING, key, {"clip_i": ci, "clip_i_ref": norm, "clip_i_rel": relative(ci, norm)}))
+            rows.append(_row("single", concept.token, CEILING, key, _clip_i_metrics(run.evaluator, images, train, norm)))
     return rows
 
 
