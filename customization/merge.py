@@ -19,6 +19,10 @@ Which one to use (``merge(edits, method)``):
                  appear); needs equal ranks. ``ties_svd`` applies TIES to the dense updates, then SVD.
 ``linear``       peft ``linear``: weighted sum of A and of B separately (a rough approximation of the
                  sum: cross terms); needs equal ranks. Provided for comparison only.
+``stack``        the edits applied together as trained (:func:`conceptsmith.edits.compose`): weight
+                 changes add up, every learned token is installed. Any kind of edit; the baseline the
+                 merges improve on, and all that textual-inversion edits need (they change only
+                 their own tokens' embeddings, so they cannot interfere).
 
 Learned tokens of the merged edits are carried over (they must be distinct). All edits must come
 from the same base model.
@@ -43,6 +47,7 @@ MERGE_METHODS: dict[str, str] = {
     "ties": "peft add_weighted_adapter ties on the A/B factors (approximate, equal ranks)",
     "ties_svd": "peft ties on the dense updates, then SVD (approximate)",
     "linear": "peft linear on the A/B factors (approximate, equal ranks)",
+    "stack": "the edits applied together unchanged (weight changes add up; any edit kind, e.g. textual inversion)",
 }
 
 #: Generic captions for the merge's regularization term when none are given (any caption corpus works better).
@@ -82,6 +87,8 @@ def merge(
         return closed_form_merge(pipe, edits, **options)
     if options:
         raise CustomizationError(f"Unknown options for the '{method}' merge: {sorted(options)}.")
+    if method == "stack":
+        return stack(edits, weights=weights, rank=rank)
     if method == "lora-sum":
         return lora_sum(edits, weights)
     return peft_merge(edits, method, weights=weights, rank=rank, density=density)
@@ -309,6 +316,18 @@ def _factors(edits: Sequence[Edit]) -> list[dict[str, tuple[torch.Tensor, torch.
             if shapes.setdefault(module, shape) != shape:
                 raise EditError(f"Cannot merge: module '{module}' has shape {list(shapes[module])} in one edit and {list(shape)} in '{edit.method}'.")
     return result
+
+
+def stack(edits: Sequence[Edit], *, weights: Sequence[float] | None = None, rank: int | None = None) -> Edit:
+    """The edits applied together, unchanged: :func:`conceptsmith.edits.compose` after the merge checks
+    (same base, distinct tokens)."""
+    from conceptsmith.edits import compose
+
+    if weights is not None or rank is not None:
+        raise CustomizationError("The stack merge applies every edit as trained; it takes no weights or rank (use lora-sum).")
+    check_same_base(edits)
+    _merged_tokens(edits)
+    return compose(edits)
 
 
 def lora_sum(edits: Sequence[Edit], weights: Sequence[float] | None = None) -> Edit:
