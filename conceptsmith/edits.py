@@ -316,7 +316,7 @@ class Edit:
             component, _, name = module.partition(".")
             if component not in ("unet", "text_encoder", "text_encoder_2"):
                 raise EditError(f"Module '{module}' is outside the UNet and text encoders, which is all a LoRA file can hold.")
-            up, down, errors[module] = _factorize(terms, rank)
+            up, down, errors[module] = _factorize_layer(terms, rank)
             if up.shape[1] == 0:
                 continue
             if component.startswith("text_encoder"):
@@ -357,8 +357,11 @@ class Edit:
             for module, parts in _group(self.tensors, _lora_key).items():
                 terms.setdefault(module, []).append((parts["lora_B.weight"], parts["lora_A.weight"]))
         for module, module_terms in terms.items():
-            if not all(_is_2d(term) for term in module_terms):
-                raise EditError(f"Module '{module}' does not have a 2-D (linear) weight; only linear layers can be exported as LoRA.")
+            if not all(_is_2d(term) for term in module_terms) and not all(_is_conv(term) for term in module_terms):
+                raise EditError(
+                    f"Module '{module}' is neither a linear layer nor a convolution with LoRA-shaped factors; it cannot be "
+                    "exported as LoRA."
+                )
         return terms
 
 
@@ -562,6 +565,29 @@ def _lora_shape(module: str, parts: dict[str, torch.Tensor]) -> list[int]:
 
 def _is_2d(term: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> bool:
     return all(t.ndim == 2 for t in (term if isinstance(term, tuple) else (term,)))
+
+
+def _is_conv(term: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """A convolution's change: a dense ``[out, in, kh, kw]`` delta, or LoRA factors ``up [out, r, 1, 1]``,
+    ``down [r, in, kh, kw]`` (peft's and kohya's layout for Conv2d)."""
+    if isinstance(term, tuple):
+        up, down = term
+        return up.ndim == 4 and down.ndim == 4 and tuple(up.shape[2:]) == (1, 1)
+    return term.ndim == 4
+
+
+def _factorize_layer(
+    terms: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], rank: int | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`_factorize` for a linear layer, or for a convolution seen as the linear map ``[out, in * kh * kw]``
+    (exact: a conv's LoRA is ``up[:, :, 0, 0] @ down.flatten(1)``), its factors reshaped back to conv form."""
+    if all(_is_2d(term) for term in terms):
+        return _factorize(terms, rank)
+    first = terms[0]
+    kernel = tuple((first[1] if isinstance(first, tuple) else first).shape[1:])  # (in, kh, kw)
+    flat = [(term[0].flatten(1), term[1].flatten(1)) if isinstance(term, tuple) else term.flatten(1) for term in terms]
+    up, down, error = _factorize(flat, rank)
+    return up[:, :, None, None], down.reshape(down.shape[0], *kernel), error
 
 
 def _dense(term: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -124,6 +124,38 @@ def test_lora_with_text_encoder_and_learned_token_exports_to_diffusers_and_kohya
     torch.testing.assert_close(_unet_out(pipe, "a photo of a <lo> dog"), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_on_every_unet_layer_applies_and_exports_exactly(tiny_pipe, refs, tmp_path):
+    """``unet_modules`` beyond attention (projections, feed-forward, ResNet convolutions): the composition probe's
+    setting. The conv adapters train, and diffusers' loaders reproduce the applied edit from both exports."""
+    pipe, _ = tiny_pipe
+    modules = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+    config = {**FAST, "steps": 3, "learning_rate": 5e-3, "rank": 2, "unet_modules": modules, "eval_batches": 0}
+    edit = get_editor("lora")(config).fit(pipe, EditRequest(concepts=[], tokens=["<all>"], class_words=["dog"], images=[refs]))
+    lora = edit.parts[0]
+    conv_down = [v for k, v in lora.tensors.items() if ".resnets.0.conv1.lora_A" in k]
+    assert conv_down and conv_down[0].dim() == 4  # a real conv adapter, not a linear one
+    assert any(".ff.net.2.lora_B" in k for k in lora.tensors) and any(".proj_in.lora_A" in k for k in lora.tensors)
+    assert any(v.abs().sum() > 0 for k, v in lora.tensors.items() if ".conv2.lora_B" in k)  # B starts at zero: trained
+
+    edit = Edit.load(edit.save(tmp_path / "all.safetensors"))
+    base = _unet_out(pipe, "a photo of a dog")
+    edit.apply(pipe)
+    expected = _unet_out(pipe, "a photo of a <all> dog")
+    assert not torch.allclose(_unet_out(pipe, "a photo of a dog"), base)  # the convs change every prompt's output
+    edit.revert(pipe)
+
+    from customization.lora import export_diffusers, export_kohya
+    from customization.textual_inversion import export_embeddings
+
+    for path in export_embeddings(edit, tmp_path / "tokens"):
+        pipe.load_textual_inversion(str(path))
+    pipe.load_lora_weights(str(export_kohya(edit, tmp_path / "kohya.safetensors")), adapter_name="kohya")
+    torch.testing.assert_close(_unet_out(pipe, "a photo of a <all> dog"), expected, rtol=1e-4, atol=1e-4)
+    pipe.delete_adapters("kohya")
+    pipe.load_lora_weights(str(export_diffusers(edit, tmp_path / "diffusers")["lora"]), adapter_name="diffusers")
+    torch.testing.assert_close(_unet_out(pipe, "a photo of a <all> dog"), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_with_a_plain_text_token_adds_nothing_to_the_vocabulary(tiny_pipe, refs):
     pipe, _ = tiny_pipe
     edit = get_editor("lora")({**FAST, "steps": 1, "token": "text", "eval_batches": 0}).fit(

@@ -430,6 +430,29 @@ def test_to_lora_truncates_to_rank_and_records_the_error(tiny_pipe, tmp_path):
     assert _lora_rank(tmp_path / "wide.safetensors", "text_encoder.text_model." + TE_K.removeprefix("text_encoder.")) == 32
 
 
+def test_to_lora_writes_convolutions_that_diffusers_fuses_exactly(tiny_pipe, tmp_path):
+    """A dense change of a 3x3 convolution is factored as the linear map [out, in*3*3] and written in peft's conv
+    layout (up [out, r, 1, 1], down [r, in, 3, 3]); capping the rank records the SVD tail as the error."""
+    pipe, _ = tiny_pipe
+    conv = "unet.down_blocks.0.resnets.0.conv1"
+    weight = _weight(pipe, conv)
+    assert weight.ndim == 4 and weight.shape[2:] == (3, 3)
+    delta = 0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(21))
+    edit = _weights_edit(pipe, {conv: delta, TO_K: _low_rank(pipe, TO_K, 2, seed=22)})
+    expected = _reference_weights(pipe, edit, [conv, TO_K])
+    errors = edit.to_lora(tmp_path / "conv.safetensors")
+    assert errors[conv] < 1e-6
+    with safe_open(str(tmp_path / "conv.safetensors"), framework="pt") as handle:
+        down, up = handle.get_tensor(f"{conv}.lora_A.weight"), handle.get_tensor(f"{conv}.lora_B.weight")
+    assert down.shape[1:] == weight.shape[1:] and up.shape[2:] == (1, 1) and up.shape[0] == weight.shape[0]
+    fused = _fused_lora_weights(pipe, tmp_path / "conv.safetensors", [conv, TO_K])
+    assert float((fused[conv] - expected[conv]).norm() / delta.norm()) < 1e-5
+
+    singular = torch.linalg.svdvals(delta.flatten(1).double())
+    capped = edit.to_lora(tmp_path / "conv_r3.safetensors", rank=3)
+    assert capped[conv] == pytest.approx(float(singular[3:].norm() / singular.norm()), rel=1e-6)
+
+
 def test_to_lora_sdxl_with_both_text_encoders(tiny_sdxl_pipe, tmp_path):
     pipe, info = tiny_sdxl_pipe
     te2 = "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj"
