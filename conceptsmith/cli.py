@@ -281,7 +281,7 @@ def customize(
 @user_errors
 def merge(
     edits: Annotated[list[Path], typer.Argument(help="edit files to merge")],
-    method: Annotated[str, typer.Option(help="closed-form | lora-sum | svd | cat | ties | ties_svd | linear")] = "closed-form",
+    method: Annotated[str, typer.Option(help="closed-form | lora-sum | svd | cat | ties | ties_svd | linear | stack")] = "closed-form",
     model: Annotated[str | None, typer.Option("--model", "-m", help="base model (needed by closed-form)")] = None,
     weight: Annotated[list[float], typer.Option("--weight", help="weight per edit (LoRA methods)")] = [],  # noqa: B006
     rank: Annotated[int | None, typer.Option(help="target rank (svd)")] = None,
