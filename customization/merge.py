@@ -79,16 +79,16 @@ def merge(
 ) -> Edit:
     """Merge ``edits`` with ``method`` (see the module docstring); the entry point of ``conceptsmith merge``."""
     _check_method(method)
+    if method in ("closed-form", "stack") and (weights is not None or rank is not None):
+        raise CustomizationError(f"The {method} merge takes no weights or rank; they apply to LoRA merges (lora-sum, svd, ...).")
     if method == "closed-form":
         if pipe is None:
             raise CustomizationError("The closed-form merge needs the base pipeline the edits were trained on (--model).")
-        if weights is not None or rank is not None:
-            raise CustomizationError("The closed-form merge takes no weights or rank; they apply to LoRA merges.")
         return closed_form_merge(pipe, edits, **options)
     if options:
         raise CustomizationError(f"Unknown options for the '{method}' merge: {sorted(options)}.")
     if method == "stack":
-        return stack(edits, weights=weights, rank=rank)
+        return stack(edits)
     if method == "lora-sum":
         return lora_sum(edits, weights)
     return peft_merge(edits, method, weights=weights, rank=rank, density=density)
@@ -318,15 +318,13 @@ def _factors(edits: Sequence[Edit]) -> list[dict[str, tuple[torch.Tensor, torch.
     return result
 
 
-def stack(edits: Sequence[Edit], *, weights: Sequence[float] | None = None, rank: int | None = None) -> Edit:
+def stack(edits: Sequence[Edit]) -> Edit:
     """The edits applied together, unchanged: :func:`conceptsmith.edits.compose` after the merge checks
     (same base, distinct tokens)."""
     from conceptsmith.edits import compose
 
-    if weights is not None or rank is not None:
-        raise CustomizationError("The stack merge applies every edit as trained; it takes no weights or rank (use lora-sum).")
     check_same_base(edits)
-    _merged_tokens(edits)
+    _merged_tokens(edits)  # raises on a token learned by two edits
     return compose(edits)
 
 

@@ -267,7 +267,6 @@ def _labels(cfg: CustomBenchConfig) -> list[str]:
     return [m.label() for m in cfg.methods] + ceiling + [c.name for c in cfg.compositions]
 
 
-
 def _check_references(cfg: CustomBenchConfig, path: Path | None) -> None:
     from customization import CustomizationError
     from customization.data import find_images

@@ -174,14 +174,14 @@ def test_stack_applies_textual_inversion_and_weight_edits_together_unchanged(tin
     ti = {t: token_edit(pipe, "textual-inversion", [t], {}, {f"text_encoder.{t}": torch.randn(2, 32, generator=generator)})
           for t in ("<a>", "<b>")}
     stacked = merge(list(ti.values()), "stack")
-    ids = pipe.tokenizer  # the base tokenizer, restored on revert
+    base_tokenizer = pipe.tokenizer  # restored on revert
     stacked.apply(pipe)
     table = pipe.text_encoder.get_input_embeddings()
     for token, edit in ti.items():
         token_id = pipe.tokenizer.convert_tokens_to_ids(token)
         assert torch.equal(table(torch.tensor([token_id]))[0], edit.tensors[f"text_encoder.{token}"][0])
     stacked.revert(pipe)
-    assert pipe.tokenizer is ids and "<a>" not in pipe.tokenizer.get_vocab()
+    assert pipe.tokenizer is base_tokenizer and "<a>" not in pipe.tokenizer.get_vocab()
 
     cd_a, cd_b = _custom_diffusion_like(pipe, "<c>", "cat", 1), _custom_diffusion_like(pipe, "<d>", "dog", 2)
     key = next(k for k in cd_a.parts[0].tensors if k.startswith("unet."))
@@ -193,7 +193,9 @@ def test_stack_applies_textual_inversion_and_weight_edits_together_unchanged(tin
     torch.testing.assert_close(linear.weight.detach(), expected)
     both.revert(pipe)
     assert torch.equal(linear.weight.detach(), before)
-    with pytest.raises(CustomizationError, match="no weights or rank"):
+    with pytest.raises(CustomizationError, match="stack merge takes no weights or rank"):
         merge([cd_a, cd_b], "stack", weights=[1.0, 0.5])
+    with pytest.raises(CustomizationError, match="closed-form merge takes no weights or rank"):
+        merge([cd_a, cd_b], "closed-form", pipe=pipe, rank=2)
     with pytest.raises(EditError, match="same token"):
         merge([cd_a, _custom_diffusion_like(pipe, "<c>", "cow", 3)], "stack")

@@ -60,8 +60,9 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 @dataclass
 class UNetTrainConfig:
     """UNet training settings: the shipped generator's recipe (see its MODEL_CARD.md), with as many steps as
-    ``world train`` fits into its 2.5-hour budget from scratch on 2 cores (8500 at 0.57 s per step on 2 threads;
-    the shipped UNet's final fine-tune ran 6000 steps from an already trained UNet)."""
+    ``world train`` fitted into its 2.5-hour budget from scratch on the 2-core machine they were sized on (8500 at
+    0.57 s per step on 2 threads; a slower machine needs fewer, ``--unet-steps``). The shipped UNet's final
+    fine-tune ran 6000 steps from an already trained UNet."""
 
     seed: int = 0
     pool_size: int = 20000
