@@ -149,6 +149,18 @@ class JointSpec(StrictModel):
     kind: Literal["joint"]
     name: str = Field(min_length=1)
     method: MethodSpec
+    training_seeds: list[int] = Field(
+        default_factory=list,
+        description="train once per seed and average the metrics (also reported per seed); empty: the bench's "
+        "training_seed. For a method whose result depends on its training seed, one seed's number is luck",
+    )
+
+    @field_validator("training_seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"training_seeds repeat a seed: {value}")
+        return value
 
 
 class MergeSpec(StrictModel):
@@ -493,10 +505,15 @@ class _Runner:
         return out
 
     def customize(
-        self, spec: MethodSpec, concepts: Sequence[tuple[str, str, Path]], on: Any = None
+        self,
+        spec: MethodSpec,
+        concepts: Sequence[tuple[str, str, Path]],
+        on: Any = None,
+        seed: int | None = None,
     ) -> tuple[Any, str]:
         """Fit (or load) ``spec`` on ``concepts`` = [(token, class word, reference folder)], on top of
-        the edit ``on`` (applied while training) when given; returns (edit, image-cache key)."""
+        the edit ``on`` (applied while training) when given, with training ``seed`` (default: the bench's
+        ``training_seed``); returns (edit, image-cache key)."""
         from conceptsmith import __version__
         from conceptsmith.edits import Edit
         from customization import customize
@@ -506,6 +523,7 @@ class _Runner:
         tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
         images = [_files_digest(find_images(f)) for f in folders]
         on_key = edit_digest(on) if on is not None else None
+        seed = self.cfg.training_seed if seed is None else seed
         key = digest(
             self.fingerprint,
             method,
@@ -514,7 +532,7 @@ class _Runner:
             words,
             images,
             on_key,
-            self.cfg.training_seed,
+            seed,
             __version__,
         )
         path = self.cache / "edits" / f"{method}-{key}.safetensors"
@@ -529,7 +547,7 @@ class _Runner:
                     folders,
                     words,
                     params=self._runtime(method, params),
-                    seed=self.cfg.training_seed,
+                    seed=seed,
                 )
             edit.save(path)
             self.trained += 1
@@ -551,11 +569,15 @@ class _Runner:
         key = f"{CEILING}-{digest(self.fingerprint, settings, concept.word(), images, self.cfg.training_seed, __version__)}"
         path = self.cache / "edits" / f"{key}.safetensors"
         if not path.is_file():
-            states = invert_conditioning(self.pipe, refs.train, concept.word(), config, self.cfg.training_seed)
+            states = invert_conditioning(
+                self.pipe, refs.train, concept.word(), config, self.cfg.training_seed
+            )
             atomic_write(path, lambda tmp: save_file({"prompt_embeds": states.contiguous()}, str(tmp)))
             self.trained += 1
         states = load_file(str(path))["prompt_embeds"]
-        return key, self._images("single", concept.token, CEILING, key, [(key, lambda: {"prompt_embeds": states})])
+        return key, self._images(
+            "single", concept.token, CEILING, key, [(key, lambda: {"prompt_embeds": states})]
+        )
 
     def erase(self, spec: MethodSpec, concept: str, preserve: list[str]) -> tuple[Any, str]:
         method, params = resolve_method(spec, self.bench_path, "relearn.erase")
@@ -621,7 +643,9 @@ def _single_metrics(
     }
 
 
-def _clip_i_metrics(evaluator: Any, images: list[Image.Image], train: list[Image.Image], norm: float) -> dict[str, float]:
+def _clip_i_metrics(
+    evaluator: Any, images: list[Image.Image], train: list[Image.Image], norm: float
+) -> dict[str, float]:
     """CLIP-I against the training references, and divided by ``norm`` (references vs independent references)."""
     from evaluation.metrics import clip_i
 
@@ -659,7 +683,11 @@ def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
             rows.append(_row("single", concept.token, spec.label(), key, metrics))
         if CEILING in labels:
             key, images = run.ceiling_images(concept, refs)
-            rows.append(_row("single", concept.token, CEILING, key, _clip_i_metrics(run.evaluator, images, train, norm)))
+            rows.append(
+                _row(
+                    "single", concept.token, CEILING, key, _clip_i_metrics(run.evaluator, images, train, norm)
+                )
+            )
     return rows
 
 
@@ -668,21 +696,32 @@ def _pair_prompts(cfg: CustomBenchConfig, a: ConceptSpec, b: ConceptSpec, with_t
     return [t.format(**phrases) for t in cfg.composition_prompts]
 
 
+def _training_seeds(cfg: CustomBenchConfig, comp: JointSpec | MergeSpec | HookSpec) -> list[int]:
+    """The training seeds a composition is measured over: a joint run's own list, a hook's base composition's,
+    else the bench's ``training_seed``."""
+    if isinstance(comp, JointSpec) and comp.training_seeds:
+        return comp.training_seeds
+    if isinstance(comp, HookSpec):
+        return _training_seeds(cfg, next(c for c in cfg.compositions if c.name == comp.on_top_of))
+    return [cfg.training_seed]
+
+
 def _composed(
-    run: _Runner, comp: JointSpec | MergeSpec | HookSpec, a: ConceptSpec, b: ConceptSpec
+    run: _Runner, comp: JointSpec | MergeSpec | HookSpec, a: ConceptSpec, b: ConceptSpec, seed: int
 ) -> tuple[Any, str]:
-    """The edit of composition ``comp`` for the pair (a, b): joint run, merge, or hook on another one."""
+    """The edit of composition ``comp`` for the pair (a, b) trained with ``seed``: joint run, merge, or hook on
+    another one."""
     from conceptsmith.edits import compose
     from conceptsmith.registry import EditRequest, get_editor
     from customization.merge import merge, needs_pipeline
 
     cfg = run.cfg
-    memo_key = f"composition:{comp.name}:{a.token}:{b.token}"
+    memo_key = f"composition:{comp.name}:{a.token}:{b.token}:{seed}"
     if memo_key in run.memo:
         return run.memo[memo_key]
     pair = [(c.token, c.word(), run.refs[c.token].folder) for c in (a, b)]
     if isinstance(comp, JointSpec):
-        edit, _ = run.customize(comp.method, pair)
+        edit, _ = run.customize(comp.method, pair, seed=seed)
     elif isinstance(comp, MergeSpec):
         source = next(m for m in cfg.methods if m.label() == comp.source)
         parts = [run.customize(source, [p])[0] for p in pair]
@@ -692,7 +731,7 @@ def _composed(
         method, params = resolve_method(comp.method, run.bench_path, comp.name)
         phrases = [cfg.concept_phrase(a), cfg.concept_phrase(b)]
         hook = get_editor(method)(params).fit(run.pipe, EditRequest(concepts=phrases))
-        edit = compose([_composed(run, on, a, b)[0], hook])
+        edit = compose([_composed(run, on, a, b, seed)[0], hook])
     run.memo[memo_key] = (edit, f"{comp.name}-{edit_digest(edit)}")
     return run.memo[memo_key]
 
@@ -709,16 +748,23 @@ def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
         group = f"{a.token}+{b.token}"
         plain, prompts = _pair_prompts(cfg, a, b, False), _pair_prompts(cfg, a, b, True)
         pair, baseline = (a.noun(), b.noun()), None
-        for comp in [None, *selected]:
+        runs = [(None, None)] + [(comp, seed) for comp in selected for seed in _training_seeds(cfg, comp)]
+        for comp, seed in runs:
             name = "unedited" if comp is None else comp.name
-            edit, key = (None, "unedited") if comp is None else _composed(run, comp, a, b)
+            several = comp is not None and len(_training_seeds(cfg, comp)) > 1
+            edit, key = (None, "unedited") if comp is None else _composed(run, comp, a, b, seed)
             used = plain if comp is None else prompts
-            images = run.generate("composition", group, name, key, edit, used)
+            images = run.generate(
+                "composition", group, f"{name} @ seed {seed}" if several else name, key, edit, used
+            )
             ct = clip_t(ev, images, [p for p in used for _ in cfg.seeds], strip_tokens=[a.token, b.token])
             baseline = ct if baseline is None else baseline
             metrics = _presence_metrics(cfg, ev, images, pair)
             metrics |= {"clip_t": ct, "clip_t_base": baseline, "clip_t_rel": relative(ct, baseline)}
-            rows.append(_row("composition", group, name, key, metrics))
+            rows.append(
+                _row("composition", group, name, key, metrics)
+                | ({} if comp is None else {"training_seed": seed})
+            )
     for pair in cfg.known_pairs:
         group = "+".join(pair)
         used = [t.format(a=pair[0], b=pair[1]) for t in cfg.composition_prompts]
@@ -809,6 +855,20 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
                 prompts = mine[0]["both_present_by_prompt"]
                 summary[name]["both_present_by_prompt"] = {
                     t: _mean([m["both_present_by_prompt"][t] for m in mine]) for t in prompts
+                }
+            seeds = dict.fromkeys(
+                r.get("training_seed") for r in rows if r["section"] == section and r["method"] == name
+            )
+            if len(seeds) > 1:  # several training runs: their spread is part of the result
+                summary[name]["both_present_by_training_seed"] = {
+                    str(seed): _mean(
+                        [
+                            r["metrics"]["both_present"]
+                            for r in rows
+                            if r["method"] == name and r.get("training_seed") == seed
+                        ]
+                    )
+                    for seed in seeds
                 }
     relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
     if relearn:
@@ -931,6 +991,29 @@ def _prompt_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] 
     return ["name", *prompts], [[name, *(f"{by[t]:.3f}" for t in prompts)] for name, by in named.items()]
 
 
+def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """both_present of every training run of the compositions measured over several training seeds."""
+    named = {
+        name: m["both_present_by_training_seed"]
+        for name, m in summary.items()
+        if "both_present_by_training_seed" in m
+    }
+    if not named:
+        return None
+    width = max(len(by) for by in named.values())
+    header = ["name", *(f"run {i + 1}" for i in range(width)), "mean"]
+    rows = [
+        [
+            name,
+            *(f"{v:.3f} (seed {s})" for s, v in by.items()),
+            *[""] * (width - len(by)),
+            f"{summary[name]['both_present']:.3f}",
+        ]
+        for name, by in named.items()
+    ]
+    return header, rows
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
@@ -1013,6 +1096,9 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
             "",
             *_md_table(*by_prompt),
         ]
+    by_seed = _seed_table(results["summary"])
+    if by_seed:
+        md += ["", "**both_present by training seed** (one training run each)", "", *_md_table(*by_seed)]
     for g, path in grids.items():
         md += [
             "",
@@ -1036,6 +1122,8 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
             f"<h3>both_present by composition prompt (rule: {e(results['presence'])})</h3>",
             _html_table(*by_prompt),
         ]
+    if by_seed:
+        body += ["<h3>both_present by training seed (one training run each)</h3>", _html_table(*by_seed)]
     for g, path in grids.items():
         src, alt = e(path.relative_to(out).as_posix()), e(f"{g}: references, then one row per method")
         body.append(f'<h2>{e(g)}</h2><figure><img src="{src}" alt="{alt}"></figure>')

@@ -141,6 +141,7 @@ def test_shipped_configs_validate_and_dispatch():
         (lambda d: d["relearn"].update(concept="mushroom"), "unknown shape 'mushroom'"),
         (lambda d: d.update(composition_prompts=["{a} alone"]), r"needs '\{a\}' and '\{b\}'"),
         (lambda d: d.update(ceiling={"stepz": 3}), "stepz"),
+        (lambda d: d["compositions"][0].update(training_seeds=[0, 1, 0]), r"repeat a seed: \[0, 1, 0\]"),
     ],
     ids=[
         "unknown-key",
@@ -153,6 +154,7 @@ def test_shipped_configs_validate_and_dispatch():
         "relearn-shape",
         "pair-prompt",
         "ceiling-setting",
+        "repeated-training-seed",
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, change, match):
@@ -201,7 +203,9 @@ def test_runner_writes_results_and_report(first_run):
     assert "train_seconds" not in summary["unedited"]
     assert set(summary["conditioning-ceiling"]) == {"clip_i", "clip_i_rel"}  # no prompt, so no CLIP-T
     ceiling = [im for im in results["images"] if im["method"] == "conditioning-ceiling"]
-    assert [im["group"] for im in ceiling] == ["<mush>", "<key>"] and all(im["prompt"] is None for im in ceiling)
+    assert [im["group"] for im in ceiling] == ["<mush>", "<key>"] and all(
+        im["prompt"] is None for im in ceiling
+    )
     for name in (*compositions, "t2i-zero", "a-star"):
         assert {"both_present", "clip_t", "clip_t_rel"} <= set(summary[name])
         assert 0.0 <= summary[name]["both_present"] <= 1.0
@@ -239,6 +243,40 @@ def test_rerun_hits_every_cache(first_run, tiny_config):
     again = run_custom_bench(tiny_config, first_run.out_dir, progress=False, report=False)
     assert (again.trained, again.generated, again.cached) == (0, 0, GENERATED)
     assert again.results["summary"] == first_run.results["summary"]
+
+
+def test_a_joint_run_over_several_training_seeds_is_averaged_and_reported_per_seed(
+    first_run, tiny_config, tmp_path
+):
+    """training_seeds: one joint run per seed (seed 0 is the single-seed run, found in its cache), both_present
+    averaged over them and listed per seed; a hook on top is measured on every seed's run."""
+    data = yaml.safe_load(tiny_config.read_text())
+    data["compositions"][0]["training_seeds"] = [0, 1]
+    data["compositions"][3]["on_top_of"] = "joint"
+    config = _write(tmp_path, data)
+    again = run_custom_bench(
+        config,
+        tmp_path / "seeds",
+        methods=["joint", "t2i-zero"],
+        cache_dir=first_run.out_dir / "cache",
+        progress=False,
+    )
+    assert again.trained == 1  # seed 1 only: the seed-0 run is the cached single-seed edit
+    joint = [r for r in again.results["rows"] if r["method"] == "joint"]
+    assert [r["training_seed"] for r in joint] == [0, 1] and joint[0]["edit_key"] != joint[1]["edit_key"]
+    single = next(r for r in first_run.results["rows"] if r["method"] == "joint")
+    assert joint[0]["edit_key"] == single["edit_key"] and joint[0]["metrics"] == single["metrics"]
+    summary = again.results["summary"]
+    for name in ("joint", "t2i-zero"):
+        rates = [r["metrics"]["both_present"] for r in again.results["rows"] if r["method"] == name]
+        assert summary[name]["both_present_by_training_seed"] == dict(zip(("0", "1"), rates, strict=True))
+        assert summary[name]["both_present"] == pytest.approx(sum(rates) / 2)
+    hooked = [r["edit_key"] for r in again.results["rows"] if r["method"] == "t2i-zero"]
+    assert len(set(hooked)) == 2 and not set(hooked) & {r["edit_key"] for r in joint}
+    labels = {im["method"] for im in again.results["images"]}
+    assert {"joint @ seed 0", "joint @ seed 1", "t2i-zero @ seed 1"} <= labels and "joint" not in labels
+    report = again.report["markdown"].read_text()
+    assert "both_present by training seed" in report and "(seed 1)" in report
 
 
 def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
