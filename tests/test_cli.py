@@ -162,6 +162,28 @@ def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path
     assert "stage unet" in (tmp_path / "cache" / "world" / "train.log").read_text()
 
 
+def test_world_train_budget_hours_gives_the_unet_what_the_clock_has_left(monkeypatch, tmp_path):
+    """--budget-hours (default 2.5) hands train_unet a deadline: the budget minus the wall time already on the
+    training clock; 0 turns it off; it refuses to run the evaluator after a fitted UNet."""
+    from conceptsmith.world import stage_clock, unet_train
+    from conceptsmith.world.cli import app as world_app
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
+    stage_clock.clock_dir().mkdir(parents=True)
+    stage_clock._write(stage_clock.clock_dir() / "wall-1-1.json", stage_clock.WALL, 3600.0)  # an earlier run's hour
+    deadlines: list = []
+    monkeypatch.setattr(unet_train, "train_unet", lambda cfg, deadline=None, **kwargs: deadlines.append(deadline))
+    before = time.time()
+    result = runner.invoke(world_app, ["train", "--stages", "unet"])  # the issue's 2.5 hours by default
+    assert result.exit_code == 0, result.output
+    assert before + 1.5 * 3600 - 60 <= deadlines[-1] <= time.time() + 1.5 * 3600
+    assert "budget left" in (tmp_path / "cache" / "world" / "train.log").read_text()
+    off = runner.invoke(world_app, ["train", "--stages", "unet", "--budget-hours", "0"])
+    assert off.exit_code == 0 and deadlines[-1] is None
+    refused = runner.invoke(world_app, ["train", "--stages", "unet,evaluator", "--jobs", "1", "--budget-hours", "2"])
+    assert refused.exit_code == 2 and "--jobs 2" in refused.output
+
+
 class _FakeProcess:
     """Stands in for the evaluator's child process: alive for ``alive_polls`` polls."""
 

@@ -210,3 +210,45 @@ def test_a_candidate_directory_is_checked_with_the_shipped_sampling_defaults():
     builtin, _ = load_pipeline("builtin:shapes")
     assert default_settings(bare) != default_settings(builtin)  # what the helper is for
     assert default_settings(load_generator(str(PIPE_DIR))) == default_settings(builtin)
+
+
+def test_a_fitted_schedule_ends_by_the_deadline_and_never_exceeds_the_recipe():
+    from conceptsmith.world.unet_train import DEADLINE_RESERVE_S, UNetTrainConfig, _lr_at, fit_schedule
+
+    # 1000 s left at 0.5 s per step: 2 steps per second, minus the reserve kept for the final export
+    assert fit_schedule(200, 0.5, 1000.0, cap=8500) == 200 + int((1000 - DEADLINE_RESERVE_S) / 0.5)
+    assert fit_schedule(200, 0.5, 1e6, cap=8500) == 8500  # time to spare: the recipe's length, not more
+    assert fit_schedule(200, 0.5, 10.0, cap=8500) == 201  # past the deadline: stop after the next step
+    # the UNet speeds up when the evaluator's core frees: the plan grows, and the cosine barely moves
+    cfg = UNetTrainConfig()
+    slow, fast = fit_schedule(500, 1.0, 5000.0, cfg.steps), fit_schedule(500, 0.6, 5000.0, cfg.steps)
+    assert slow < fast <= cfg.steps
+    assert abs(_lr_at(cfg, 500, slow) - _lr_at(cfg, 500, fast)) < 0.02 * cfg.lr
+    assert _lr_at(cfg, fast, fast) == pytest.approx(0.1 * cfg.lr)  # fully decayed at the planned end
+    assert _lr_at(cfg, 500) == _lr_at(cfg, 500, cfg.steps)
+
+
+def test_model_card_records_the_recipe_the_clock_and_the_bars(monkeypatch, tmp_path):
+    """The card is written beside the weights from the training cache: a schedule fitted to the budget names its
+    planned steps (and how to replay them), the training clock is listed, and every measured bar says pass or MISS."""
+    import shutil
+
+    from conceptsmith.world import stage_clock
+    from conceptsmith.world.card import write_model_card
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
+    pipe_dir = tmp_path / "weights" / "shapes-sd"
+    for part in ("unet", "vae", "text_encoder"):
+        (pipe_dir / part).mkdir(parents=True)
+        shutil.copy(PIPE_DIR / part / "config.json", pipe_dir / part / "config.json")
+    stage_clock.clock_dir().mkdir(parents=True)
+    stage_clock._write(stage_clock.clock_dir() / "wall-1-1.json", stage_clock.WALL, 8940.0)
+    progress = {"config": {"steps": 8500, "ema_decay": 0.998}, "step": 7310, "train_minutes": 80.2, "params": 7,
+                "planned_steps": 7310, "fitted_to_deadline": True}
+    (stage_clock.clock_dir().parent / "unet_progress_s0.json").write_text(json.dumps(progress))
+    card = write_model_card({"seeds": 8, "gen_shape_acc": 0.95, "gen_two_object_acc": 0.3}, pipe_dir=pipe_dir)
+    text = card.read_text()
+    assert card == pipe_dir / "MODEL_CARD.md"
+    assert "7310 steps planned" in text and "--unet-steps 7310" in text
+    assert "149.0 min (within the 2.5 h budget" in text
+    assert "| gen_shape_acc | 0.95 | >= 0.9 | pass |" in text and "| gen_two_object_acc | 0.3 | >= 0.4 | MISS |" in text

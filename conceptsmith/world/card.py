@@ -29,6 +29,7 @@ def _attention_resolutions(unet_cfg: dict) -> str:
 
 
 def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0) -> Path:
+    from conceptsmith.world import stage_clock
     from conceptsmith.world.check import BARS, passes
     from conceptsmith.world.clip_train import EVALUATOR_DEFAULTS, TEXT_TOWER_DEFAULTS
     from conceptsmith.world.unet_train import SCHEDULE
@@ -72,7 +73,10 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         f"(then the decoder is fine-tuned at full size, below); held-out PSNR {vae_stats.get('heldout_psnr_db')} dB",
         f"- UNet: {json.dumps(unet_progress.get('config', {}))}",
         f"  steps done {unet_progress.get('step')}, {unet_progress.get('train_minutes')} min of training; "
-        f"{unet_progress.get('params')} parameters; epsilon prediction, Min-SNR-5 weighting, 10% empty captions "
+        + (f"schedule fitted to the time budget: {unet_progress['planned_steps']} steps planned "
+           f"(`world train --budget-hours`; `--unet-steps {unet_progress['planned_steps']}` replays it); "
+           if unet_progress.get("fitted_to_deadline") else "")
+        + f"{unet_progress.get('params')} parameters; epsilon prediction, Min-SNR-5 weighting, 10% empty captions "
         f"(classifier-free guidance), EMA {unet_progress.get('config', {}).get('ema_decay')} weights shipped, bf16 "
         "autocast, AdamW, warmup + cosine LR"
         + (f", offset noise {offset}" if (offset := unet_progress.get("config", {}).get("offset_noise")) else ""),
@@ -84,6 +88,8 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         "checkpointed in ~/.cache/conceptsmith/world, resumable) runs this recipe with the UNet trained from scratch "
         "on the final text tower; the shipped UNet took the longer path listed in the notes above "
         "(`--unet-init` reproduces its fine-tuning step).",
+        *(["- Training clock (`world train`, summed over resumed runs; stages overlap):",
+           *stage_clock.report().splitlines()] if stage_clock.totals() else []),
         "",
         "## Measured (`conceptsmith world check`)",
         f"Held-out caption templates only; {results.get('seeds')} seeds per prompt; judged by `builtin:shapes-clip`.",

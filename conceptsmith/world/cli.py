@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -36,6 +37,11 @@ def train(
                                                   help="Cross-attention also at the 16x16 latent level (10 attn2 "
                                                   "layers; off: the 7-layer UNet). Default: on (the shipped recipe)."),
     time_budget: float = typer.Option(0.0, help="Stop the UNet stage after this many seconds (checkpointed; rerun to resume)."),
+    budget_hours: float = typer.Option(2.5, help="Fit the whole training into this many hours of wall time, summed "
+                                       "over resumed runs as the training clock counts them: on a machine too slow "
+                                       "for the recipe, the UNet's schedule (at most --unet-steps) is shortened to end "
+                                       "in time, re-planned every 50 steps from the measured speed; the model card "
+                                       "records the steps planned. 0: the fixed recipe, however long it takes."),
     resume: bool = typer.Option(True, help="Resume every stage from its checkpoint in ~/.cache/conceptsmith/world "
                                 "(--no-resume also resets the training clock)."),
     jobs: int = typer.Option(2, help="Processes: with 2, the evaluator (independent of the generator) trains in a "
@@ -55,6 +61,11 @@ def train(
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if budget_hours < 0:
+        raise typer.BadParameter(f"--budget-hours must be positive (or 0 for off), got {budget_hours}")
+    if budget_hours and "unet" in chosen and "evaluator" in chosen and jobs < 2:
+        raise typer.BadParameter("--budget-hours fits the UNet's schedule to the budget, so the evaluator must not "
+                                 "train after it: use --jobs 2 (the default) or train the evaluator separately")
     if not resume:
         stage_clock.reset()
     logfile = vae_train.cache_dir() / "train.log"
@@ -91,8 +102,15 @@ def train(
             log("stage unet: denoiser")
             # once the evaluator's process is done, its core goes to the UNet
             threads_now = (lambda: per_process if sibling.is_alive() else (threads or cores)) if sibling else None
+            deadline = None
+            if budget_hours:  # the budget left, as the training clock counts it (this run's span included)
+                left = budget_hours * 3600 - stage_clock.totals().get(stage_clock.WALL, 0.0)
+                deadline = time.time() + left
+                log(f"UNet: {left / 60:.1f} min of the {budget_hours:g} h budget left; the schedule ends by then "
+                    f"(at most {unet_cfg.steps} steps; --budget-hours 0 runs them all)")
             with stage_clock.timed("unet"):
-                unet_train.train_unet(unet_cfg, resume=resume, logfile=logfile, threads_now=threads_now)
+                unet_train.train_unet(unet_cfg, resume=resume, logfile=logfile, threads_now=threads_now,
+                                      deadline=deadline)
         if "evaluator" in chosen:
             log("stage evaluator: open_clip shapes-clip")
             _evaluator_stage(resume, per_process)

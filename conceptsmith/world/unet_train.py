@@ -195,19 +195,37 @@ def training_noise(shape: tuple[int, ...], offset: float, generator: torch.Gener
     return noise
 
 
-def _lr_at(cfg: UNetTrainConfig, step: int) -> float:
+def _lr_at(cfg: UNetTrainConfig, step: int, total: int | None = None) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak at step ``total`` (default ``cfg.steps``)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, (total or cfg.steps) - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+#: Seconds kept free at the deadline for the final checkpoint, the export and the end of ``world train``.
+DEADLINE_RESERVE_S = 90.0
+
+
+def fit_schedule(step: int, seconds_per_step: float, seconds_left: float, cap: int) -> int:
+    """The schedule length that ends by a deadline: ``step`` plus the steps ``seconds_left`` (minus a reserve)
+    holds at the recent ``seconds_per_step``, at most ``cap`` and at least one more step.
+
+    Re-planned every 50 steps: the UNet starts beside the evaluator's process on one core and speeds up when it
+    gets the second one, so the plan grows then, and the cosine moves by a fraction of a percent per re-plan."""
+    affordable = int(max(0.0, seconds_left - DEADLINE_RESERVE_S) / max(seconds_per_step, 1e-6))
+    return max(step + 1, min(cap, step + affordable))
+
+
 def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None, logfile: str | Path | None = None,
-               progress: bool = True, resume: bool = True, threads_now: Callable[[], int] | None = None):
+               progress: bool = True, resume: bool = True, threads_now: Callable[[], int] | None = None,
+               deadline: float | None = None):
     """Train (or resume) the UNet; exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end.
 
     ``threads_now``, if given, is asked every 50 steps how many torch threads to use from then on (``world train``
-    hands the UNet the evaluator's core once that process is done)."""
+    hands the UNet the evaluator's core once that process is done). ``deadline`` (a ``time.time()``), if given,
+    shortens the schedule to end by then: every 50 steps its length is re-planned from the speed of the last 50
+    (:func:`fit_schedule`, at most ``cfg.steps``), and the cosine decays over the planned length."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -244,13 +262,14 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     arch = architecture_digest(text_encoder.config.hidden_size, cfg.attention_16)
     ckpt = cache_dir() / f"unet_ckpt_s{cfg.seed}_{te_key}_{arch}.pt"
-    step, elapsed = 0, 0.0
+    step, elapsed, total = 0, 0.0, cfg.steps
     if resume and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        total = int(state.get("planned_steps", cfg.steps)) if deadline else cfg.steps
         if state.get("config") and json.loads(state["config"]) != asdict(cfg):
             _note_history(cfg.seed, f"resumed at step {step} with a changed config: was {state['config']}, now {json.dumps(asdict(cfg))}")
         log(f"UNet: resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained)", logfile)
@@ -264,20 +283,21 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
 
     def save(final: bool = False) -> None:
         _atomic_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": elapsed, "config": json.dumps(asdict(cfg))}, ckpt)
+                      "elapsed": elapsed, "planned_steps": total, "config": json.dumps(asdict(cfg))}, ckpt)
         export_unet(ema, pipe_dir)
         meta = dict(config=asdict(cfg), step=step, train_minutes=round(elapsed / 60, 1), params=n_params,
-                    final=final, text_encoder_digest=te_key, vae_digest=key)
+                    final=final, text_encoder_digest=te_key, vae_digest=key,
+                    **({"planned_steps": total, "fitted_to_deadline": True} if deadline else {}))
         (cache_dir() / f"unet_progress_s{cfg.seed}.json").write_text(json.dumps(meta, indent=1))
         log(f"checkpoint at step {step} ({elapsed / 60:.1f} min) -> {ckpt}; EMA UNet exported to {pipe_dir / 'unet'}", logfile)
 
     unet.train()
     ema_params, model_params = list(ema.parameters()), list(unet.parameters())
-    bar = tqdm(total=cfg.steps, initial=step, desc="unet", disable=not progress)
-    run_start, last_ckpt, losses = time.time(), time.time(), []
+    bar = tqdm(total=total, initial=step, desc="unet", disable=not progress)
+    run_start, last_ckpt, losses, window = time.time(), time.time(), [], 0.0
     n = len(latents)
     pairs = np.array([i for i, lab in enumerate(labels) if len(lab["objects"]) == 2])
-    while step < cfg.steps:
+    while step < total:
         t_step = time.time()
         rng = np.random.default_rng((cfg.seed, 23, step))
         idx = rng.integers(0, n, cfg.batch_size)
@@ -296,7 +316,7 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = _lr_at(cfg, step, total)
         with autocast():
             pred = unet(xt, t, cond).sample
         weight = torch.clamp(snr[t], max=cfg.min_snr_gamma) / snr[t]  # Min-SNR-gamma for epsilon targets
@@ -310,6 +330,7 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         step += 1
         elapsed += time.time() - t_step
+        window += time.time() - t_step
         losses.append(loss.item())
         bar.update(1)
         if step % 50 == 0:
@@ -317,14 +338,20 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
             if wanted != torch.get_num_threads():
                 torch.set_num_threads(wanted)
                 log(f"UNet: {wanted} threads from step {step}", logfile)
+            if deadline:
+                planned = fit_schedule(step, window / len(losses), deadline - time.time(), cfg.steps)
+                if planned != total:
+                    total, bar.total = planned, planned
+                    bar.refresh()
             avg = sum(losses) / len(losses)
             losses.clear()
+            window = 0.0
             bar.set_postfix(loss=f"{avg:.4f}")
-            log(f"UNet step {step}/{cfg.steps} loss {avg:.4f} lr {_lr_at(cfg, step):.2e} "
+            log(f"UNet step {step}/{total} loss {avg:.4f} lr {_lr_at(cfg, step, total):.2e} "
                 f"{elapsed / step if step else 0:.2f}s/step (avg) {elapsed / 60:.1f} min", logfile)
         out_of_time = cfg.time_budget_s > 0 and time.time() - run_start > cfg.time_budget_s
-        if time.time() - last_ckpt > cfg.checkpoint_every_s or step == cfg.steps or out_of_time:
-            save(final=step == cfg.steps)
+        if time.time() - last_ckpt > cfg.checkpoint_every_s or step == total or out_of_time:
+            save(final=step == total)
             last_ckpt = time.time()
         if out_of_time:
             log(f"time budget of {cfg.time_budget_s:.0f}s reached at step {step}; resume continues from here", logfile)
