@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -252,3 +253,22 @@ def test_model_card_records_the_recipe_the_clock_and_the_bars(monkeypatch, tmp_p
     assert "7310 steps planned" in text and "--unet-steps 7310" in text
     assert "149.0 min (within the 2.5 h budget" in text
     assert "| gen_shape_acc | 0.95 | >= 0.9 | pass |" in text and "| gen_two_object_acc | 0.3 | >= 0.4 | MISS |" in text
+
+
+def test_unet_training_past_its_deadline_stops_at_the_next_plan_and_records_it(monkeypatch, tmp_path):
+    """train_unet with a deadline already past: the first re-plan (step 50) ends the schedule one step later, the
+    checkpoint keeps the plan, and the progress file says the schedule was fitted. The shipped pipeline is copied,
+    since training exports its UNet into the directory it trains from."""
+    import shutil
+
+    from conceptsmith.world.unet_train import UNetTrainConfig, train_unet
+
+    monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
+    pipe_dir = tmp_path / "shapes-sd"
+    shutil.copytree(PIPE_DIR, pipe_dir)
+    cfg = UNetTrainConfig(pool_size=16, steps=400, batch_size=2, warmup=10, threads=1, checkpoint_every_s=1e9)
+    _, steps = train_unet(cfg, pipe_dir=pipe_dir, progress=False, deadline=time.time() - 1.0)
+    assert steps == 51
+    progress = json.loads((tmp_path / "cache" / "world" / "unet_progress_s0.json").read_text())
+    assert (progress["step"], progress["planned_steps"], progress["fitted_to_deadline"], progress["final"]) == (
+        51, 51, True, True)

@@ -209,10 +209,12 @@ DEADLINE_RESERVE_S = 90.0
 
 def fit_schedule(step: int, seconds_per_step: float, seconds_left: float, cap: int) -> int:
     """The schedule length that ends by a deadline: ``step`` plus the steps ``seconds_left`` (minus a reserve)
-    holds at the recent ``seconds_per_step``, at most ``cap`` and at least one more step.
+    holds at ``seconds_per_step``, at most ``cap`` and at least one more step.
 
-    Re-planned every 50 steps: the UNet starts beside the evaluator's process on one core and speeds up when it
-    gets the second one, so the plan grows then, and the cosine moves by a fraction of a percent per re-plan."""
+    Re-planned every 50 steps with the wall time per step (checkpoints included) averaged since the thread count
+    last changed: the UNet starts beside the evaluator's process on one core and speeds up when it gets the
+    second one, so the plan grows then. A 50-step window alone varied from 0.62 to 0.81 s per step (session 11),
+    which swung the plan by 20% and the learning rate by 7% from one re-plan to the next."""
     affordable = int(max(0.0, seconds_left - DEADLINE_RESERVE_S) / max(seconds_per_step, 1e-6))
     return max(step + 1, min(cap, step + affordable))
 
@@ -224,7 +226,7 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
 
     ``threads_now``, if given, is asked every 50 steps how many torch threads to use from then on (``world train``
     hands the UNet the evaluator's core once that process is done). ``deadline`` (a ``time.time()``), if given,
-    shortens the schedule to end by then: every 50 steps its length is re-planned from the speed of the last 50
+    shortens the schedule to end by then: every 50 steps its length is re-planned from the measured speed
     (:func:`fit_schedule`, at most ``cfg.steps``), and the cosine decays over the planned length."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from tqdm.auto import tqdm
@@ -294,7 +296,8 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     unet.train()
     ema_params, model_params = list(ema.parameters()), list(unet.parameters())
     bar = tqdm(total=total, initial=step, desc="unet", disable=not progress)
-    run_start, last_ckpt, losses, window = time.time(), time.time(), [], 0.0
+    run_start, last_ckpt, losses = time.time(), time.time(), []
+    pace_from = (time.time(), step)  # the speed the plan uses: wall time per step since this (time, step)
     n = len(latents)
     pairs = np.array([i for i, lab in enumerate(labels) if len(lab["objects"]) == 2])
     while step < total:
@@ -330,22 +333,20 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         step += 1
         elapsed += time.time() - t_step
-        window += time.time() - t_step
         losses.append(loss.item())
         bar.update(1)
         if step % 50 == 0:
             wanted = threads_now() if threads_now else torch.get_num_threads()
+            if deadline:
+                pace = (time.time() - pace_from[0]) / (step - pace_from[1])
+                total = bar.total = fit_schedule(step, pace, deadline - time.time(), cfg.steps)
+                bar.refresh()
             if wanted != torch.get_num_threads():
                 torch.set_num_threads(wanted)
+                pace_from = (time.time(), step)  # a new speed from here on
                 log(f"UNet: {wanted} threads from step {step}", logfile)
-            if deadline:
-                planned = fit_schedule(step, window / len(losses), deadline - time.time(), cfg.steps)
-                if planned != total:
-                    total, bar.total = planned, planned
-                    bar.refresh()
             avg = sum(losses) / len(losses)
             losses.clear()
-            window = 0.0
             bar.set_postfix(loss=f"{avg:.4f}")
             log(f"UNet step {step}/{total} loss {avg:.4f} lr {_lr_at(cfg, step, total):.2e} "
                 f"{elapsed / step if step else 0:.2f}s/step (avg) {elapsed / 60:.1f} min", logfile)
