@@ -121,7 +121,7 @@ def train(
                 typer.echo(f"the evaluator's process failed (exit code {sibling.exitcode}); see "
                            f"{vae_train.cache_dir() / 'evaluator.log'}", err=True)
                 raise typer.Exit(1)
-    typer.echo("training clock (summed over resumed runs):\n" + stage_clock.report())
+    typer.echo("training clock (summed over resumed runs):\n" + stage_clock.report(budget_hours or 2.5))
     typer.echo("done. Measure it with: conceptsmith world check")
 
 

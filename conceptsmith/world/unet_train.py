@@ -61,7 +61,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 class UNetTrainConfig:
     """UNet training settings: the shipped generator's recipe (see its MODEL_CARD.md), with as many steps as
     ``world train`` fitted into its 2.5-hour budget from scratch on the 2-core machine they were sized on (8500 at
-    0.57 s per step on 2 threads; a slower machine needs fewer, ``--unet-steps``). The shipped UNet's final
+    0.57 s per step on 2 threads; on a slower machine ``world train --budget-hours`` plans fewer). The shipped UNet's final
     fine-tune ran 6000 steps from an already trained UNet."""
 
     seed: int = 0
