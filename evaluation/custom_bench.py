@@ -840,7 +840,8 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
     for section in ("single", "composition"):
         names = dict.fromkeys(r["method"] for r in rows if r["section"] == section)
         for name in names:
-            mine = [r["metrics"] for r in rows if r["section"] == section and r["method"] == name]
+            entries = [r for r in rows if r["section"] == section and r["method"] == name]
+            mine = [r["metrics"] for r in entries]
             keys = (
                 ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel") if section == "single" else ("both_present",)
             )
@@ -856,19 +857,12 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
                 summary[name]["both_present_by_prompt"] = {
                     t: _mean([m["both_present_by_prompt"][t] for m in mine]) for t in prompts
                 }
-            seeds = dict.fromkeys(
-                r.get("training_seed") for r in rows if r["section"] == section and r["method"] == name
-            )
-            if len(seeds) > 1:  # several training runs: their spread is part of the result
+            by_seed: dict[Any, list[float]] = {}
+            for r in entries:
+                by_seed.setdefault(r.get("training_seed"), []).append(r["metrics"].get("both_present"))
+            if len(by_seed) > 1:  # several training runs: their spread is part of the result
                 summary[name]["both_present_by_training_seed"] = {
-                    str(seed): _mean(
-                        [
-                            r["metrics"]["both_present"]
-                            for r in rows
-                            if r["method"] == name and r.get("training_seed") == seed
-                        ]
-                    )
-                    for seed in seeds
+                    str(seed): _mean(rates) for seed, rates in by_seed.items()
                 }
     relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
     if relearn:
