@@ -108,6 +108,14 @@ def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str
     for index, image in enumerate(images):
         x, y = (index % columns) * width, (index // columns) * (height + strip)
         grid.paste(image.convert("RGB").resize((width, height)), (x, y))
-        if labels:
-            draw.text((x + 2, y + height), labels[index][: max(4, width // 6)], fill="black")
+        if labels and labels[index]:
+            draw.text((x + 2, y + height), labels[index][: _label_chars(labels, index, columns, width)], fill="black")
     return grid
+
+
+def _label_chars(labels: Sequence[str], index: int, columns: int, width: int) -> int:
+    """How many characters of ``labels[index]`` fit: its tile plus the empty-labelled tiles after it in its row."""
+    span = 1
+    while (index + span) % columns and index + span < len(labels) and not labels[index + span]:
+        span += 1
+    return max(4, span * width // 6)

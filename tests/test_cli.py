@@ -35,6 +35,24 @@ def test_generate_writes_images_grid_and_manifest(tmp_path):
     assert grid.size[0] == 3 * 16 and grid.size[1] >= 2 * 16
 
 
+def test_grid_row_labels_run_across_the_empty_tiles_after_them():
+    """A row's label (a bench row such as 'joint-lora-all-layers-cutmix @ seed 3') is not cut to one tile."""
+    from conceptsmith.generation import image_grid
+
+    tiles = [Image.new("RGB", (32, 32), "gray")] * 6
+
+    def ink_under(grid: Image.Image, tile: int) -> int:
+        x, y = (tile % 3) * 32, (tile // 3) * 44 + 32
+        return int((np.asarray(grid.crop((x, y, x + 32, y + 12))) < 128).any(axis=-1).sum())
+
+    spanning = image_grid(tiles, columns=3, labels=["a long row label @ seed 3", "", "", "next", "", ""])
+    assert ink_under(spanning, 1) > 0 and ink_under(spanning, 2) > 0  # runs over the two empty tiles
+    assert ink_under(spanning, 4) == 0  # 'next' fits its own tile
+    stopped = image_grid(tiles, columns=3, labels=["a long row label @ seed 3", "b", "", "", "", ""])
+    alone = image_grid(tiles, columns=3, labels=["", "b", "", "", "", ""])
+    assert ink_under(stopped, 1) == ink_under(alone, 1)  # a labelled neighbour keeps its own strip
+
+
 def test_generate_is_deterministic_per_seed_and_batch_independent(tmp_path):
     first = _run("generate", "-m", "builtin:tiny-test", "-p", "a red circle", "--seeds", "0-1",
                  "--batch-size", "2", "-o", str(tmp_path / "a"))
