@@ -232,6 +232,11 @@ class CustomBenchConfig(StrictModel):
         default_factory=lambda: ["a picture of a {}"], description="single-concept templates"
     )
     composition_prompts: list[str] = Field(default_factory=lambda: ["a picture of a {a} next to a {b}"])
+    prompt_sets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="named subsets of composition_prompts (e.g. the prompts a bar is defined on); the summary adds "
+        "both_present_by_set, each set's mean over its prompts",
+    )
     known_pairs: list[tuple[str, str]] = Field(
         default_factory=list,
         description="pairs of classes the base model already draws, composed by the unedited model with the same "
@@ -259,6 +264,13 @@ class CustomBenchConfig(StrictModel):
         for template in self.composition_prompts:
             if "{a}" not in template or "{b}" not in template:
                 raise ValueError(f"composition prompt {template!r} needs '{{a}}' and '{{b}}'")
+        for set_name, templates in self.prompt_sets.items():
+            strangers = [t for t in templates if t not in self.composition_prompts]
+            if not templates or strangers:
+                raise ValueError(
+                    f"prompt set {set_name!r} must list some of composition_prompts, verbatim; "
+                    f"not among them: {strangers or '(the set is empty)'}"
+                )
         tokens = [c.token for c in self.concepts] + ([self.relearn.token] if self.relearn else [])
         if len(set(tokens)) != len(tokens):
             raise ValueError(f"every concept needs its own token; got {tokens}")
@@ -833,9 +845,12 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) -> dict[str, Any]:
+def summarize(
+    rows: list[dict[str, Any]], relearn_concept: str | None = None, prompt_sets: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
     """``summary``: method / composition name -> metrics averaged over concepts or pairs; the
-    unedited model's single-concept and composition numbers share one entry; ``relearn`` -> rates."""
+    unedited model's single-concept and composition numbers share one entry; ``relearn`` -> rates;
+    ``both_present_by_set``: the mean over each of ``prompt_sets``' prompts."""
     summary: dict[str, Any] = {}
     for section in ("single", "composition"):
         names = dict.fromkeys(r["method"] for r in rows if r["section"] == section)
@@ -854,9 +869,12 @@ def summarize(rows: list[dict[str, Any]], relearn_concept: str | None = None) ->
             summary.setdefault(name, {}).update({k: _mean([m[k] for m in mine]) for k in keys})
             if section == "composition" and all("both_present_by_prompt" in m for m in mine):
                 prompts = mine[0]["both_present_by_prompt"]
-                summary[name]["both_present_by_prompt"] = {
-                    t: _mean([m["both_present_by_prompt"][t] for m in mine]) for t in prompts
-                }
+                by_prompt = {t: _mean([m["both_present_by_prompt"][t] for m in mine]) for t in prompts}
+                summary[name]["both_present_by_prompt"] = by_prompt
+                if prompt_sets:  # every prompt has one image per seed, so the mean of rates is the pooled rate
+                    summary[name]["both_present_by_set"] = {
+                        set_name: _mean([by_prompt[t] for t in templates]) for set_name, templates in prompt_sets.items()
+                    }
             by_seed: dict[Any, list[float]] = {}
             for r in entries:
                 by_seed.setdefault(r.get("training_seed"), []).append(r["metrics"].get("both_present"))
@@ -935,7 +953,7 @@ def run_custom_bench(
         "presence": cfg.presence,
         "conventions": CONVENTIONS,
         "references": run.references,
-        "summary": summarize(rows, cfg.relearn.concept if cfg.relearn else None),
+        "summary": summarize(rows, cfg.relearn.concept if cfg.relearn else None, cfg.prompt_sets),
         "rows": rows,
         "images": run.images,
         "run": {
@@ -975,14 +993,17 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _prompt_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """both_present per composition prompt (``{a}``/``{b}`` left as placeholders), one row per composition."""
+    """both_present per composition prompt (``{a}``/``{b}`` left as placeholders) and per prompt set (their
+    means), one row per composition."""
     named = {
-        name: m["both_present_by_prompt"] for name, m in summary.items() if "both_present_by_prompt" in m
+        name: {**m["both_present_by_prompt"], **{f"set: {k}": v for k, v in m.get("both_present_by_set", {}).items()}}
+        for name, m in summary.items()
+        if "both_present_by_prompt" in m
     }
     if not named:
         return None
-    prompts = list(next(iter(named.values())))
-    return ["name", *prompts], [[name, *(f"{by[t]:.3f}" for t in prompts)] for name, by in named.items()]
+    columns = list(next(iter(named.values())))
+    return ["name", *columns], [[name, *(f"{by[c]:.3f}" for c in columns)] for name, by in named.items()]
 
 
 def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:

@@ -16,7 +16,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conceptsmith.config import ConfigError
-from evaluation.custom_bench import both_present_halves, load_custom_config, relative, run_custom_bench
+from evaluation.custom_bench import (
+    both_present_halves,
+    load_custom_config,
+    relative,
+    run_custom_bench,
+    summarize,
+)
 
 FAST = {"steps": 2, "batch_size": 1, "eval_batches": 0}
 CD_FAST = {**FAST, "num_class_images": 1, "class_inference_steps": 2}
@@ -37,6 +43,7 @@ TINY = {
     "n_reference": 3,
     "prompts": ["a picture of a {}"],
     "composition_prompts": ["a picture of a {a} next to a {b}", "a picture of a {a} left of a {b}"],
+    "prompt_sets": {"next to": ["a picture of a {a} next to a {b}"]},
     "known_pairs": [["circle", "square"]],
     "ceiling": {"steps": 2, "batch_size": 2},
     "methods": [
@@ -142,6 +149,11 @@ def test_shipped_configs_validate_and_dispatch():
         (lambda d: d.update(composition_prompts=["{a} alone"]), r"needs '\{a\}' and '\{b\}'"),
         (lambda d: d.update(ceiling={"stepz": 3}), "stepz"),
         (lambda d: d["compositions"][0].update(training_seeds=[0, 1, 0]), r"repeat a seed: \[0, 1, 0\]"),
+        (
+            lambda d: d.update(prompt_sets={"next to": ["a picture of a {a} beside a {b}"]}),
+            "prompt set 'next to'.*beside a",
+        ),
+        (lambda d: d.update(prompt_sets={"none": []}), "prompt set 'none'.*empty"),
     ],
     ids=[
         "unknown-key",
@@ -155,6 +167,8 @@ def test_shipped_configs_validate_and_dispatch():
         "pair-prompt",
         "ceiling-setting",
         "repeated-training-seed",
+        "prompt-set-stranger",
+        "prompt-set-empty",
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, change, match):
@@ -221,7 +235,10 @@ def test_runner_writes_results_and_report(first_run):
     }
     known = [im["prompt"] for im in results["images"] if im["method"] == "known-pairs"]
     assert known == ["a picture of a circle next to a square", "a picture of a circle left of a square"]
-    assert set(summary["known-pairs"]) == {"both_present", "both_present_by_prompt"}
+    assert set(summary["known-pairs"]) == {"both_present", "both_present_by_prompt", "both_present_by_set"}
+    for name in ("known-pairs", *compositions):  # one prompt in the set: its rate
+        by_prompt = summary[name]["both_present_by_prompt"]
+        assert summary[name]["both_present_by_set"] == {"next to": by_prompt["a picture of a {a} next to a {b}"]}
     assert all(
         {"both_present_top2", "both_present_halves"} <= set(r["metrics"])
         for r in rows
@@ -235,6 +252,7 @@ def test_runner_writes_results_and_report(first_run):
     assert "| closed-form |" in first_run.report["markdown"].read_text()
     assert "<table>" in first_run.report["html"].read_text()
     assert "both_present by composition prompt" in first_run.report["markdown"].read_text()
+    assert "set: next to" in first_run.report["markdown"].read_text()
     grids = [k for k in first_run.report if k.startswith("grid:")]
     assert len(grids) == 5 and all(first_run.report[k].is_file() for k in grids)
 
@@ -398,3 +416,22 @@ def test_cli_dispatches_on_kind_and_filters_methods(first_run, tiny_config, tmp_
     assert (out / "report.html").is_file()
     bad = CliRunner().invoke(app, ["bench", str(tiny_config), "--out", str(out), "--methods", "dreambooth"])
     assert bad.exit_code == 2 and "unknown methods ['dreambooth']" in bad.output
+
+
+def test_prompt_sets_average_their_prompts_over_pairs_and_seeds():
+    """both_present_by_set: per set, the mean of its prompts' rates, themselves averaged over every row (pair and
+    training seed) of the composition; a set is what a bar is defined on (shapes-custom-multi: "next to")."""
+    prompts = ["p {a} next to {b}", "q {a} next to {b}", "p {a} left of {b}"]
+
+    def row(seed: int, rates: list[float]) -> dict:
+        by = dict(zip(prompts, rates))
+        metrics = {"both_present": sum(rates) / 3, "both_present_by_prompt": by}
+        return {"section": "composition", "group": "a+b", "method": "joint", "metrics": metrics, "training_seed": seed}
+
+    rows = [row(0, [1.0, 0.5, 0.0]), row(1, [0.0, 0.5, 1.0])]
+    summary = summarize(rows, prompt_sets={"next to": prompts[:2], "left of": prompts[2:]})["joint"]
+    assert summary["both_present_by_set"] == {"next to": pytest.approx(0.5), "left of": pytest.approx(0.5)}
+    rows[1]["metrics"]["both_present_by_prompt"][prompts[0]] = 1.0
+    summary = summarize(rows, prompt_sets={"next to": prompts[:2]})["joint"]
+    assert summary["both_present_by_set"] == {"next to": pytest.approx(0.75)}
+    assert "both_present_by_set" not in summarize(rows)["joint"]
