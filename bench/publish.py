@@ -5,7 +5,8 @@ For every run directory written by ``conceptsmith bench CONFIG --out DIR``: ``re
 ``report.html``, ``grids/``, ``plots/``) goes to ``bench/results/<bench name>/``. The two customization
 runs (``shapes-custom-single`` and ``shapes-custom-multi``) are merged into one
 ``bench/results/shapes_custom.json`` whose ``summary`` holds every method of both (single-concept
-methods with ``train_seconds``, the mean measured training time of one run).
+methods with ``train_seconds``, the mean measured training time of one run); publishing one of them
+alone keeps the other's published part.
 
 Run: ``.venv/bin/python bench/publish.py out/shapes-objects out/shapes-custom-single out/shapes-custom-multi``.
 """
@@ -38,6 +39,7 @@ def copy_report(run: Path, name: str, results: Path) -> None:
 
 
 def merge_custom(parts: dict[str, dict]) -> dict:
+    parts = {part: parts[part] for part in CUSTOM_PARTS.values()}  # single first, however they were given
     summary: dict[str, dict] = {}
     for data in parts.values():
         for method, metrics in data["summary"].items():
@@ -49,6 +51,23 @@ def merge_custom(parts: dict[str, dict]) -> dict:
     }
 
 
+def published_custom_parts(loaded: list[tuple[Path, dict]], results: Path) -> dict[str, dict]:
+    """The customization part a run set leaves out, kept from the published ``shapes_custom.json`` (so one of the
+    two benches can be re-run and published alone); empty if the runs hold no customization bench."""
+    given = {CUSTOM_PARTS[d["bench"]] for _, d in loaded if d["bench"] in CUSTOM_PARTS}
+    if not given or given == set(CUSTOM_PARTS.values()):
+        return {}
+    published = results / "shapes_custom.json"
+    missing = sorted(set(CUSTOM_PARTS.values()) - given)
+    kept = json.loads(published.read_text()) if published.is_file() else {}
+    if any(part not in kept for part in missing):
+        raise SystemExit(
+            f"error: {published} has no published '{missing[0]}' part to keep; publish shapes-custom-single and "
+            "shapes-custom-multi together (one merged file)"
+        )
+    return {part: kept[part] for part in missing}
+
+
 def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
     """Publish the runs; returns the JSON files written."""
     loaded: list[tuple[Path, dict]] = []
@@ -57,12 +76,9 @@ def publish(runs: list[Path], results: Path = RESULTS) -> list[Path]:
         if not source.is_file():
             raise SystemExit(f"error: {source} does not exist; run `conceptsmith bench CONFIG --out {run}` first")
         loaded.append((run, json.loads(source.read_text())))
-    customs = {CUSTOM_PARTS[d["bench"]] for _, d in loaded if d["bench"] in CUSTOM_PARTS}
-    if customs and customs != set(CUSTOM_PARTS.values()):
-        raise SystemExit("error: publish shapes-custom-single and shapes-custom-multi together (one merged file)")
+    custom = published_custom_parts(loaded, results)
     results.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    custom: dict[str, dict] = {}
     for run, data in loaded:
         name = data["bench"]
         copy_report(run, name, results)

@@ -44,12 +44,26 @@ def test_publish_copies_reports_and_merges_the_custom_runs(tmp_path):
     assert (results / "shapes-custom-multi" / "report.md").read_text() == "# shapes-custom-multi"
 
 
-def test_publish_refuses_half_a_custom_pair_or_a_missing_run_before_writing(tmp_path):
+def test_publish_refuses_half_a_custom_pair_with_nothing_published_or_a_missing_run_before_writing(tmp_path):
     publish = _publish_module().publish
     single = _run(tmp_path, "shapes-custom-single", {})
     results = tmp_path / "results"
-    with pytest.raises(SystemExit, match="together"):
+    with pytest.raises(SystemExit, match="no published 'multi' part.*together"):
         publish([single], results)
     with pytest.raises(SystemExit, match="does not exist"):
         publish([tmp_path / "out" / "nothing"], results)
     assert not results.exists()
+
+
+def test_publishing_one_custom_bench_keeps_the_other_published_part(tmp_path):
+    publish = _publish_module().publish
+    results = tmp_path / "results"
+    single = _run(tmp_path, "shapes-custom-single", {"lora": {"clip_i_rel": 0.7}, "unedited": {"clip_t_rel": 1.0}})
+    multi = _run(tmp_path, "shapes-custom-multi", {"joint": {"both_present": 0.2}, "unedited": {"both_present": 0.0}})
+    publish([single, multi], results)
+    rerun = _run(tmp_path / "again", "shapes-custom-multi", {"joint": {"both_present": 0.5}})
+    publish([rerun], results)
+    merged = json.loads((results / "shapes_custom.json").read_text())
+    assert merged["single"]["summary"] == {"lora": {"clip_i_rel": 0.7}, "unedited": {"clip_t_rel": 1.0}}
+    assert merged["multi"]["summary"] == {"joint": {"both_present": 0.5}}
+    assert merged["summary"] == {"lora": {"clip_i_rel": 0.7}, "unedited": {"clip_t_rel": 1.0}, "joint": {"both_present": 0.5}}

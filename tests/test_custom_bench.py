@@ -123,6 +123,9 @@ def test_shipped_configs_validate_and_dispatch():
     assert multi.known_pairs and any("left of" in t for t in multi.composition_prompts)
     assert {c.kind for c in multi.compositions} == {"joint", "merge", "hook"}
     assert {c.merge for c in multi.compositions if c.kind == "merge"} == {"closed-form", "lora-sum"}
+    # the bar's prompts are a named set, and the composition that depends on its training seed is measured over five
+    assert multi.prompt_sets["next to"] and all("next to" in t for t in multi.prompt_sets["next to"])
+    assert any(len(c.training_seeds) == 5 for c in multi.compositions if c.kind == "joint")
     assert bench_kind("shapes-custom-single") == "customization" and bench_kind("shapes-smoke") == "erasure"
     assert load_bench_config("shapes-smoke")[0].kind == "erasure"  # erasure benches keep working
     with pytest.raises(ConfigError, match="kind"):
