@@ -16,6 +16,7 @@ or ``text_encoder.encoder.layers.0.self_attn.k_proj``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import uuid
@@ -473,10 +474,23 @@ def _apply_weights(edit: Edit, pipe: Any) -> Undo:
     return undo
 
 
+class _NoMissingComponentWarning(logging.Filter):
+    """Drops diffusers' warning that a LoRA has no keys for a text encoder: an edit that changes only the UNet
+    has none by design, and the warning (repeated at every apply) says nothing about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
 def _apply_lora(edit: Edit, pipe: Any) -> Undo:
     name = f"conceptsmith_{uuid.uuid4().hex[:8]}"
     active = _active_adapters(pipe)
-    pipe.load_lora_weights(dict(edit.tensors), adapter_name=name)
+    quiet, diffusers_logger = _NoMissingComponentWarning(), logging.getLogger("diffusers.loaders.lora_base")
+    diffusers_logger.addFilter(quiet)
+    try:
+        pipe.load_lora_weights(dict(edit.tensors), adapter_name=name)
+    finally:
+        diffusers_logger.removeFilter(quiet)
     pipe.set_adapters([*active, name])  # loading activates only the new adapter; keep the others on
 
     def undo(pipe: Any) -> None:
