@@ -275,6 +275,7 @@ def customize(
     result = editor.fit(pipe, EditRequest(concepts=[], tokens=token, class_words=class_word, images=images, seed=seed))
     result.save(out)
     typer.echo(f"{editor.name}: learned {', '.join(token)} on {info.spec} [{info.fingerprint}] -> {out}")
+    typer.echo("  prompt with: " + ", ".join(f'"{phrase}"' for phrase in result.concepts) + " (the phrases it trained on)")
 
 
 @app.command()

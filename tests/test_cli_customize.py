@@ -13,7 +13,7 @@ runner = CliRunner()
 
 def test_customize_then_merge(tmp_path):
     config = tmp_path / "ti.yaml"
-    config.write_text("method: textual-inversion\nparams:\n  steps: 2\n")
+    config.write_text("method: textual-inversion\nparams:\n  steps: 2\n  phrase: '{token} {class_word}'\n")
     outs = []
     for name, color in (("<tok-a>", (230, 40, 20)), ("<tok-b>", (20, 40, 230))):
         refs = make_references(tmp_path / name.strip("<>"), color=color)
@@ -21,7 +21,7 @@ def test_customize_then_merge(tmp_path):
         result = runner.invoke(app, ["customize", "-m", "builtin:tiny-test", "--config", str(config), "-t", name,
                                      "--class-word", "square", "--images", str(refs), "-o", str(out)])
         assert result.exit_code == 0, result.output
-        assert name in result.output
+        assert f'prompt with: "{name} square"' in result.output  # the phrase to use, class word included
         outs.append(out)
     assert Edit.load(outs[0]).method == "textual-inversion"
 
