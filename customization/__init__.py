@@ -10,7 +10,7 @@ Editors (``conceptsmith.registry.get_editor(name)``):
 
 Merging edits: :mod:`customization.merge`. The textual-inversion ceiling of a model (the whole conditioning
 inverted, a measurement rather than an edit): :mod:`customization.conditioning_ceiling`. The training loop every training-based method of the
-project shares: :mod:`customization.training`. Reference and class images: :mod:`customization.data`.
+project shares lives in the core (:mod:`conceptsmith.training`, :mod:`conceptsmith.trainable`, :mod:`conceptsmith.diffusion`). Reference and class images: :mod:`customization.data`.
 """
 
 

@@ -4,7 +4,7 @@ Textual inversion reaches only the conditionings that the frozen text encoder ma
 vectors. Here the conditioning itself is optimized: every row of the text encoder's output for one
 prompt (``[1, tokens, d]``, initialized from the encoding of ``init_prompt`` with the class word),
 with textual inversion's denoising objective on the same reference images and the project's training
-loop (:func:`customization.training.train`). No prompt can produce an arbitrary conditioning, so the
+loop (:func:`conceptsmith.training.train`). No prompt can produce an arbitrary conditioning, so the
 images generated from the result show what the frozen UNet can draw of the object from any text at all:
 an upper reference for textual inversion on the same model. ``evaluation.custom_bench`` reports it as
 the ``conditioning-ceiling`` row (``ceiling`` in a customization bench config).
@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from conceptsmith.diffusion import Conditioning
+from conceptsmith.training import TrainingConfig
 from customization import CustomizationError
-from customization.training import Conditioning, TrainingConfig
 
 
 class CeilingConfig(TrainingConfig):
@@ -50,16 +51,11 @@ def invert_conditioning(
     pipe: object, images: Sequence[str | Path], class_word: str, config: CeilingConfig | None = None, seed: int = 0
 ) -> torch.Tensor:
     """The conditioning ``[1, tokens, d]`` (float32, detached) that best denoises ``images`` (files or folders)."""
+    from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
     from conceptsmith.text import encode_prompts
+    from conceptsmith.trainable import frozen, pipe_components, shared_copy
+    from conceptsmith.training import train
     from customization.data import Examples, default_resolution, load_images
-    from customization.training import (
-        DenoisingObjective,
-        frozen,
-        noise_scheduler,
-        pipe_components,
-        shared_copy,
-        train,
-    )
 
     config = config or CeilingConfig()
     if getattr(pipe, "text_encoder_2", None) is not None:

@@ -61,19 +61,13 @@ class CustomDiffusion(Editor):
     Config = CustomDiffusionConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
         from conceptsmith.models import detect_family
+        from conceptsmith.trainable import frozen, pipe_components, shared_copy, trainable_clone
+        from conceptsmith.training import train
         from customization.data import concept_specs, default_resolution, training_examples
         from customization.textual_inversion import NewTokens
-        from customization.training import (
-            DenoisingObjective,
-            frozen,
-            noise_scheduler,
-            pipe_components,
-            shared_copy,
-            subject_params,
-            train,
-            trainable_clone,
-        )
+        from customization.training import subject_params
 
         config: CustomDiffusionConfig = self.config
         # 1. concepts: token, class word, reference images

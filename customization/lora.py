@@ -31,7 +31,6 @@ from safetensors.torch import save_file
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint, compose
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from customization import CustomizationError
 from customization.training import SubjectTrainingConfig
 
 
@@ -55,46 +54,18 @@ class LoraTrainingConfig(SubjectTrainingConfig):
     num_class_images: int = Field(100, ge=1)
 
 
-def _inject(model: torch.nn.Module, rank: int, alpha: float, targets: list[str], init: str) -> dict[str, torch.nn.Parameter]:
-    """Add a peft LoRA adapter to ``model`` (a shared copy) and return its trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian" if init == "gaussian" else True)
-    inject_adapter_in_model(config, model, adapter_name="default")
-    params = {name: p for name, p in model.named_parameters() if "lora_" in name}
-    if not params:
-        raise CustomizationError(f"No module of {type(model).__name__} matches the LoRA targets {targets}.")
-    for p in params.values():
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
-
-
-def _state_dict(model: torch.nn.Module, component: str) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(model, adapter_name="default")
-    return {f"{component}.{key}": value.detach().float().cpu().clone() for key, value in state.items()}
-
-
 @register_editor("lora", description="DreamBooth LoRA (peft) on UNet attention, optional text encoder and learned token")
 class DreamBoothLora(Editor):
     Config = LoraTrainingConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.diffusion import DenoisingObjective, TextConditioner, noise_scheduler
         from conceptsmith.models import detect_family
+        from conceptsmith.trainable import add_lora, frozen, lora_state_dict, pipe_components, shared_copy
+        from conceptsmith.training import train
         from customization.data import concept_specs, default_resolution, training_examples
         from customization.textual_inversion import NewTokens, components
-        from customization.training import (
-            DenoisingObjective,
-            TextConditioner,
-            frozen,
-            noise_scheduler,
-            pipe_components,
-            shared_copy,
-            subject_params,
-            train,
-        )
+        from customization.training import subject_params
 
         config: LoraTrainingConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=config.prior_preservation, method="LoRA")
@@ -114,12 +85,12 @@ class DreamBoothLora(Editor):
 
                 pairs = [(tokenizer, shared_copy(encoder)) for tokenizer, encoder in text_encoders(pipe)]
             unet = shared_copy(pipe.unet)
-            unet_params = _inject(unet, config.rank, alpha, config.unet_modules, config.init)
+            unet_params = add_lora(unet, config.unet_modules, config.rank, alpha, config.init)
             groups.insert(0, ({f"unet.{n}": p for n, p in unet_params.items()}, 1.0))
             names = components(pipe)
             if config.train_text_encoder:
                 for component, (_, encoder) in zip(names, pairs):
-                    te_params = _inject(encoder, config.rank, alpha, config.text_encoder_modules, config.init)
+                    te_params = add_lora(encoder, config.text_encoder_modules, config.rank, alpha, config.init)
                     groups.append(({f"{component}.{n}": p for n, p in te_params.items()}, config.text_encoder_lr_scale))
                 if tokens is not None:  # peft froze everything but its own layers, the new token rows included
                     for p in tokens.parameters().values():
@@ -137,11 +108,11 @@ class DreamBoothLora(Editor):
                 run_key=f"lora:{base}:{[s.token for s in specs]}:{[s.source for s in specs]}",
                 description="lora",
             )
-            state = _state_dict(unet, "unet")
+            state = lora_state_dict(unet, "unet")
             lora_config = {"unet": {"lora_alpha": alpha}}
             if config.train_text_encoder:
                 for component, (_, encoder) in zip(names, pairs):
-                    state.update(_state_dict(encoder, component))
+                    state.update(lora_state_dict(encoder, component))
                     lora_config[component] = {"lora_alpha": alpha}
         concepts = list(request.concepts) or [s.phrase for s in specs]
         params = subject_params(config, specs, prompt_templates)

@@ -30,11 +30,13 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
+from conceptsmith.diffusion import TextConditioner
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor, register_hook
+from conceptsmith.trainable import shared_copy
+from conceptsmith.training import TrainingConfig
 from customization import CustomizationError
 from customization.data import CutMixOptions, ZoomOutOptions
-from customization.training import TextConditioner, TrainingConfig, shared_copy
 
 TOKEN_HOOK = "custom-tokens"
 COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -320,8 +322,10 @@ class TextualInversion(Editor):
     Config = TextualInversionConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
+        from conceptsmith.trainable import frozen, pipe_components
+        from conceptsmith.training import train
         from customization.data import concept_specs, default_resolution, instance_examples
-        from customization.training import DenoisingObjective, frozen, noise_scheduler, pipe_components, train
 
         config: TextualInversionConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=False, method="Textual inversion")
@@ -356,7 +360,7 @@ def tokens_view(pipe: object, token_edits: list[Edit]) -> Any:
     """
     from types import SimpleNamespace
 
-    from customization.training import expand_multi_vector
+    from conceptsmith.diffusion import expand_multi_vector
 
     view = SimpleNamespace()
     for component in components(pipe):

@@ -12,9 +12,12 @@ import torch
 from PIL import Image
 
 from conceptsmith.config import EditConfig, load_config
+from conceptsmith.diffusion import denoising_loss
 from conceptsmith.edits import Edit, EditError, applied_edits
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
+from conceptsmith.train_checkpoints import latest_checkpoint
+from conceptsmith.training import TrainingConfig, TrainingError, resolve_mixed_precision, train
 from customization import CustomizationError
 from customization.data import (
     CutMix,
@@ -28,13 +31,6 @@ from customization.data import (
     side_by_side,
     to_pixels,
     zoomed_out,
-)
-from customization.training import (
-    TrainingConfig,
-    denoising_loss,
-    latest_checkpoint,
-    resolve_mixed_precision,
-    train,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "customize"
@@ -142,7 +138,7 @@ def test_zoom_out_adds_seeded_masked_copies_with_their_own_phrase(tiny_pipe, ref
 
 
 def test_masked_denoising_loss_only_sees_the_masked_cells(tiny_pipe):
-    from customization.training import TextConditioner, noise_scheduler
+    from conceptsmith.diffusion import TextConditioner, noise_scheduler
 
     pipe, _ = tiny_pipe
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -261,9 +257,9 @@ def test_training_loop_learns_checkpoints_and_resumes_bit_exactly(tmp_path):
     assert torch.equal(resumed, full)  # same bits as the uninterrupted run
     assert second.losses == result.losses
 
-    with pytest.raises(CustomizationError, match="different training run"):
+    with pytest.raises(TrainingError, match="different training run"):
         _toy_run(TrainingConfig(steps=9, checkpoint_dir=str(folder), resume=True, **{**base, "learning_rate": 0.1}))
-    with pytest.raises(CustomizationError, match="needs a checkpoint_dir"):
+    with pytest.raises(TrainingError, match="needs a checkpoint_dir"):
         _toy_run(TrainingConfig(steps=2, resume=True, **base))
 
 
@@ -277,7 +273,7 @@ def test_training_loop_mixed_precision_and_errors():
     with pytest.raises(ValueError, match="does not require grad"):
         train({"p": frozen}, lambda step: frozen.sum(), TrainingConfig(steps=1, progress=False))
     p = torch.nn.Parameter(torch.ones(2))
-    with pytest.raises(CustomizationError, match="became nan.*lower learning_rate"):
+    with pytest.raises(TrainingError, match="became nan.*lower learning_rate"):
         train({"p": p}, lambda step: p.sum() * float("nan"), TrainingConfig(steps=1, progress=False))
 
 
@@ -366,10 +362,10 @@ def test_shipped_customize_configs_validate_against_their_editors():
 
 
 def test_conditioning_ceiling_fits_the_whole_conditioning_and_leaves_the_pipe_alone(tiny_pipe, tiny_sdxl_pipe, refs):
+    from conceptsmith.diffusion import Conditioning, noise_scheduler
     from conceptsmith.text import encode_prompts
     from customization.conditioning_ceiling import CeilingConfig, invert_conditioning
     from customization.data import default_resolution
-    from customization.training import Conditioning, noise_scheduler
 
     pipe, _ = tiny_pipe
     before = fingerprint(pipe)

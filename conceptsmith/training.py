@@ -1,0 +1,327 @@
+"""The one training loop of ConceptSmith: every training-based method (customization and erasure) uses it.
+
+:func:`train` runs AdamW on named parameters for ``steps`` optimizer steps with ``accelerate``:
+
+* **mixed precision where the device has it**: ``mixed_precision="auto"`` means bf16 (else fp16)
+  autocast on CUDA and float32 on CPU/MPS; a precision the device lacks falls back to float32 with
+  a warning. Trainable parameters stay float32 (master weights).
+* **gradient checkpointing** of the given models (diffusers and transformers APIs) on request;
+* **checkpoints and resume** as ``.safetensors`` (:mod:`conceptsmith.train_checkpoints`; never
+  pickles): ``checkpoint_dir`` + ``checkpoint_every``, ``resume=True`` continues from the latest
+  checkpoint of the same run;
+* **seeded and resumable exactly**: the loss function draws all its randomness from the step's own
+  generator (``TrainStep.generator``, seeded by (seed, step, micro-step)) and the global RNG is
+  re-seeded the same way (dropout), so a resumed run reproduces the uninterrupted run bit for bit;
+* a tqdm progress bar with the running loss.
+
+What to train comes from :mod:`conceptsmith.trainable` (peft LoRA or full weights on any modules of
+a shared copy, the frozen model's predictions from the same network); what to minimize from
+:mod:`conceptsmith.diffusion` (conditioning, the denoising loss, frozen-model trajectories).
+Training runs in one process on the device the models are on (no device placement, no DDP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from conceptsmith.registry import EditorConfig
+
+
+class TrainingError(ValueError):
+    """A user-facing problem with a training run; the message says what is wrong and how to fix it."""
+
+
+class TrainingConfig(EditorConfig):
+    """Hyper-parameters of the shared loop; editors' configs extend it with their own fields."""
+
+    steps: int = Field(250, ge=1, description="optimizer steps")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate (before scale_lr)")
+    scale_lr: bool = Field(False, description="multiply the learning rate by batch_size * gradient_accumulation_steps")
+    batch_size: int = Field(2, ge=1, description="examples per micro-step (per concept group, see the method)")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16/fp16 autocast on CUDA, float32 elsewhere"
+    )
+    gradient_checkpointing: bool = False
+    checkpoint_dir: str | None = Field(None, description="folder for resumable checkpoints (null: none)")
+    checkpoint_every: int = Field(0, ge=0, description="save every N steps (0: only at the end, if checkpoint_dir)")
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = Field(False, description="continue from the latest checkpoint in checkpoint_dir")
+    progress: bool = True
+    eval_batches: int = Field(2, ge=0, description="fixed-noise batches scored before and after training (0: none)")
+
+    def effective_lr(self) -> float:
+        if self.scale_lr:
+            return self.learning_rate * self.batch_size * self.gradient_accumulation_steps
+        return self.learning_rate
+
+    def training_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in TrainingConfig.model_fields}
+
+
+
+# -- results -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainStep:
+    """What the loss function gets at each micro-step."""
+
+    step: int
+    micro_step: int
+    generator: torch.Generator  # CPU generator: draw every random number of this step from it
+    device: torch.device
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # mean loss of each optimizer step (all steps, also those of a resumed run)
+    logs: dict[str, list[float]] = field(default_factory=dict)  # extra scalars the loss function returned
+    steps: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    mixed_precision: str = "no"
+    checkpoint: str | None = None
+    eval_start: float | None = None  # loss on fixed noise before training (see TrainingConfig.eval_batches)
+    eval_end: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serializable summary for an Edit's metadata."""
+        first = self.losses[: max(1, len(self.losses) // 10)]
+        last = self.losses[-max(1, len(self.losses) // 10) :]
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "seconds": round(self.seconds, 3),
+            "mixed_precision": self.mixed_precision,
+            "loss_start": sum(first) / len(first) if first else None,
+            "loss_end": sum(last) / len(last) if last else None,
+            "eval_loss_start": self.eval_start,
+            "eval_loss_end": self.eval_end,
+        }
+
+    def metadata(self, specs: Sequence[Any]) -> dict[str, Any]:
+        """An Edit's ``metadata`` for a training run on the reference images of ``specs``."""
+        return {"training": self.summary(), "losses": self.losses, "logs": self.logs, "images": [s.source for s in specs]}
+
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """The autocast precision to use on ``device`` for the requested setting."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return "bf16" if bf16 else "fp16"
+        if requested == "bf16" and not bf16:
+            warnings.warn("This GPU has no bf16 support; training with fp16 mixed precision instead.", stacklevel=3)
+            return "fp16"
+        return requested
+    if requested in ("fp16", "bf16"):
+        warnings.warn(
+            f"{requested} mixed precision is not available on {device.type}; training in float32 instead.", stacklevel=3
+        )
+    return "no"
+
+
+def _accelerator(mixed_precision: str, device: torch.device) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kwargs = dict(mixed_precision=mixed_precision, cpu=device.type == "cpu", device_placement=False)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as err:  # accelerate keeps one global state; another precision needs a reset
+        if "already been initialized" not in str(err):
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kwargs)
+
+
+def _seed(seed: int, step: int, micro: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _lr_factor(config: TrainingConfig, step: int) -> float:
+    if config.lr_warmup_steps and step < config.lr_warmup_steps:
+        return (step + 1) / config.lr_warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    span = max(1, config.steps - config.lr_warmup_steps)
+    progress = min(1.0, (step - config.lr_warmup_steps) / span)
+    if config.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "enable_gradient_checkpointing"):  # diffusers
+        model.enable_gradient_checkpointing()
+    elif hasattr(model, "gradient_checkpointing_enable"):  # transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        warnings.warn(f"{type(model).__name__} has no gradient-checkpointing switch; training it without.", stacklevel=3)
+
+
+ParamSpec = Mapping[str, nn.Parameter] | Sequence[tuple[Mapping[str, nn.Parameter], float]]
+
+
+def _groups(params: ParamSpec, lr: float) -> list[tuple[dict[str, nn.Parameter], float]]:
+    """``{name: p}`` (one group at ``lr``) or ``[({name: p}, lr_multiplier), ...]``."""
+    raw = [(params, 1.0)] if isinstance(params, Mapping) else list(params)
+    groups, seen = [], set()
+    for named, multiplier in raw:
+        named = dict(named)
+        for name, p in named.items():
+            if name in seen:
+                raise ValueError(f"Parameter name '{name}' is used twice; trainable parameter names must be unique.")
+            if not p.requires_grad:
+                raise ValueError(f"Parameter '{name}' does not require grad; it cannot be trained.")
+            seen.add(name)
+        if named:
+            groups.append((named, lr * multiplier))
+    if not groups:
+        raise ValueError("Nothing to train: no parameters given.")
+    return groups
+
+
+def train(
+    params: ParamSpec,
+    loss_fn: Callable[[TrainStep], torch.Tensor | Mapping[str, torch.Tensor]],
+    config: TrainingConfig,
+    *,
+    seed: int = 0,
+    models: Sequence[nn.Module] = (),
+    run_key: str = "",
+    description: str = "train",
+    evaluate: Callable[[int], float] | None = None,
+) -> TrainResult:
+    """Minimize ``loss_fn`` over ``params`` for ``config.steps`` AdamW steps; parameters are updated in place.
+
+    ``params``: ``{name: parameter}`` or ``[({name: parameter}, lr_multiplier), ...]``.
+    ``loss_fn(step)`` returns the scalar loss, or a mapping with ``"loss"`` plus extra scalars to log.
+    ``models``: the modules the loss runs through (train mode, gradient checkpointing).
+    ``run_key``: identifies the run (method, data, hyper-parameters) so that ``resume`` never continues
+    another run's checkpoint. ``evaluate(batches)``: a deterministic loss (e.g.
+    :meth:`DenoisingObjective.evaluate`) recorded before and after training when ``eval_batches > 0``.
+    """
+    from conceptsmith.train_checkpoints import (
+        latest_checkpoint,
+        load_checkpoint,
+        prune,
+        save_checkpoint,
+        signature,
+    )
+
+    started = time.perf_counter()
+    groups = _groups(params, config.effective_lr())
+    named = {name: p for group, _ in groups for name, p in group.items()}
+    device = next(iter(named.values())).device
+    precision = resolve_mixed_precision(config.mixed_precision, device)
+    accelerator = _accelerator(precision, device)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(group.values()), "lr": lr} for group, lr in groups],
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    base_lrs = [lr for _, lr in groups]
+    prepared = accelerator.prepare_optimizer(optimizer, device_placement=False)
+    signature = signature(run_key, named, config)
+
+    result = TrainResult(losses=[], mixed_precision=precision)
+    start = 0
+    folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if config.resume:
+        if folder is None:
+            raise TrainingError("resume=True needs a checkpoint_dir to resume from.")
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            start = load_checkpoint(latest, named, optimizer, accelerator, signature, result)
+            result.resumed_from = start
+            if start > config.steps:
+                raise TrainingError(
+                    f"Checkpoint '{latest}' is at step {start}, beyond steps={config.steps}; raise steps or use another checkpoint_dir."
+                )
+
+    if evaluate is not None and config.eval_batches and start == 0:
+        result.eval_start = evaluate(config.eval_batches)
+    modes = [(m, m.training) for m in models]
+    for model in models:
+        model.train()
+        if config.gradient_checkpointing:
+            _enable_checkpointing(model)
+    cuda_devices = [device] if device.type == "cuda" else []
+    bar = tqdm(total=config.steps, initial=start, desc=description, unit="step", disable=not config.progress)
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            for step in range(start, config.steps):
+                factor = _lr_factor(config, step)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+                total, extras = 0.0, {}
+                for micro in range(config.gradient_accumulation_steps):
+                    value = _seed(seed, step, micro)
+                    torch.manual_seed(value)
+                    generator = torch.Generator().manual_seed(value)
+                    with accelerator.autocast():
+                        out = loss_fn(TrainStep(step, micro, generator, device))
+                    loss = out if isinstance(out, torch.Tensor) else out["loss"]
+                    if not torch.isfinite(loss.detach()).all():
+                        raise TrainingError(
+                            f"The training loss became {float(loss.detach())} at step {step}; lower learning_rate (now "
+                            f"{config.effective_lr():g}) or use mixed_precision='no'."
+                        )
+                    accelerator.backward(loss / config.gradient_accumulation_steps, inputs=list(named.values()))
+                    total += float(loss.detach()) / config.gradient_accumulation_steps
+                    if not isinstance(out, torch.Tensor):
+                        for key, v in out.items():
+                            if key != "loss":
+                                extras[key] = extras.get(key, 0.0) + float(torch.as_tensor(v).detach()) / config.gradient_accumulation_steps
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+                prepared.step()
+                prepared.zero_grad(set_to_none=True)
+                result.losses.append(total)
+                for key, v in extras.items():
+                    result.logs.setdefault(key, []).append(v)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+                done = step + 1
+                if folder is not None and (
+                    done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+                ):
+                    result.checkpoint = str(save_checkpoint(folder, done, named, optimizer, accelerator, signature, result))
+                    prune(folder, config.keep_checkpoints)
+    finally:
+        bar.close()
+        for model, mode in modes:
+            model.train(mode)
+    if evaluate is not None and config.eval_batches:
+        result.eval_end = evaluate(config.eval_batches)
+    result.steps = config.steps
+    result.seconds = time.perf_counter() - started
+    return result
+
