@@ -189,3 +189,80 @@ class DenoisingObjective:
                                           generator, batch.mask).mean())
         return total / max(1, batches)
 
+
+
+class FrozenTrajectories:
+    """Partial denoising runs of the frozen model, computed once and sampled by every training step.
+
+    ESD (Gandikota et al., ICCV 2023, Sec. 3) and Concept Ablation train on ``x_t`` reached by the
+    frozen model from noise with DDIM. Those states do not depend on the weights being trained, so
+    instead of a fresh partial run at every step (the published scripts), ``trajectories`` full DDIM
+    runs of ``ddim_steps`` are made once and every intermediate ``(x_t, t)`` is kept: a step then costs
+    one forward/backward of the trained model. ``denoise(latents, t, cond)`` is the frozen model's
+    prediction (e.g. ``TrainableModules.disabled``); ``prompts_cond`` / ``uncond`` the conditioning of
+    the sampled prompts and of the empty prompt; ``guidance`` the sampler's classifier-free guidance.
+    Frozen predictions at a kept state can be cached by the caller under :meth:`sample`'s key.
+    """
+
+    def __init__(
+        self,
+        denoise: Any,
+        scheduler_config: Any,
+        latent_shape: Sequence[int],
+        conds: Sequence[Conditioning],
+        uncond: Conditioning,
+        *,
+        trajectories: int,
+        ddim_steps: int,
+        guidance: float,
+        seed: int,
+        device: torch.device,
+        progress: bool = True,
+    ) -> None:
+        from diffusers import DDIMScheduler
+        from tqdm.auto import tqdm
+
+        self.scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.scheduler.set_timesteps(ddim_steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        generator = torch.Generator().manual_seed(seed)
+        self.states: list[list[torch.Tensor]] = []  # [trajectory][step] -> x_t before that step, [1, C, h, w]
+        self.prompt_index: list[int] = []
+        bar = tqdm(total=trajectories * ddim_steps, desc="frozen trajectories", unit="step", disable=not progress)
+        with torch.no_grad():
+            for i in range(trajectories):
+                which = i % len(conds)
+                x = torch.randn((1, *latent_shape), generator=generator).to(device) * self.scheduler.init_noise_sigma
+                kept = []
+                for t in self.timesteps:
+                    kept.append(x.cpu())
+                    both = uncond.cat(conds[which])
+                    eps_u, eps_c = denoise(torch.cat([x, x]), t, both).chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                    x = self.scheduler.step(eps, t, x).prev_sample
+                    bar.update(1)
+                self.states.append(kept)
+                self.prompt_index.append(which)
+        bar.close()
+
+    def sample(self, generator: torch.Generator, count: int) -> list[tuple[tuple[int, int], torch.Tensor, int, int]]:
+        """``count`` kept states drawn uniformly: ``[((trajectory, step), x_t, t, prompt index), ...]``."""
+        draws = []
+        for _ in range(count):
+            i = int(torch.randint(len(self.states), (1,), generator=generator))
+            j = int(torch.randint(len(self.timesteps), (1,), generator=generator))
+            draws.append(((i, j), self.states[i][j], self.timesteps[j], self.prompt_index[i]))
+        return draws
+
+
+def predict(unet: nn.Module, latents: torch.Tensor, t: int | torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+    """The UNet's prediction for ``latents`` at timestep ``t`` under ``conditioning`` (model dtype in, float32 out)."""
+    dtype = next(unet.parameters()).dtype
+    device = module_device(unet)
+    kwargs = {}
+    if conditioning.added_cond_kwargs is not None:
+        kwargs["added_cond_kwargs"] = {k: v.to(device, dtype) for k, v in conditioning.added_cond_kwargs.items()}
+    timestep = torch.as_tensor(t, device=device)
+    timestep = timestep.expand(latents.shape[0]) if timestep.ndim == 0 else timestep
+    hidden = conditioning.hidden_states.to(device, dtype)
+    return unet(latents.to(device, dtype), timestep, encoder_hidden_states=hidden, **kwargs).sample.float()
