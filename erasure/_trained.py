@@ -64,7 +64,7 @@ def unet_modules(unet: object, variant: str) -> list[str]:
 
 def text_encoder_modules(encoder: object) -> list[str]:
     """Every layer's MLP and the last layer's self-attention of a CLIP text encoder."""
-    layers = len(encoder.text_model.encoder.layers)
+    layers = len(getattr(encoder, "text_model", encoder).encoder.layers)  # transformers 5 has no .text_model
     return select_modules(encoder, TEXT_ENCODER_SELECTION.format(last=layers - 1))
 
 
@@ -127,9 +127,85 @@ class UnetTraining:
             device=module_device(unet), progress=self.config.progress,
         )
 
+    @staticmethod
+    def evaluator(loss_of: Any, seed: int = 1234) -> Any:
+        """``evaluate(batches)`` for :func:`~conceptsmith.training.train`: the mean of ``loss_of(generator)``
+        over fixed draws, comparable before and after training."""
+
+        def evaluate(batches: int) -> float:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                return sum(float(loss_of(generator)) for _ in range(batches)) / max(1, batches)
+
+        return evaluate
+
     def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float) -> Any:
         from conceptsmith.trainable import trained_edit
 
         metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs,
                     "train_seconds": round(time.perf_counter() - started, 3)}
+        return trained_edit(method, concepts, params, self.pipe, [self.trainable], metadata)
+
+
+def frozen_runs(pipe: Any, conds: list[Any], uncond: Any, config: Any, trajectories: int, seed: int) -> Any:
+    """:class:`~conceptsmith.diffusion.FrozenTrajectories` of ``pipe``'s own (frozen) UNet on ``conds``."""
+    from conceptsmith.diffusion import FrozenTrajectories, predict
+
+    unet = pipe.unet
+    shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
+    return FrozenTrajectories(
+        lambda x, t, cond: predict(unet, x, t, cond), pipe.scheduler.config, shape, conds, uncond,
+        trajectories=trajectories, ddim_steps=config.ddim_steps, guidance=config.sample_guidance, seed=seed,
+        device=module_device(unet), progress=config.progress,
+    )
+
+
+class TextEncoderTraining:
+    """The pieces of a text-encoder eraser (few-shot unlearning, AdvUnlearn): the trainable copy of the text
+    encoder (:func:`text_encoder_modules`, LoRA or full), prompts -> conditioning through it (``conditioner``)
+    and through the frozen encoder (:meth:`frozen_encode`: adapters off / original weights), and the Edit.
+    The UNet and VAE are the pipe's own, frozen by the caller (:func:`conceptsmith.trainable.frozen`)."""
+
+    def __init__(self, pipe: Any, config: TrainedEraserConfig, seed: int, method: str) -> None:
+        from conceptsmith.diffusion import TextConditioner
+        from conceptsmith.trainable import TrainableModules
+
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise TrainingError(
+                f"{method} trains the single text encoder of SD 1.x/2.x pipelines; this pipeline has two (SDXL): "
+                "use a UNet eraser such as esd instead."
+            )
+        self.pipe = pipe
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # LoRA init
+            self.trainable = TrainableModules(
+                pipe.text_encoder, "text_encoder", text_encoder_modules(pipe.text_encoder), mode=config.mode,
+                rank=config.rank, alpha=config.alpha, init=config.init,
+            )
+        self.size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        self.conditioner = TextConditioner([(pipe.tokenizer, self.trainable.module)], dual=False, size=self.size)
+
+    def frozen_encode(self, prompts: list[str]) -> list[Any]:
+        """The frozen text encoder's conditioning of each prompt (one per prompt, no autograd)."""
+        with torch.no_grad(), self.trainable.disabled():
+            return [self.conditioner([p]).detach() for p in prompts]
+
+    @staticmethod
+    def evaluator(loss_of: Any, seed: int = 1234) -> Any:
+        """``evaluate(batches)`` for :func:`~conceptsmith.training.train`: the mean of ``loss_of(generator)``
+        over fixed draws, comparable before and after training."""
+
+        def evaluate(batches: int) -> float:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                return sum(float(loss_of(generator)) for _ in range(batches)) / max(1, batches)
+
+        return evaluate
+
+    def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float,
+             extra: dict[str, Any] | None = None) -> Any:
+        from conceptsmith.trainable import trained_edit
+
+        metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs,
+                    "train_seconds": round(time.perf_counter() - started, 3), **(extra or {})}
         return trained_edit(method, concepts, params, self.pipe, [self.trainable], metadata)

@@ -58,8 +58,8 @@ class ESD(Editor):
             conds, (uncond,) = run.encode(prompts), run.encode([""])
             runs = run.trajectories(conds, uncond)
 
-            def loss(step: Any) -> torch.Tensor:
-                draws = runs.sample(step.generator, config.batch_size)
+            def loss(generator: torch.Generator) -> torch.Tensor:
+                draws = runs.sample(generator, config.batch_size)
                 x = torch.cat([state for _, state, _, _ in draws])
                 t = torch.tensor([t for _, _, t, _ in draws])
                 cond = conds[draws[0][3]]
@@ -73,7 +73,7 @@ class ESD(Editor):
                 prediction = predict(run.trainable.module, x, t, cond)
                 return F.mse_loss(prediction, target.to(prediction.device))
 
-            result = train(run.trainable.named_parameters(), loss, config, seed=request.seed, models=[run.trainable.module],
+            result = train(run.trainable.named_parameters(), lambda step: loss(step.generator), config, evaluate=run.evaluator(loss), seed=request.seed, models=[run.trainable.module],
                            run_key=f"esd:{prompts}", description=f"esd-{config.variant}")
             params = {**config.model_dump(), "prompts": prompts}
             return run.edit("esd", list(request.concepts), params, result, started)
