@@ -1,8 +1,9 @@
-"""Plugin registry: editors, metrics and inference-time hooks, by name.
+"""Plugin registry: editors, metrics, inference-time hooks and attacks, by name.
 
 Built-in plugins register when their module is imported (``load_builtin_plugins``); third-party
-packages expose theirs through the entry-point groups ``conceptsmith.editors`` and
-``conceptsmith.metrics`` (the entry point names a module or an object; loading it registers).
+packages expose theirs through the entry-point groups ``conceptsmith.editors``,
+``conceptsmith.metrics`` and ``conceptsmith.attacks`` (the entry point names a module or an object;
+loading it registers).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit
+    from evaluation.attack_plugins import AttackContext, AttackPlan
 
 EDITOR_GROUP = "conceptsmith.editors"
 METRIC_GROUP = "conceptsmith.metrics"
+ATTACK_GROUP = "conceptsmith.attacks"
 BUILTIN_PACKAGES: tuple[str, ...] = ("erasure", "customization", "evaluation")
 
 
@@ -70,6 +73,32 @@ class Editor(abc.ABC):
         """Compute the edit of ``pipe`` that ``request`` asks for."""
 
 
+class AttackConfig(EditorConfig):
+    """Base of every attack's parameters (as strict as an editor's: unknown keys are errors)."""
+
+
+class Attack(abc.ABC):
+    """An attack on an edited model: ``plan(ctx)`` returns the conditions to generate and judge.
+
+    ``ctx`` (:class:`evaluation.attack_plugins.AttackContext`) holds the pipe with the edit applied,
+    the edit, the erase prompts with their target concepts, the unedited model's images of them,
+    the bench's templates / seeds / generation settings, a cache directory and the accelerate state.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type[AttackConfig]] = AttackConfig
+
+    def __init__(self, config: AttackConfig | dict[str, Any] | None = None) -> None:
+        if config is None:
+            config = {}
+        self.config = config if isinstance(config, self.Config) else self.Config.model_validate(dict(config))
+
+    @abc.abstractmethod
+    def plan(self, ctx: AttackContext) -> AttackPlan:
+        """The attack conditions (prompt strings or ``prompt_embeds`` makers) with their targets."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     obj: Any
@@ -79,8 +108,10 @@ class _Entry:
 _EDITORS: dict[str, _Entry] = {}
 _METRICS: dict[str, _Entry] = {}
 _HOOKS: dict[str, _Entry] = {}
+_ATTACKS: dict[str, _Entry] = {}
 
 E = TypeVar("E", bound=type[Editor])
+A = TypeVar("A", bound=type[Attack])
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -104,6 +135,20 @@ def register_editor(name: str, description: str) -> Callable[[E], E]:
         cls.name = name
         cls.description = description
         _register(_EDITORS, "editor", name, cls, description)
+        return cls
+
+    return decorate
+
+
+def register_attack(name: str, description: str) -> Callable[[A], A]:
+    """Class decorator: make an :class:`Attack` subclass available as ``name`` (a bench's ``kind``)."""
+
+    def decorate(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, Attack)):
+            raise TypeError(f"register_attack('{name}') decorates Attack subclasses, got {cls!r}.")
+        cls.name = name
+        cls.description = description
+        _register(_ATTACKS, "attack", name, cls, description)
         return cls
 
     return decorate
@@ -143,14 +188,16 @@ def _load_entry_points(group: str) -> None:
         entry_point.load()
 
 
-def _lookup(table: dict[str, _Entry], kind: str, group: str | None, name: str) -> Any:
+def _lookup(
+    table: dict[str, _Entry], kind: str, group: str | None, name: str, hint: str = "`conceptsmith methods`"
+) -> Any:
     if name not in table:
         load_builtin_plugins()
         if group is not None:
             _load_entry_points(group)
     if name not in table:
         known = ", ".join(sorted(table)) or "none"
-        raise RegistryError(f"Unknown {kind} '{name}'. Available: {known}. (`conceptsmith methods` lists them.)")
+        raise RegistryError(f"Unknown {kind} '{name}'. Available: {known}. ({hint} lists them.)")
     return table[name].obj
 
 
@@ -173,9 +220,17 @@ def get_hook(name: str) -> Callable[..., Any]:
     return _lookup(_HOOKS, "hook", EDITOR_GROUP, name)
 
 
+def get_attack(name: str) -> type[Attack]:
+    return _lookup(_ATTACKS, "attack", ATTACK_GROUP, name, "`conceptsmith.registry.list_attacks()`")
+
+
 def list_editors() -> dict[str, str]:
     return _listing(_EDITORS, EDITOR_GROUP)
 
 
 def list_metrics() -> dict[str, str]:
     return _listing(_METRICS, METRIC_GROUP)
+
+
+def list_attacks() -> dict[str, str]:
+    return _listing(_ATTACKS, ATTACK_GROUP)

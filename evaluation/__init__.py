@@ -34,8 +34,17 @@ _EXPORTS = {
     "closed_form_attack_embeddings": "evaluation.attacks",
     "concept_vector": "evaluation.attacks",
     "ring_a_bell": "evaluation.attacks",
-    "textual_inversion_attack": "evaluation.attacks",
+    "reverted": "evaluation.attacks",
     "attack_success_rate": "evaluation.attacks",
+    # evaluation.training_attacks / evaluation.prompt_attacks
+    "textual_inversion_attack": "evaluation.training_attacks",
+    "unlearn_diff_attack": "evaluation.prompt_attacks",
+    "p4d_attack": "evaluation.prompt_attacks",
+    # evaluation.attack_plugins (the registered attacks' interface)
+    "AttackContext": "evaluation.attack_plugins",
+    "AttackCondition": "evaluation.attack_plugins",
+    "AttackPlan": "evaluation.attack_plugins",
+    "score_attack": "evaluation.attack_plugins",
     # evaluation.bench / evaluation.report
     "BenchConfig": "evaluation.bench",
     "load_bench_config": "evaluation.bench",

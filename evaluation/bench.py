@@ -11,8 +11,10 @@ method's edit:
   headline one;
 * ``fd_clip`` and ``paired_specificity`` against the unedited model on preserve + neutral prompts, and
   the CLIP score (torchmetrics convention) on preserve prompts;
-* attack success rates (``embedding`` = RECE's closed-form attack, ``ring_a_bell``,
-  ``textual_inversion``).
+* attack success rates, one per entry of ``attacks:`` -- a registered attack plugin
+  (:mod:`evaluation.attack_plugins`: ``embedding`` = RECE's closed-form attack, ``ring_a_bell``,
+  ``textual_inversion``, ``unlearndiffatk``, ``p4d``; ``conceptsmith.registry.list_attacks()``) whose
+  params are validated against the attack's ``Config`` when the YAML is loaded.
 
 Generation uses one CPU generator per image and fixed batches that do not depend on the number of
 processes, so an image depends only on (model, edit, prompt, seed, settings). Images are cached as
@@ -40,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from conceptsmith.config import StrictModel, load_config, read_yaml, validate
 
@@ -100,8 +102,26 @@ class MethodSpec(StrictModel):
 
 
 class AttackSpec(StrictModel):
-    kind: Literal["embedding", "ring_a_bell", "textual_inversion"]
-    params: dict[str, Any] = Field(default_factory=dict)
+    kind: str = Field(min_length=1, description="a registered attack (conceptsmith.registry.list_attacks())")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the attack's Config")
+
+    @model_validator(mode="after")
+    def _check_attack(self) -> AttackSpec:
+        """A known attack with valid params, so that a typo fails before anything is generated."""
+        import evaluation.attack_plugins  # noqa: F401  (registers the built-in attacks)
+        from conceptsmith.config import format_validation_error
+        from conceptsmith.registry import RegistryError, get_attack
+
+        try:
+            config = get_attack(self.kind).Config
+        except RegistryError as err:
+            raise ValueError(str(err)) from None
+        try:
+            config.model_validate(self.params)
+        except ValidationError as err:
+            problems = format_validation_error(err, self.kind, config).splitlines()[1:]
+            raise ValueError(f"attack '{self.kind}' params: " + "; ".join(p.strip() for p in problems)) from None
+        return self
 
 
 class BenchConfig(StrictModel):
@@ -439,6 +459,13 @@ def _score_row(
     return metrics, per_image
 
 
+def _plain_hits(scored: tuple[dict[str, Any], list[dict[str, Any]]] | None) -> dict[tuple[str, int], bool] | None:
+    """Per (erase prompt, seed): was the row's image classified (top-1) as its concept."""
+    if scored is None:
+        return None
+    return {(im["prompt"], im["seed"]): im["pred"] == im["target"] for im in scored[1] if im["set"] == "erase"}
+
+
 # ============================================================================================
 # attacks
 # ============================================================================================
@@ -452,89 +479,43 @@ def _run_attacks(
     evaluator: Any,
     unedited: dict[tuple[str, int], Path],
     state: Any,
+    plain: dict[tuple[str, int], bool] | None,
 ) -> dict[str, Any]:
-    """Attack the applied ``edit`` on every erase prompt; returns per-attack success rates."""
-    from evaluation import attacks as A
+    """Run every configured attack plugin on the applied ``edit``; returns per-attack success rates.
+    ``plain`` (main process): was the edited model's image of each (erase prompt, seed) classified
+    as its concept."""
+    from conceptsmith.registry import get_attack
+    from evaluation.attack_plugins import AttackContext, score_attack
 
+    ctx = AttackContext(
+        pipe=pipe,
+        edit=edit,
+        edit_key=edit_key,
+        prompts=[(t.format(c), c) for t in cfg.templates for c in task.erase],
+        preserve=list(task.preserve),
+        neutral_prompts=list(cfg.neutral_prompts),
+        templates=list(cfg.templates),
+        seeds=list(cfg.seeds),
+        unedited=unedited,
+        generation=gen._kwargs(),
+        cache=gen.cache / "attacks",
+        state=state,
+        progress=gen.progress,
+    )
     results: dict[str, Any] = {}
     classes = cfg.class_list()
-    erase_prompts = [Prompt(t.format(c), "erase", c) for t in cfg.templates for c in task.erase]
     for spec in cfg.attacks:
-        params = dict(spec.params)
-        conditions: list[tuple[str, Any]] = []
-        targets: list[str] = []
-        info: dict[str, Any] = {}
-        if spec.kind == "embedding":
-            if edit.kind not in ("weights", "lora", "composite"):
-                results[spec.kind] = {"skipped": f"{edit.kind} edits have no K/V weights"}
-                continue
-            attack = A.embedding_attack(pipe, edit, [p.text for p in erase_prompts], **params)
-            info = {k: v for k, v in attack.info.items()}
-            for i, p in enumerate(erase_prompts):
-                kw = attack.pipeline_kwargs(i)
-                conditions.append((f"embedding:{digest(p.text, params)}", lambda kw=kw: kw))
-                targets.append(p.target)
-        elif spec.kind == "ring_a_bell":
-            eta = float(params.pop("eta", 3.0))
-            base = [Prompt(t.format(q), "preserve", q) for t in cfg.templates for q in task.preserve] or [
-                Prompt(cfg.neutral_prompts[0] if cfg.neutral_prompts else "", "neutral", None)
-            ]
-            for c in task.erase:
-                pairs = [(t.format(c), t.format(q)) for t in cfg.templates for q in (task.preserve or [""])]
-                attack = A.ring_a_bell(pipe, [b.text for b in base], pairs, eta=eta, **params)
-                for i, b in enumerate(base):
-                    kw = attack.pipeline_kwargs(i)
-                    conditions.append(
-                        (f"ring_a_bell:{digest(c, b.text, pairs, eta, params)}", lambda kw=kw: kw)
-                    )
-                    targets.append(c)
-            info = {"eta": eta}
-        elif getattr(pipe, "text_encoder_2", None) is not None:
-            results[spec.kind] = {"skipped": "the textual-inversion attack supports SD 1.x / 2.x only"}
+        plan = get_attack(spec.kind)(spec.params).plan(ctx)
+        if plan.skipped is not None:
+            results[spec.kind] = {"skipped": plan.skipped}
             continue
-        else:  # textual_inversion: learn from the unedited model's images of the concept
-            for c in task.erase:
-                refs = [unedited[(p.text, s)] for p in erase_prompts if p.target == c for s in cfg.seeds][:8]
-                ti_key = digest("ti", edit_key, c, params, [str(r) for r in refs])
-                ti_path = gen.cache / "attacks" / f"ti-{ti_key}.json"
-                with state.main_process_first():
-                    if ti_path.is_file():
-                        stored = json.loads(ti_path.read_text())
-                        emb = torch.tensor(stored["embedding"])
-                        result = A.TextualInversionAttack(
-                            stored["token"], emb, stored["carrier"], [], stored["before"], stored["after"], {}
-                        )
-                    else:
-                        result = A.textual_inversion_attack(pipe, load_images(refs), **params)
-                        if state.is_main_process:
-                            ti_path.parent.mkdir(parents=True, exist_ok=True)
-                            ti_path.write_text(
-                                json.dumps(
-                                    {
-                                        "token": result.token,
-                                        "carrier": result.carrier,
-                                        "embedding": result.embedding.tolist(),
-                                        "before": result.eval_loss_before,
-                                        "after": result.eval_loss_after,
-                                    }
-                                )
-                            )
-                info[c] = {
-                    "eval_loss_before": result.eval_loss_before,
-                    "eval_loss_after": result.eval_loss_after,
-                }
-                for t in cfg.templates:
-                    embeds = result.encode(pipe, [t.format(result.token)])
-                    conditions.append((f"ti:{ti_key}:{t}", lambda e=embeds: {"prompt_embeds": e}))
-                    targets.append(c)
+        conditions = [(c.key, c.condition) for c in plan.conditions]
         paths = gen.run(f"{edit_key}/attack-{spec.kind}", conditions, cfg.seeds, desc=f"attack {spec.kind}")
         if not state.is_main_process:
             continue
         keys = [(k, s) for k, _ in conditions for s in cfg.seeds]
-        flat_targets = [t for t in targets for _ in cfg.seeds]
         cls = evaluator.classify(load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
-        hits = [classes[int(p)] == t for p, t in zip(cls.pred, flat_targets, strict=True)]
-        results[spec.kind] = {"asr": sum(hits) / len(hits), "n": len(hits), "info": info}
+        results[spec.kind] = score_attack(plan, [classes[int(p)] for p in cls.pred], cfg.seeds, plain)
     return results
 
 
@@ -644,17 +625,18 @@ def run_bench(
                 paths = (
                     unedited if edit is None else gen.run(key, conds, cfg.seeds, desc=f"{task.name}: {label}")
                 )
+                scored = _score_row(ev, cfg, prompts, paths, unedited) if state.is_main_process else None
                 attack_results = (
-                    _run_attacks(cfg, task, pipe, edit, key, gen, ev, unedited, state)
+                    _run_attacks(cfg, task, pipe, edit, key, gen, ev, unedited, state, _plain_hits(scored))
                     if edit is not None and cfg.attacks
                     else {}
                 )
             finally:
                 if edit is not None:
                     edit.revert(pipe)
-            if not state.is_main_process:
+            if scored is None:
                 continue
-            metrics, per_image = _score_row(ev, cfg, prompts, paths, unedited)
+            metrics, per_image = scored
             row = {
                 "task": task.name,
                 "method": label,

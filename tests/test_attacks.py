@@ -145,6 +145,41 @@ def _fast():
     return GenerationSettings(num_inference_steps=2, guidance_scale=2.0, batch_size=1)
 
 
+def test_embedding_attack_on_text_encoder_edit_is_the_unedited_conditioning(tiny_pipe):
+    """No K/V pair: the attack is c_e from the unedited encoder (edit reverted and re-applied exactly);
+    a UNet edit outside attn2 K/V is ignored with a warning."""
+    pipe, _ = tiny_pipe
+    prompts = ["a photo of a circle", "a red square"]
+    g = torch.Generator().manual_seed(0)
+    fc2 = pipe.text_encoder.get_submodule("encoder.layers.1.mlp.fc2").weight
+    edit = Edit.from_weight_deltas(
+        "te-test", ["circle"], {}, base_fingerprint(pipe), "sd1",
+        {"text_encoder.encoder.layers.1.mlp.fc2": 0.5 * torch.randn(fc2.shape, generator=g)},
+    )  # fmt: skip
+    unedited = encode_prompts(pipe, prompts)
+    edit.apply(pipe)
+    edited_weights = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    assert not torch.allclose(encode_prompts(pipe, prompts), unedited, atol=1e-3)
+    attack = embedding_attack(pipe, edit, prompts)
+    assert torch.equal(attack.prompt_embeds, unedited)
+    assert attack.info["kv_modules"] == 0 and attack.info["modules"] == 0
+    assert all(torch.equal(v, edited_weights[k]) for k, v in pipe.text_encoder.state_dict().items())
+    from conceptsmith.edits import applied_edits
+
+    assert applied_edits(pipe) == [edit]
+    edit.revert(pipe)
+
+    q = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight
+    self_attn = Edit.from_weight_deltas(
+        "q-test", ["circle"], {}, base_fingerprint(pipe), "sd1",
+        {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": torch.ones(q.shape)},
+    )  # fmt: skip
+    self_attn.apply(pipe)
+    with pytest.warns(UserWarning, match="ignoring 1 other module"):
+        attack = embedding_attack(pipe, self_attn, prompts)
+    assert attack.info["kv_modules"] == 0 and torch.equal(attack.prompt_embeds, unedited)
+
+
 def test_hook_edit_is_refused(tiny_pipe):
     pipe, _ = tiny_pipe
     edit = Edit.from_hook("h", ["x"], {}, base_fingerprint(pipe), "sd1", "nohook", {})

@@ -59,6 +59,27 @@ def test_bench_config_errors(tmp_path):
         load_bench_config(bad)
 
 
+def test_attack_kind_and_params_are_validated_when_the_config_is_loaded(tmp_path):
+    """A typo in an attack's params or kind fails at load, before a model is loaded or an image made."""
+    from conceptsmith.config import ConfigError
+
+    head = "name: x\nmodel: builtin:shapes\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(head + "attacks: [{kind: p4d, params: {n_tokens: 4}}, {kind: unlearndiffatk, params: {stesp: 3}}]\n")
+    with pytest.raises(ConfigError, match=r"attacks\.1.*attack 'unlearndiffatk' params: key 'stesp': unknown key") as err:
+        load_bench_config(bad)
+    assert "prefix_tokens" in str(err.value)  # the allowed keys are listed
+    bad.write_text(head + "attacks: [{kind: p4d, params: {n_tokens: zero}}]\n")
+    with pytest.raises(ConfigError, match="key 'n_tokens'"):
+        load_bench_config(bad)
+    bad.write_text(head + "attacks: [{kind: embeding}]\n")
+    with pytest.raises(ConfigError, match="Unknown attack 'embeding'. Available: .*embedding"):
+        load_bench_config(bad)
+    with pytest.raises(ConfigError, match="embeding"):
+        run_bench(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_runner_results_report_and_cache_hit(smoke_run, evaluator_file):
     results = smoke_run.results
     assert (
