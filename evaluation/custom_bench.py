@@ -27,10 +27,15 @@ Protocol (CustomConcept101, Kumari et al. 2023, adapted to ShapesWorld):
   :func:`evaluation.metrics.both_concepts_present_rate` on the whole image, ``halves`` = the left and
   right halves (:func:`conceptsmith.world.check.object_crop`) are classified as the two concepts, one each.
   Both rules are recorded per row; the summary's ``both_present`` is the configured one;
-* **relearning** (optional): erase a ShapesWorld shape, then customize the erased model with a new
-  token on renders of that shape; ``relearn_rate`` = share of images classified as the erased shape
-  for the unedited and the erased model (prompted with the shape's name) and for the erased +
-  customized model (prompted with the new token).
+* **relearning** (optional): erase a ShapesWorld shape with each of the ``relearn.erase`` methods, then
+  customize every erased model with a new token on renders of that shape; ``relearn_rate`` = share of
+  images classified as the erased shape for the unedited and each erased model (prompted with the
+  shape's name) and for each erased + customized model after each of ``relearn.checkpoints`` training
+  steps (prompted with the new token). The checkpoints are one run per erasure: each count continues
+  the previous count's training checkpoint (under ``<cache>/<base fingerprint>/checkpoints/``; exact: the
+  loop re-seeds every step), so the edit at a count equals, and is cached as, a run of that many steps.
+  ``steps_to_50`` (:func:`steps_to_rate`) is the interpolated step count at which the rate first reaches
+  0.5, the erased model counting as 0 steps.
 
 The unedited model is always a row. Edits are cached under ``<cache>/<base fingerprint>/edits/`` by a
 digest of (base fingerprint, method, params, tokens, reference image bytes, seed), generations by
@@ -91,6 +96,7 @@ __all__ = [
     "relative",
     "resolve_method",
     "run_custom_bench",
+    "steps_to_rate",
     "summarize",
     "summary_table",
     "write_custom_report",
@@ -103,6 +109,8 @@ CONVENTIONS = {
     "clip_t_rel": "clip_t / clip_t of the unedited model on the same prompts without the new token",
     "both_present": "share of composition images where both concepts are detected (rule: `presence`)",
     "relearn_rate": "share of images whose top-1 zero-shot class is the erased shape",
+    "steps_to_50": "customization steps at which relearn_rate first reaches 0.5, linearly interpolated between "
+    "checkpoints (the erased model, prompted with the shape's name, is 0 steps); null: not by the last checkpoint",
 }
 
 
@@ -193,12 +201,22 @@ Composition = Annotated[JointSpec | MergeSpec | HookSpec, Field(discriminator="k
 
 
 class RelearnSpec(StrictModel):
-    """Erase a ShapesWorld shape, then customize the erased model on renders of it (issue 6, item 8)."""
+    """Erase a ShapesWorld shape with each erasure method, then customize every erased model on renders of it
+    (issue 6, item 8), evaluated after each of ``checkpoints`` training steps."""
 
     concept: str = Field(description="the erased ShapesWorld shape")
-    erase: MethodSpec
+    erase: list[MethodSpec] = Field(
+        description="the erasure methods, one row each (a single method is accepted)"
+    )
     preserve: list[str] = Field(default_factory=list, description="preserved concepts of the erasure")
-    method: MethodSpec = Field(description="the customization method run on the erased model")
+    method: MethodSpec = Field(
+        description="the customization method run on the erased models (a trained one)"
+    )
+    checkpoints: list[int] = Field(
+        default_factory=list,
+        description="increasing training step counts of `method` that are evaluated; they replace its `steps`, and "
+        "each continues the previous one's run (empty: the method's `steps` alone)",
+    )
     token: str = Field("<relearn>", pattern=r"^\S+$")
     class_word: str = "shape"
     phrase: str = Field("{token}", description="how the token appears in the relearning prompts")
@@ -210,6 +228,32 @@ class RelearnSpec(StrictModel):
         if value not in GENERATOR_SHAPES:
             raise ValueError(f"unknown shape {value!r}; ShapesWorld shapes: {', '.join(GENERATOR_SHAPES)}")
         return value
+
+    @field_validator("erase", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return value if isinstance(value, list) else [value]
+
+    @field_validator("erase")
+    @classmethod
+    def _distinct_methods(cls, value: list[MethodSpec]) -> list[MethodSpec]:
+        labels = [m.label() for m in value]
+        if not labels:
+            raise ValueError("lists no erasure method; give at least one")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"erasure labels repeat: {labels}; give each row its own `name`")
+        return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(s < 1 for s in value) or any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError(f"must be step counts >= 1, sorted, without repeats; got {value}")
+        return value
+
+    def token_phrase(self) -> str:
+        """How the new token appears in the relearning prompts."""
+        return " ".join(self.phrase.format(token=self.token, class_word=self.class_word).split())
 
 
 class CustomBenchConfig(StrictModel):
@@ -223,7 +267,9 @@ class CustomBenchConfig(StrictModel):
     training_seed: int = 0
     classes: list[str] = Field(min_length=2, description="zero-shot label set (both_present, relearning)")
     eval_templates: list[str] = Field(default_factory=lambda: ["a picture of a {}"], min_length=1)
-    concepts: list[ConceptSpec] = Field(min_length=1)
+    concepts: list[ConceptSpec] = Field(
+        default_factory=list, description="novel concepts (none: a relearning-only bench)"
+    )
     n_reference: int = Field(6, ge=2)
     reference_seed: int = 0
     holdout_seed: int = Field(1, description="seed of the independent reference set (CLIP-I normalizer)")
@@ -254,6 +300,10 @@ class CustomBenchConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> CustomBenchConfig:
+        if not self.concepts and (self.methods or self.ceiling or not self.relearn):
+            raise ValueError(
+                "`concepts` is empty: list some, or keep only a `relearn` block (no methods, no ceiling)"
+            )
         if self.holdout_seed == self.reference_seed:
             raise ValueError("holdout_seed must differ from reference_seed (two independent reference sets)")
         if "{token}" not in self.phrase or "{class_word}" not in self.phrase:
@@ -342,7 +392,8 @@ def _method_specs(cfg: CustomBenchConfig) -> list[tuple[str, MethodSpec]]:
     specs = [(m.label(), m) for m in cfg.methods]
     specs += [(c.name, c.method) for c in cfg.compositions if not isinstance(c, MergeSpec)]
     if cfg.relearn:
-        specs += [("relearn.erase", cfg.relearn.erase), ("relearn.method", cfg.relearn.method)]
+        specs += [(f"relearn.erase '{m.label()}'", m) for m in cfg.relearn.erase]
+        specs += [("relearn.method", cfg.relearn.method)]
     return specs
 
 
@@ -361,10 +412,34 @@ def resolve_method(spec: MethodSpec, bench_path: Path | None, where: str) -> tup
     return method, params
 
 
+def _check_relearn(spec: RelearnSpec, path: Path | None) -> None:
+    """The relearning customization trains (it has ``steps``); several checkpoints continue one run, so its
+    learning rate must not depend on ``steps`` and ``steps`` must not be set beside them."""
+    from conceptsmith.registry import get_editor
+
+    where = f"{path or 'config'}: relearn.method"
+    method, params = resolve_method(spec.method, path, "relearn.method")
+    if "steps" not in get_editor(method).Config.model_fields:
+        raise ConfigError(
+            f"{where}: '{method}' does not train (no `steps`); relearning needs a trained customization"
+        )
+    if spec.checkpoints and "steps" in spec.method.params:
+        raise ConfigError(
+            f"{where}: `checkpoints` replace `steps`; drop params.steps ({spec.method.params['steps']})"
+        )
+    if len(spec.checkpoints) > 1 and params.get("lr_schedule", "constant") != "constant":
+        raise ConfigError(
+            f"{where}: each checkpoint continues the previous run, so the learning rate must not depend on `steps`: "
+            f"use lr_schedule: constant (not {params['lr_schedule']})"
+        )
+
+
 def check_custom_config(cfg: CustomBenchConfig, path: Path | None) -> None:
     """Every method (registered, valid params), name reference and image folder, before any work."""
     for where, spec in _method_specs(cfg):
         resolve_method(spec, path, where)
+    if cfg.relearn:
+        _check_relearn(cfg.relearn, path)
     _check_names(cfg, path)
     _check_references(cfg, path)
 
@@ -439,6 +514,19 @@ def _files_digest(paths: Sequence[Path]) -> str:
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _with_steps(spec: MethodSpec, steps: int) -> MethodSpec:
+    return spec.model_copy(update={"params": {**spec.params, "steps": steps}})
+
+
+def _resumable(folder: Path, steps: int) -> bool:
+    """Whether a run of ``steps`` can continue the latest checkpoint in ``folder`` (none, or not beyond ``steps``:
+    a checkpoint list that gained a smaller count trains that count afresh)."""
+    from conceptsmith.train_checkpoints import latest_checkpoint
+
+    latest = latest_checkpoint(folder)
+    return latest is None or int(latest.stem.rsplit("-", 1)[1]) <= steps
 
 
 @contextmanager
@@ -516,41 +604,46 @@ class _Runner:
             out["progress"] = bool(out.get("progress", True)) and self.progress
         return out
 
+    def _fit_key(
+        self,
+        method: str,
+        params: dict[str, Any],
+        concepts: Sequence[tuple[str, str, Path]],
+        on: Any,
+        seed: int,
+    ) -> str:
+        """Cache key of a customization: base, method, params, tokens, class words, reference bytes, ``on``, seed."""
+        from conceptsmith import __version__
+        from customization.data import find_images
+
+        tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
+        images = [_files_digest(find_images(f)) for f in folders]
+        on_key = edit_digest(on) if on is not None else None
+        return digest(self.fingerprint, method, params, tokens, words, images, on_key, seed, __version__)
+
     def customize(
         self,
         spec: MethodSpec,
         concepts: Sequence[tuple[str, str, Path]],
         on: Any = None,
         seed: int | None = None,
+        runtime: dict[str, Any] | None = None,
     ) -> tuple[Any, str]:
         """Fit (or load) ``spec`` on ``concepts`` = [(token, class word, reference folder)], on top of
         the edit ``on`` (applied while training) when given, with training ``seed`` (default: the bench's
-        ``training_seed``); returns (edit, image-cache key)."""
-        from conceptsmith import __version__
+        ``training_seed``); ``runtime``: params that do not change the result (left out of the cache key).
+        Returns (edit, image-cache key)."""
         from conceptsmith.edits import Edit
         from customization import customize
-        from customization.data import find_images
 
         method, params = resolve_method(spec, self.bench_path, spec.label())
-        tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
-        images = [_files_digest(find_images(f)) for f in folders]
-        on_key = edit_digest(on) if on is not None else None
         seed = self.cfg.training_seed if seed is None else seed
-        key = digest(
-            self.fingerprint,
-            method,
-            params,
-            tokens,
-            words,
-            images,
-            on_key,
-            seed,
-            __version__,
-        )
+        key = self._fit_key(method, params, concepts, on, seed)
         path = self.cache / "edits" / f"{method}-{key}.safetensors"
         if path in self.memo:
             return self.memo[path]
         if not path.is_file():
+            tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
             with _applied(self.pipe, on):
                 edit = customize(
                     self.pipe,
@@ -558,7 +651,7 @@ class _Runner:
                     tokens,
                     folders,
                     words,
-                    params=self._runtime(method, params),
+                    params=self._runtime(method, params) | (runtime or {}),
                     seed=seed,
                 )
             edit.save(path)
@@ -566,6 +659,29 @@ class _Runner:
         edit = Edit.load(path)  # the stored edit, so that a re-run sees the very same tensors
         self.memo[path] = (edit, f"{method}-{edit_digest(edit)}")
         return self.memo[path]
+
+    def customize_steps(
+        self, spec: MethodSpec, steps: list[int], concepts: Sequence[tuple[str, str, Path]], on: Any
+    ) -> list[tuple[Any, str]]:
+        """``spec`` trained on ``concepts`` on top of ``on`` for each of ``steps`` (increasing) training steps: one
+        run, each count resuming the training checkpoint the previous count left (the loop re-seeds every step,
+        so this equals a fresh run of that many steps, and is cached as one)."""
+        if len(steps) == 1:
+            return [self.customize(_with_steps(spec, steps[0]), concepts, on=on)]
+        method, params = resolve_method(spec, self.bench_path, spec.label())
+        run = self._fit_key(
+            method, {k: v for k, v in params.items() if k != "steps"}, concepts, on, self.cfg.training_seed
+        )
+        folder = self.cache / "checkpoints" / f"{method}-{run}"
+        return [
+            self.customize(
+                _with_steps(spec, n),
+                concepts,
+                on=on,
+                runtime={"checkpoint_dir": str(folder), "resume": _resumable(folder, n)},
+            )
+            for n in steps
+        ]
 
     def ceiling_images(self, concept: ConceptSpec, refs: References) -> tuple[str, list[Image.Image]]:
         """The conditioning ceiling of ``concept`` (inverted once, cached) and its images, one per seed."""
@@ -814,31 +930,95 @@ def _presence_metrics(
     }
 
 
-def _relearn_rows(run: _Runner) -> list[dict[str, Any]]:
-    """Unedited / erased / erased + customized: how often the evaluator sees the erased shape."""
-    from conceptsmith.edits import compose
+def _relearn_steps(run: _Runner) -> list[int]:
+    """The evaluated step counts of the relearning customization: its checkpoints, else its ``steps``."""
+    spec = run.cfg.relearn
+    return spec.checkpoints or [resolve_method(spec.method, run.bench_path, "relearn.method")[1]["steps"]]
+
+
+def _rate_row(
+    run: _Runner,
+    group: str,
+    name: str,
+    edit: Any,
+    key: str,
+    prompts: list[str],
+    erase: str | None,
+    steps: int | None,
+) -> dict[str, Any]:
+    """One relearning row: the share of ``edit``'s images of ``prompts`` classified as the erased shape."""
     from evaluation.metrics import evaluator_accuracy
 
+    cfg = run.cfg
+    images = run.generate("relearn", group, name, key, edit, prompts)
+    rate = evaluator_accuracy(
+        run.evaluator, images, cfg.relearn.concept, cfg.classes, cfg.eval_templates
+    ).argmax
+    return _row("relearn", group, name, key, {"relearn_rate": rate}) | {"erase": erase, "steps": steps}
+
+
+def _erasure_rows(run: _Runner, erase: MethodSpec, group: str, folder: Path) -> list[dict[str, Any]]:
+    """The erased model (0 steps, prompted with the shape's name) and the erased + customized model after each
+    checkpoint (prompted with the new token)."""
+    from conceptsmith.edits import compose
+
+    spec, label = run.cfg.relearn, erase.label()
+    erased, erase_key = run.erase(erase, spec.concept, spec.preserve)
+    plain = [t.format(spec.concept) for t in spec.prompts]
+    rows = [_rate_row(run, group, label, erased, erase_key, plain, label, 0)]
+    steps = _relearn_steps(run)
+    concepts = [(spec.token, spec.class_word, folder)]
+    prompts = [t.format(spec.token_phrase()) for t in spec.prompts]
+    for n, (custom, _) in zip(steps, run.customize_steps(spec.method, steps, concepts, erased), strict=True):
+        both = compose([erased, custom])
+        key = f"relearn-{edit_digest(both)}"
+        rows.append(_rate_row(run, group, f"{label} +{n} steps", both, key, prompts, label, n))
+    return rows
+
+
+def _relearn_rows(run: _Runner) -> list[dict[str, Any]]:
+    """Unedited, then per erasure method the erased model and the erased + customized model at each checkpoint:
+    how often the evaluator sees the erased shape."""
     cfg, spec = run.cfg, run.cfg.relearn
     group = f"relearn:{spec.concept}"
-    erased, erase_key = run.erase(spec.erase, spec.concept, spec.preserve)
     folder, train = run.rendered(spec.concept, cfg.reference_seed)
     run.references[group] = {"train": [str(p) for p in train]}
-    custom, _ = run.customize(spec.method, [(spec.token, spec.class_word, folder)], on=erased)
-    both = compose([erased, custom])
-    phrase = " ".join(spec.phrase.format(token=spec.token, class_word=spec.class_word).split())
     plain = [t.format(spec.concept) for t in spec.prompts]
-    prompts = [t.format(phrase) for t in spec.prompts]
-    rows = []
-    for name, edit, key, used in (
-        ("unedited", None, "unedited", plain),
-        ("erased", erased, erase_key, plain),
-        ("erased+customized", both, f"relearn-{edit_digest(both)}", prompts),
-    ):
-        images = run.generate("relearn", group, name, key, edit, used)
-        rate = evaluator_accuracy(run.evaluator, images, spec.concept, cfg.classes, cfg.eval_templates).argmax
-        rows.append(_row("relearn", group, name, key, {"relearn_rate": rate}))
+    rows = [_rate_row(run, group, "unedited", None, "unedited", plain, None, None)]
+    for erase in spec.erase:
+        rows += _erasure_rows(run, erase, group, folder)
     return rows
+
+
+def steps_to_rate(points: Sequence[tuple[int, float]], level: float = 0.5) -> float | None:
+    """The step count at which the rate first reaches ``level``, linearly interpolated between the (steps, rate)
+    ``points`` (increasing steps); None if it never does."""
+    if points and points[0][1] >= level:
+        return float(points[0][0])
+    for (s0, r0), (s1, r1) in itertools.pairwise(points):
+        if r1 >= level:
+            return s0 + (level - r0) / (r1 - r0) * (s1 - s0)
+    return None
+
+
+def _relearn_summary(rows: list[dict[str, Any]], concept: str | None) -> dict[str, Any]:
+    """Erasure label -> the concept, the unedited and erased rates, the rate by customization steps and
+    ``steps_to_50``."""
+    mine = [r for r in rows if r["section"] == "relearn"]
+    unedited = next((r["metrics"]["relearn_rate"] for r in mine if r["erase"] is None), None)
+    out: dict[str, Any] = {}
+    for r in (r for r in mine if r["erase"] is not None):
+        entry = out.setdefault(
+            r["erase"], {"concept": concept, "unedited": unedited, "erased": None, "by_steps": {}}
+        )
+        if r["steps"]:
+            entry["by_steps"][str(r["steps"])] = r["metrics"]["relearn_rate"]
+        else:
+            entry["erased"] = r["metrics"]["relearn_rate"]
+    for entry in out.values():
+        points = [(0, entry["erased"]), *((int(n), rate) for n, rate in entry["by_steps"].items())]
+        entry["steps_to_50"] = steps_to_rate(points)
+    return out
 
 
 def _mean(values: list[float]) -> float:
@@ -849,7 +1029,8 @@ def summarize(
     rows: list[dict[str, Any]], relearn_concept: str | None = None, prompt_sets: dict[str, list[str]] | None = None
 ) -> dict[str, Any]:
     """``summary``: method / composition name -> metrics averaged over concepts or pairs; the
-    unedited model's single-concept and composition numbers share one entry; ``relearn`` -> rates;
+    unedited model's single-concept and composition numbers share one entry; ``relearn`` -> per erasure method
+    the rates of :func:`_relearn_summary`;
     ``both_present_by_set``: the mean over each of ``prompt_sets``' prompts."""
     summary: dict[str, Any] = {}
     for section in ("single", "composition"):
@@ -882,9 +1063,9 @@ def summarize(
                 summary[name]["both_present_by_training_seed"] = {
                     str(seed): _mean(rates) for seed, rates in by_seed.items()
                 }
-    relearn = {r["method"]: r["metrics"]["relearn_rate"] for r in rows if r["section"] == "relearn"}
+    relearn = _relearn_summary(rows, relearn_concept)
     if relearn:
-        summary["relearn"] = {"concept": relearn_concept, **relearn}
+        summary["relearn"] = relearn
     return summary
 
 
@@ -983,13 +1164,36 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         cells = [metrics.get(k) for k in _TABLE]
         rows.append([name, *("–" if v is None else f"{v:.3f}" for v in cells)])
-    relearn = summary.get("relearn", {})
-    rows += [
-        [f"relearn {relearn['concept']}: {k}", *["–"] * 4, f"{v:.3f}"]
-        for k, v in relearn.items()
-        if k != "concept"
-    ]
-    return ["name", *_TABLE[:-1], "both_present / relearn_rate"], rows
+    return ["name", *_TABLE], rows
+
+
+def _relearn_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """relearn_rate of the unedited model, each erased model and each checkpoint, and steps_to_50: one row per
+    erasure method."""
+    relearn = summary.get("relearn")
+    if not relearn:
+        return None
+    steps = list(dict.fromkeys(n for entry in relearn.values() for n in entry["by_steps"]))
+    header = ["erasure", "unedited", "erased (0 steps)", *(f"+{n} steps" for n in steps), "steps to 50%"]
+    rows = []
+    for name, entry in relearn.items():
+        rates = [entry["unedited"], entry["erased"], *(entry["by_steps"].get(n) for n in steps)]
+        reached = entry["steps_to_50"]
+        rows.append(
+            [
+                name,
+                *("–" if v is None else f"{v:.3f}" for v in rates),
+                f"> {max(map(int, entry['by_steps']))}" if reached is None else f"{reached:.0f}",
+            ]
+        )
+    return header, rows
+
+
+def _relearn_title(summary: dict[str, Any]) -> str:
+    concept = next(iter(summary["relearn"].values()))["concept"]
+    return (
+        f"relearn_rate of '{concept}': erase, then customize the erased model on its renders with a new token"
+    )
 
 
 def _prompt_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
@@ -1046,7 +1250,11 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
     """A fixed-width summary table for terminals."""
-    header, rows = _table(results["summary"])
+    tables = (_table(results["summary"]), _relearn_table(results["summary"]))
+    return "\n\n".join(_fixed_width(*table) for table in tables if table and table[1])
+
+
+def _fixed_width(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, *rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines)
@@ -1102,7 +1310,7 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
     ]
     md = [f"# Customization benchmark `{results['bench']}`", "", results["description"], ""]
     md += [f"* **{k}**: {v}" for k, v in facts]
-    md += ["", *_md_table(header, rows)]
+    md += ["", *_md_table(header, rows)] if rows else []
     by_prompt = _prompt_table(results["summary"])
     if by_prompt:
         md += [
@@ -1114,6 +1322,9 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
     by_seed = _seed_table(results["summary"])
     if by_seed:
         md += ["", "**both_present by training seed** (one training run each)", "", *_md_table(*by_seed)]
+    relearn = _relearn_table(results["summary"])
+    if relearn:
+        md += ["", f"**{_relearn_title(results['summary'])}**", "", *_md_table(*relearn)]
     for g, path in grids.items():
         md += [
             "",
@@ -1130,7 +1341,7 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
         "<ul>",
         *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
         "</ul>",
-        _html_table(header, rows),
+        *([_html_table(header, rows)] if rows else []),
     ]
     if by_prompt:
         body += [
@@ -1139,6 +1350,8 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
         ]
     if by_seed:
         body += ["<h3>both_present by training seed (one training run each)</h3>", _html_table(*by_seed)]
+    if relearn:
+        body += [f"<h3>{e(_relearn_title(results['summary']))}</h3>", _html_table(*relearn)]
     for g, path in grids.items():
         src, alt = e(path.relative_to(out).as_posix()), e(f"{g}: references, then one row per method")
         body.append(f'<h2>{e(g)}</h2><figure><img src="{src}" alt="{alt}"></figure>')

@@ -1,6 +1,7 @@
 """The customization benchmark (evaluation.custom_bench) on the tiny pipeline with a tiny open_clip
 evaluator: config validation, an end-to-end run (results + report), a cache hit on re-run, the
-metric normalizations recomputed by hand, the halves presence rule, and the CLI dispatch."""
+metric normalizations recomputed by hand, the halves presence rule, the CLI dispatch, and the relearning
+audit (several erasures, customization checkpoints, steps_to_50)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -21,6 +23,7 @@ from evaluation.custom_bench import (
     load_custom_config,
     relative,
     run_custom_bench,
+    steps_to_rate,
     summarize,
 )
 
@@ -126,6 +129,11 @@ def test_shipped_configs_validate_and_dispatch():
     # the bar's prompts are a named set, and the composition that depends on its training seed is measured over five
     assert multi.prompt_sets["next to"] and all("next to" in t for t in multi.prompt_sets["next to"])
     assert any(len(c.training_seeds) == 5 for c in multi.compositions if c.kind == "joint")
+    audit, _ = load_custom_config("shapes-relearn")  # every erasure method, relearned at four checkpoints
+    assert audit.relearn.concept == "skull" and not audit.concepts and not audit.methods
+    erasures = ["uce", "rece", "esd", "concept-ablation", "te-unlearn", "advunlearn", "mace"]
+    assert [m.label() for m in audit.relearn.erase] == erasures
+    assert audit.relearn.checkpoints == [50, 100, 200, 400]
     assert bench_kind("shapes-custom-single") == "customization" and bench_kind("shapes-smoke") == "erasure"
     assert load_bench_config("shapes-smoke")[0].kind == "erasure"  # erasure benches keep working
     with pytest.raises(ConfigError, match="kind"):
@@ -142,6 +150,13 @@ def test_the_compose_preset_is_the_benchmarked_composition():
     assert row.method.config == "configs/customize/lora-compose.yaml" and not row.method.params
     method, params = resolve_method(row.method, path, row.name)
     assert method == "lora" and params["cut_mix"] == 12 and "conv1" in params["unet_modules"]
+
+
+def _checkpoints(data: dict, checkpoints: list[int], **params) -> None:
+    """Relearning checkpoints in place of the method's steps (plus ``params``)."""
+    method = data["relearn"]["method"]
+    method["params"] = {k: v for k, v in method["params"].items() if k != "steps"} | params
+    data["relearn"]["checkpoints"] = checkpoints
 
 
 @pytest.mark.parametrize(
@@ -161,6 +176,27 @@ def test_the_compose_preset_is_the_benchmarked_composition():
         (lambda d: d["compositions"][1].update(source="dreambooth"), "dreambooth"),
         (lambda d: d["compositions"][3].update(on_top_of="a-star"), "on_top_of: a-star"),
         (lambda d: d["relearn"].update(concept="mushroom"), "unknown shape 'mushroom'"),
+        (lambda d: d["relearn"].update(erase=[]), "relearn.erase.*no erasure method"),
+        (
+            lambda d: d["relearn"].update(erase=[d["relearn"]["erase"]] * 2),
+            r"erasure labels repeat: \['uce', 'uce'\]",
+        ),
+        (
+            lambda d: _checkpoints(d, [100, 50]),
+            r"relearn.checkpoints.*sorted, without repeats; got \[100, 50\]",
+        ),
+        (lambda d: _checkpoints(d, [50, 50]), r"relearn.checkpoints.*got \[50, 50\]"),
+        (lambda d: _checkpoints(d, [0, 50]), r"relearn.checkpoints.*>= 1"),
+        (
+            lambda d: d["relearn"].update(checkpoints=[1, 2]),
+            r"`checkpoints` replace `steps`; drop params.steps \(2\)",
+        ),
+        (lambda d: _checkpoints(d, [1, 2], lr_schedule="cosine"), "lr_schedule: constant"),
+        (
+            lambda d: d["relearn"].update(method={"config": "configs/customize/t2i-zero.yaml"}),
+            "'t2i-zero' does not train",
+        ),
+        (lambda d: d.update(concepts=[], compositions=[]), "`concepts` is empty"),
         (lambda d: d.update(composition_prompts=["{a} alone"]), r"needs '\{a\}' and '\{b\}'"),
         (lambda d: d.update(ceiling={"stepz": 3}), "stepz"),
         (lambda d: d["compositions"][0].update(training_seeds=[0, 1, 0]), r"repeat a seed: \[0, 1, 0\]"),
@@ -179,6 +215,15 @@ def test_the_compose_preset_is_the_benchmarked_composition():
         "merge-source",
         "hook-order",
         "relearn-shape",
+        "relearn-no-erasure",
+        "relearn-repeated-erasure",
+        "checkpoints-unsorted",
+        "checkpoints-repeated",
+        "checkpoints-zero",
+        "checkpoints-and-steps",
+        "checkpoints-decaying-lr",
+        "relearn-untrained-method",
+        "no-concepts-but-methods",
         "pair-prompt",
         "ceiling-setting",
         "repeated-training-seed",
@@ -239,7 +284,14 @@ def test_runner_writes_results_and_report(first_run):
         assert {"both_present", "clip_t", "clip_t_rel"} <= set(summary[name])
         assert 0.0 <= summary[name]["both_present"] <= 1.0
     assert "both_present" in summary["unedited"] and summary["unedited"]["clip_t_rel"] == pytest.approx(1.0)
-    assert set(summary["relearn"]) == {"concept", "unedited", "erased", "erased+customized"}
+    # one erasure given as a single method (no list), its steps the one checkpoint
+    assert list(summary["relearn"]) == ["uce"]
+    uce = summary["relearn"]["uce"]
+    assert (
+        list(uce) == ["concept", "unedited", "erased", "by_steps", "steps_to_50"]
+        and uce["concept"] == "circle"
+    )
+    assert list(uce["by_steps"]) == ["2"]
     rows = results["rows"]
     assert {r["group"] for r in rows} == {
         "<mush>",
@@ -265,6 +317,11 @@ def test_runner_writes_results_and_report(first_run):
     for kind in ("markdown", "html"):
         assert first_run.report[kind].is_file()
     assert "| closed-form |" in first_run.report["markdown"].read_text()
+    assert "relearn_rate of 'circle'" in first_run.report["markdown"].read_text()
+    assert (
+        "| erasure | unedited | erased (0 steps) | +2 steps | steps to 50% |"
+        in first_run.report["markdown"].read_text()
+    )
     assert "<table>" in first_run.report["html"].read_text()
     assert "both_present by composition prompt" in first_run.report["markdown"].read_text()
     assert "set: next to" in first_run.report["markdown"].read_text()
@@ -450,3 +507,158 @@ def test_prompt_sets_average_their_prompts_over_pairs_and_seeds():
     summary = summarize(rows, prompt_sets={"next to": prompts[:2]})["joint"]
     assert summary["both_present_by_set"] == {"next to": pytest.approx(0.75)}
     assert "both_present_by_set" not in summarize(rows)["joint"]
+
+
+# -- the relearning audit ----------------------------------------------------------------------------
+ESD_FAST = {"steps": 2, "trajectories": 1, "ddim_steps": 2, "eval_batches": 0, "progress": False}
+RELEARN = {
+    **{k: TINY[k] for k in ("kind", "model", "seeds", "generation", "classes", "n_reference")},
+    "name": "tiny-relearn",
+    "relearn": {
+        **TINY["relearn"],
+        "erase": [
+            TINY["relearn"]["erase"],
+            {"config": "configs/erase/rece.yaml", "params": {"epochs": 1}},
+            {"config": "configs/erase/esd.yaml", "params": ESD_FAST},
+        ],
+        "checkpoints": [1, 2],
+        "method": {
+            "config": "configs/customize/custom-diffusion.yaml",
+            "params": {k: v for k, v in CD_FAST.items() if k != "steps"},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory, evaluator_file):
+    config = _write(tmp_path_factory.mktemp("relearn"), {**RELEARN, "evaluator": str(evaluator_file)})
+    return config, run_custom_bench(config, tmp_path_factory.mktemp("audit") / "out", progress=False)
+
+
+def test_relearn_audit_gives_one_row_per_erasure(audit):
+    """A relearning-only bench (no concepts): the unedited model once, then per erasure the erased model and the
+    customization at each checkpoint; the summary and the report's relearning table have one row per erasure."""
+    _, run = audit
+    results = run.results
+    assert run.trained == 3 + 3 * 2  # three erasures, two checkpoints of the customization on each
+    assert [(r["method"], r["erase"], r["steps"]) for r in results["rows"]] == [
+        ("unedited", None, None),
+        *((f"{e} +{n} steps" if n else e, e, n) for e in ("uce", "rece", "esd") for n in (0, 1, 2)),
+    ]
+    summary = results["summary"]
+    assert list(summary) == ["relearn"] and list(summary["relearn"]) == ["uce", "rece", "esd"]
+    rates = {(r["erase"], r["steps"]): r["metrics"]["relearn_rate"] for r in results["rows"]}
+    for name, entry in summary["relearn"].items():
+        assert entry["unedited"] == rates[(None, None)] and entry["erased"] == rates[(name, 0)]
+        assert entry["by_steps"] == {"1": rates[(name, 1)], "2": rates[(name, 2)]}
+        points = [(0, entry["erased"]), (1, rates[(name, 1)]), (2, rates[(name, 2)])]
+        assert entry["steps_to_50"] == steps_to_rate(points)
+    table = run.report["markdown"].read_text()
+    assert "| erasure | unedited | erased (0 steps) | +1 steps | +2 steps | steps to 50% |" in table
+    assert all(
+        sum(line.startswith(f"| {name} |") for line in table.splitlines()) == 1 for name in summary["relearn"]
+    )
+    assert run.report["html"].read_text().count("<tr><td>") == 3
+    assert "| name |" not in table  # no method rows, so no main table
+
+
+def test_relearn_checkpoints_continue_one_run_exactly(audit, first_run):
+    """The 2-step edit resumed from the 1-step checkpoint is the plain 2-step run of the first bench (same erasure,
+    token, references and params), tensor for tensor, under the same cache key; extending the checkpoints trains
+    only the new count of each erasure (a count below the last checkpoint trains afresh)."""
+    from safetensors.torch import load_file
+
+    from conceptsmith.edits import Edit
+
+    config, run = audit
+    resumed = sorted((run.out_dir / "cache").glob("*/edits/custom-diffusion-*.safetensors"))
+    plain = sorted((first_run.out_dir / "cache").glob("*/edits/custom-diffusion-*.safetensors"))
+    shared = {p.name for p in resumed} & {p.name for p in plain}
+    assert len(shared) == 1  # uce, 2 steps: the single-method bench's relearning edit
+    name = shared.pop()
+    a, b = (load_file(str(next(p for p in paths if p.name == name))) for paths in (resumed, plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((run.out_dir / "cache").glob("*/checkpoints/custom-diffusion-*"))) == 3
+
+    def rerun(checkpoints: list[int], name: str):
+        data = yaml.safe_load(config.read_text())
+        data["relearn"]["checkpoints"] = checkpoints
+        again = run_custom_bench(
+            _write(config.parent, data, f"{name}.yaml"),
+            run.out_dir / name,
+            cache_dir=run.out_dir / "cache",
+            progress=False,
+            report=False,
+        )
+        before = run.results["summary"]["relearn"]
+        for erasure, entry in again.results["summary"]["relearn"].items():
+            assert list(entry["by_steps"]) == [str(n) for n in checkpoints]
+            assert {k: entry["by_steps"][k] for k in ("1", "2")} == before[erasure]["by_steps"]
+        return again
+
+    def resumed_from(steps: int) -> list[int | None]:
+        edits = (Edit.load(p) for p in (run.out_dir / "cache").glob("*/edits/custom-diffusion-*.safetensors"))
+        return [e.metadata["training"]["resumed_from"] for e in edits if e.params["steps"] == steps]
+
+    assert rerun([1, 2, 4], "longer").trained == 3  # each erasure's 4 steps, continuing its 2-step checkpoint
+    assert resumed_from(4) == [2, 2, 2]
+    assert rerun([1, 2, 3, 4], "inserted").trained == 3  # 3 < the last checkpoint (4): trained afresh
+    assert resumed_from(3) == [None, None, None]
+
+
+def test_steps_to_rate_interpolates_between_checkpoints():
+    assert steps_to_rate([(0, 0.0), (50, 0.2), (100, 0.6), (200, 0.9)]) == pytest.approx(87.5)
+    assert steps_to_rate([(0, 0.0), (100, 0.5)]) == 100.0  # reached exactly at a checkpoint
+    assert steps_to_rate([(0, 0.7), (50, 0.1)]) == 0.0  # the erased model already draws it
+    assert steps_to_rate([(0, 0.0), (60, 0.75), (120, 0.25)]) == pytest.approx(40.0)  # the first crossing
+    assert steps_to_rate([(0, 0.0), (50, 0.2), (100, 0.49)]) is None
+    assert steps_to_rate([(0, 0.25), (400, 0.75)], level=0.5) == pytest.approx(200.0)
+
+
+def test_relearn_summary_from_hand_made_rows():
+    def row(name, erase, steps, rate):
+        return {
+            "section": "relearn",
+            "group": "relearn:skull",
+            "method": name,
+            "metrics": {"relearn_rate": rate},
+        } | {
+            "erase": erase,
+            "steps": steps,
+        }
+
+    rows = [row("unedited", None, None, 0.9), row("uce", "uce", 0, 0.0)]
+    rows += [row(f"uce +{n} steps", "uce", n, r) for n, r in ((50, 0.25), (100, 0.75))]
+    rows += [
+        row("esd", "esd", 0, 0.125),
+        row("esd +50 steps", "esd", 50, 0.25),
+        row("esd +100 steps", "esd", 100, 0.375),
+    ]
+    relearn = summarize(rows, "skull")["relearn"]
+    assert relearn["uce"] == {
+        "concept": "skull",
+        "unedited": 0.9,
+        "erased": 0.0,
+        "by_steps": {"50": 0.25, "100": 0.75},
+        "steps_to_50": pytest.approx(75.0),
+    }
+    assert relearn["esd"]["steps_to_50"] is None and relearn["esd"]["erased"] == 0.125
+    from evaluation.custom_bench import summary_table
+
+    table = summary_table({"summary": {"relearn": relearn}})
+    assert table.splitlines()[0].split() == [
+        "erasure",
+        "unedited",
+        "erased",
+        "(0",
+        "steps)",
+        "+50",
+        "steps",
+        "+100",
+        "steps",
+        "steps",
+        "to",
+        "50%",
+    ]
+    assert table.splitlines()[1].split()[-1] == "75" and table.splitlines()[2].split()[-2:] == [">", "100"]
