@@ -96,6 +96,10 @@ class MethodSpec(StrictModel):
         None, description="configs/erase/*.yaml file (relative to the repo or the bench)"
     )
     params: dict[str, Any] = Field(default_factory=dict, description="overrides of the config's params")
+    images: Literal["unedited"] | None = Field(
+        None, description="unedited: the method learns from the unedited model's images of the erase prompts"
+    )
+    n_images: int = Field(8, ge=1, description="how many such images (seeds from 1000, apart from the evaluation's)")
 
     def label(self) -> str:
         return self.name or self.method or Path(self.config or "method").stem
@@ -352,9 +356,12 @@ def fit_edit(
     params: dict[str, Any],
     task: TaskSpec,
     seed: int,
+    images: Sequence[Path] = (),
 ) -> tuple[Any, str, float | None]:
     """Fit (or load from the cache) the edit of ``method`` for ``task``; returns (edit, image-cache
-    key, seconds spent fitting or None when loaded). The image-cache key is the edit's content digest."""
+    key, seconds spent fitting or None when loaded). The image-cache key is the edit's content digest.
+    ``images`` are the request's images (methods that learn from images of the concept); the fitting
+    time is kept in the edit's ``metadata["train_seconds"]`` unless the method recorded its own."""
     from conceptsmith import __version__
     from conceptsmith.edits import Edit
     from conceptsmith.registry import EditRequest, get_editor
@@ -364,6 +371,7 @@ def fit_edit(
         guide=task.guide,
         preserve=list(task.preserve),
         synonyms=[s for c in task.erase for s in task.synonyms.get(c, [])],
+        images=list(images),
         seed=seed,
     )
     request_key = f"{method}-{digest(method, params, request.__dict__, __version__)}"
@@ -376,6 +384,7 @@ def fit_edit(
             started = time.perf_counter()
             edit = get_editor(method)(params).fit(pipe, request)
             seconds = time.perf_counter() - started
+            edit.metadata.setdefault("train_seconds", round(seconds, 3))
             if state.is_main_process:
                 edit.save(path)
     return edit, f"{method}-{edit_digest(edit)}", seconds
@@ -605,7 +614,8 @@ def run_bench(
         ]
         for spec in selected:
             method, params = method_config(spec, bench_path)
-            edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0)
+            references = _method_images(spec, cfg, task, gen)
+            edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0, references)
             candidates.append((spec.label(), method, edit, key, params, seconds))
         for label, edit in external:
             candidates.append(
@@ -644,6 +654,7 @@ def run_bench(
                 "params": params,
                 "edit_key": key,
                 "edit_seconds": seconds,
+                "train_seconds": None if edit is None else edit.metadata.get("train_seconds"),
                 "metrics": metrics,
                 "attacks": attack_results,
             }
@@ -686,6 +697,16 @@ def run_bench(
     return run
 
 
+def _method_images(spec: MethodSpec, cfg: BenchConfig, task: TaskSpec, gen: Any) -> list[Path]:
+    """The unedited model's images of the task's erase prompts that ``spec`` learns from (none unless it asks)."""
+    if spec.images is None:
+        return []
+    erase = [p.text for p in task_prompts(cfg, task) if p.set == "erase"]
+    seeds = list(range(1000, 1000 + -(-spec.n_images // len(erase))))
+    paths = gen.run("unedited", [(p, p) for p in erase], seeds, desc=f"{task.name}: images for {spec.label()}")
+    return [paths[(p, s)] for s in seeds for p in erase][: spec.n_images]
+
+
 SUMMARY_METRICS = ("acc_e", "acc_s", "acc_g", "acc_i", "h_o", "h_c", "paired_specificity", "fd_clip")
 
 
@@ -704,6 +725,8 @@ def summarize_rows(rows: Sequence[dict[str, Any]], mode: str = "argmax") -> dict
         acc_s, base = _headline(r["metrics"].get("acc_s"), mode), base_acc_s.get(r["task"])
         if acc_s is not None and base:
             bucket.setdefault("acc_s_rel", []).append(acc_s / base)
+        if r.get("train_seconds") is not None:
+            bucket.setdefault("train_seconds", []).append(r["train_seconds"])
         for kind, result in r.get("attacks", {}).items():
             if "asr" in result:
                 bucket.setdefault(f"asr_{kind}", []).append(result["asr"])
