@@ -594,3 +594,17 @@ def reference_set(obj: str, n: int = 8, seed: int = 0, **force: Any) -> list[Sam
     kw.update(force)
     return [render((seed, 7919, i), split="evaluator", templates="train", mention_watermark=False, **kw)
             for i in range(n)]
+
+
+def object_masks(labels: dict[str, Any]) -> np.ndarray:
+    """Per object of the scene ``labels`` (as in ``Sample.labels``), the share of each 64x64 pixel its
+    shape covers: float32 ``[n_objects, 64, 64]`` in ``[0, 1]``, the supersampled shape box-downsampled
+    as :func:`render_scene` downsamples the image (outline ring and artist distortions not included)."""
+    n = V.IMAGE_SIZE
+    masks = [
+        _shape_mask(ob["shape"], ob["cx"] * SS, ob["cy"] * SS, ob["r"] * SS, ob.get("rot", 0.0))[0]
+        .reshape(n, SS, n, SS)
+        .mean(axis=(1, 3))
+        for ob in labels["objects"]
+    ]
+    return np.stack(masks).astype(np.float32)
