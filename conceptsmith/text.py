@@ -35,7 +35,9 @@ __all__ = [
     "concept_token_positions",
     "context_length",
     "encode_prompts",
+    "encode_with_embeddings",
     "phrase_positions",
+    "prefix_slot_ids",
     "text_encoders",
     "tokenize",
 ]
@@ -431,3 +433,59 @@ def concept_token_embeddings(
     )
     rows = torch.cat([states[i, p] for i, p in enumerate(positions)], dim=0)
     return (rows, positions) if return_positions else rows
+
+
+# --------------------------------------------------------------------------------------------
+# Soft prompts: encoding with some input embeddings replaced
+# --------------------------------------------------------------------------------------------
+
+
+def prefix_slot_ids(tokenizer: object, prompts: Sequence[str], count: int) -> tuple[torch.Tensor, list[int]]:
+    """Token ids ``[n, context]`` of ``prompts`` with ``count`` free slots right after BOS, and those positions.
+
+    The slots hold the BOS id (a placeholder: :func:`encode_with_embeddings` replaces their input
+    embeddings, and it never wins CLIP's EOS pooling). Prompts are shortened by ``count`` tokens so
+    the context length stays; a prompt cut that way keeps its EOS as the last token.
+    """
+    prompts = _check_prompts(prompts)
+    context = context_length(tokenizer)
+    if not 0 < count < context - 1:
+        raise ValueError(f"count must be between 1 and {context - 2} (the context length minus BOS and EOS), got {count}.")
+    ids = tokenize(tokenizer, prompts, warn=False).input_ids
+    slots = torch.full((ids.shape[0], count), int(tokenizer.bos_token_id), dtype=ids.dtype)
+    out = torch.cat([ids[:, :1], slots, ids[:, 1 : context - count]], dim=1)
+    eos = int(tokenizer.eos_token_id)
+    lost = ~(out == eos).any(dim=1)
+    out[lost, -1] = eos
+    return out, list(range(1, count + 1))
+
+
+def encode_with_embeddings(
+    encoder: torch.nn.Module,
+    input_ids: torch.Tensor,
+    positions: Sequence[int],
+    vectors: torch.Tensor,
+    **kwargs: object,
+) -> object:
+    """Run ``encoder`` on ``input_ids`` with the input (token) embeddings at ``positions`` replaced by ``vectors``.
+
+    ``vectors``: ``[len(positions), d]`` (the same for every row) or ``[n, len(positions), d]``;
+    gradients flow to them (soft-prompt attacks and adversarial training, e.g. AdvUnlearn's prefix).
+    The replacement is a forward hook on ``encoder.get_input_embeddings()``, so position embeddings,
+    the causal mask and EOS pooling are the encoder's own. Returns the encoder's output (``[0]``:
+    the last hidden state); ``kwargs`` go to the encoder (``output_hidden_states=True``...).
+    """
+    index = list(positions)
+    if vectors.shape[-2] != len(index):
+        raise ValueError(f"Got {vectors.shape[-2]} vectors for {len(index)} positions; give one vector per position.")
+
+    def replace(module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[:, index] = vectors.to(output.device, output.dtype).expand(output.shape[0], -1, -1)
+        return output
+
+    handle = encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        return encoder(input_ids.to(_device(encoder)), **kwargs)
+    finally:
+        handle.remove()
