@@ -205,6 +205,8 @@ def erase(
     guide: Annotated[str | None, typer.Option(help="what the concept becomes ('' = nothing; default: the method's)")] = None,
     preserve: Annotated[list[str], typer.Option("--preserve", help="concept to keep intact (repeatable)")] = [],  # noqa: B006
     preserve_file: Annotated[Path | None, typer.Option(help="text file, one preserved concept per line")] = None,
+    images: Annotated[list[Path], typer.Option(
+        "--images", help="images of the concept (folder or file; one per concept) for methods that learn from them")] = [],  # noqa: B006
     config: Annotated[Path | None, typer.Option(help="YAML with `method:` and `params:` (configs/erase/*.yaml)")] = None,
     seed: Annotated[int, typer.Option(help="seed for any random choice of the method")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("edit.safetensors"),
@@ -219,10 +221,13 @@ def erase(
     concepts = concept + _read_lines(concepts_file, "Concepts")
     if not concepts:
         raise ValueError("No concept given: pass --concept TEXT (repeatable) or --concepts-file FILE.")
+    for path in images:
+        if not path.exists():
+            raise FileNotFoundError(f"--images '{path}' does not exist; pass a folder or an image file of the concept.")
     editor = _editor_from_options(method, config)
     pipe, info = _load(model)
     request = EditRequest(concepts=concepts, guide=guide, preserve=preserve + _read_lines(preserve_file, "Preserve"),
-                          seed=seed)
+                          images=list(images), seed=seed)
     started = time.perf_counter()
     result = editor.fit(pipe, request)
     seconds = time.perf_counter() - started

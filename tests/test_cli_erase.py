@@ -85,3 +85,31 @@ def test_erase_then_lora_and_single_file_export(tmp_path):
         assert handle.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
     refused = runner.invoke(app, ["export", "-m", "builtin:tiny-test", "-o", str(tmp_path / "model.ckpt")])
     assert refused.exit_code == 2 and ".safetensors" in refused.output
+
+
+def test_erase_with_a_trained_method_and_its_errors(tmp_path):
+    """A trained eraser from the command line; te-unlearn without images (or with a wrong path) says what to pass."""
+    from PIL import Image
+
+    config = tmp_path / "esd.yaml"
+    config.write_text("method: esd\nparams:\n  steps: 3\n  trajectories: 1\n  ddim_steps: 3\n  progress: false\n")
+    out = tmp_path / "esd.safetensors"
+    result = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--config", str(config), "-c", "red circle", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Edit.load(out).kind == "lora" and "train_seconds" in result.output
+    missing = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "te-unlearn", "-c", "red circle",
+                                  "-o", str(tmp_path / "te.safetensors")])
+    assert missing.exit_code == 2 and "images" in missing.output and "Traceback" not in missing.output
+    wrong = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--method", "te-unlearn", "-c", "red circle",
+                                "--images", str(tmp_path / "nowhere"), "-o", str(tmp_path / "te.safetensors")])
+    assert wrong.exit_code == 2 and "does not exist" in wrong.output
+    folder = tmp_path / "circles"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (200, 30 * i, 30)).save(folder / f"{i}.png")
+    te_config = tmp_path / "te.yaml"
+    te_config.write_text("method: te-unlearn\nparams:\n  steps: 2\n  progress: false\n")
+    made = runner.invoke(app, ["erase", "-m", "builtin:tiny-test", "--config", str(te_config), "-c", "red circle",
+                               "--images", str(folder), "-o", str(tmp_path / "te.safetensors")])
+    assert made.exit_code == 0, made.output
+    assert all(m.startswith("text_encoder.") for m in Edit.load(tmp_path / "te.safetensors").module_shapes)
