@@ -125,11 +125,12 @@ def generate(
 @app.command()
 @user_errors
 def methods() -> None:
-    """List the registered editors, metrics and builtin models."""
+    """List the registered editors, attacks, metrics and builtin models."""
     from conceptsmith.models import list_builtins
-    from conceptsmith.registry import list_editors, list_metrics
+    from conceptsmith.registry import list_attacks, list_editors, list_metrics
 
-    for title, table in (("editors", list_editors()), ("metrics", list_metrics()), ("models", list_builtins())):
+    tables = (("editors", list_editors()), ("attacks", list_attacks()), ("metrics", list_metrics()), ("models", list_builtins()))
+    for title, table in tables:
         typer.echo(f"{title}:")
         prefix = "builtin:" if title == "models" else ""
         for name, description in table.items():

@@ -98,6 +98,10 @@ def test_methods_lists_builtin_models():
     result = _run("methods")
     assert result.exit_code == 0, result.output
     assert "builtin:tiny-test" in result.output
+    attacks = result.output.split("attacks:")[1].split("metrics:")[0]
+    assert all(name in attacks for name in ("embedding", "ring_a_bell", "textual_inversion", "unlearndiffatk", "p4d"))
+    editors = result.output.split("editors:")[1].split("attacks:")[0]
+    assert all(name in editors for name in ("esd", "concept-ablation", "te-unlearn", "advunlearn", "mace"))
 
 
 def test_generate_applies_edits_in_order_and_records_them(tiny_pipe, tmp_path):
