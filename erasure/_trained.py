@@ -112,32 +112,7 @@ class UnetTraining:
         return self._frozen[key]
 
     def trajectories(self, conds: list[Any], uncond: Any) -> Any:
-        from conceptsmith.diffusion import FrozenTrajectories, predict
-
-        unet = self.pipe.unet
-        shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
-
-        def denoise(x: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
-            with self.trainable.disabled() as frozen_unet:
-                return predict(frozen_unet, x, t, cond)
-
-        return FrozenTrajectories(
-            denoise, self.pipe.scheduler.config, shape, conds, uncond, trajectories=self.config.trajectories,
-            ddim_steps=self.config.ddim_steps, guidance=self.config.sample_guidance, seed=self.seed,
-            device=module_device(unet), progress=self.config.progress,
-        )
-
-    @staticmethod
-    def evaluator(loss_of: Any, seed: int = 1234) -> Any:
-        """``evaluate(batches)`` for :func:`~conceptsmith.training.train`: the mean of ``loss_of(generator)``
-        over fixed draws, comparable before and after training."""
-
-        def evaluate(batches: int) -> float:
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                return sum(float(loss_of(generator)) for _ in range(batches)) / max(1, batches)
-
-        return evaluate
+        return frozen_runs(self.pipe, conds, uncond, self.config, self.config.trajectories, self.seed)
 
     def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float) -> Any:
         from conceptsmith.trainable import trained_edit
@@ -145,6 +120,18 @@ class UnetTraining:
         metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs,
                     "train_seconds": round(time.perf_counter() - started, 3)}
         return trained_edit(method, concepts, params, self.pipe, [self.trainable], metadata)
+
+
+def fixed_draw_evaluator(loss_of: Any, seed: int = 1234) -> Any:
+    """``evaluate(batches)`` for :func:`~conceptsmith.training.train`: the mean of ``loss_of(generator)``
+    over fixed draws, comparable before and after training."""
+
+    def evaluate(batches: int) -> float:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return sum(float(loss_of(generator)) for _ in range(batches)) / max(1, batches)
+
+    return evaluate
 
 
 def frozen_runs(pipe: Any, conds: list[Any], uncond: Any, config: Any, trajectories: int, seed: int) -> Any:
@@ -189,18 +176,6 @@ class TextEncoderTraining:
         """The frozen text encoder's conditioning of each prompt (one per prompt, no autograd)."""
         with torch.no_grad(), self.trainable.disabled():
             return [self.conditioner([p]).detach() for p in prompts]
-
-    @staticmethod
-    def evaluator(loss_of: Any, seed: int = 1234) -> Any:
-        """``evaluate(batches)`` for :func:`~conceptsmith.training.train`: the mean of ``loss_of(generator)``
-        over fixed draws, comparable before and after training."""
-
-        def evaluate(batches: int) -> float:
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                return sum(float(loss_of(generator)) for _ in range(batches)) / max(1, batches)
-
-        return evaluate
 
     def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float,
              extra: dict[str, Any] | None = None) -> Any:

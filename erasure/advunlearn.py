@@ -38,7 +38,13 @@ from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainStep
-from erasure._trained import TextEncoderTraining, TrainedEraserConfig, concept_prompts, frozen_runs
+from erasure._trained import (
+    TextEncoderTraining,
+    TrainedEraserConfig,
+    concept_prompts,
+    fixed_draw_evaluator,
+    frozen_runs,
+)
 from erasure.esd import esd_target
 
 DEFAULT_RETAIN = [
@@ -166,7 +172,7 @@ class AdvUnlearn(Editor):
             run = TextEncoderTraining(pipe, config, request.seed, "advunlearn")
             objective = AdvUnlearnObjective(run, config, prompts, request.seed)
             result = train(run.trainable.named_parameters(), objective, config, seed=request.seed,
-                           evaluate=run.evaluator(objective.fixed_loss), models=[run.trainable.module], run_key=f"advunlearn:{prompts}:{config.retain_prompts}",
+                           evaluate=fixed_draw_evaluator(objective.fixed_loss), models=[run.trainable.module], run_key=f"advunlearn:{prompts}:{config.retain_prompts}",
                            description="advunlearn")
             params = {**config.model_dump(), "prompts": prompts}
             return run.edit("advunlearn", list(request.concepts), params, result, started)

@@ -26,7 +26,7 @@ from pydantic import Field
 from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError
-from erasure._trained import FrozenRunConfig, UnetTraining, UnetVariant, concept_prompts
+from erasure._trained import FrozenRunConfig, UnetTraining, UnetVariant, concept_prompts, fixed_draw_evaluator
 
 
 class ConceptAblationConfig(FrozenRunConfig):
@@ -82,7 +82,8 @@ class ConceptAblation(Editor):
                     total = total + ablation_loss(predictions[:1], frozen_anchor.to(predictions.device), anchor_prediction, config.anchor_weight)
                 return total / config.batch_size
 
-            result = train(run.trainable.named_parameters(), lambda step: loss(step.generator), config, evaluate=run.evaluator(loss), seed=request.seed, models=[run.trainable.module],
+            result = train(run.trainable.named_parameters(), lambda step: loss(step.generator), config, seed=request.seed,
+                           evaluate=fixed_draw_evaluator(loss), models=[run.trainable.module],
                            run_key=f"concept-ablation:{targets}:{anchors}", description=f"concept-ablation-{config.variant}")
             params = {**config.model_dump(), "anchor": anchor, "prompts": targets}
             return run.edit("concept-ablation", list(request.concepts), params, result, started)

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts
+from erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts, fixed_draw_evaluator
 
 
 class ESDConfig(FrozenRunConfig):
@@ -73,7 +73,8 @@ class ESD(Editor):
                 prediction = predict(run.trainable.module, x, t, cond)
                 return F.mse_loss(prediction, target.to(prediction.device))
 
-            result = train(run.trainable.named_parameters(), lambda step: loss(step.generator), config, evaluate=run.evaluator(loss), seed=request.seed, models=[run.trainable.module],
+            result = train(run.trainable.named_parameters(), lambda step: loss(step.generator), config, seed=request.seed,
+                           evaluate=fixed_draw_evaluator(loss), models=[run.trainable.module],
                            run_key=f"esd:{prompts}", description=f"esd-{config.variant}")
             params = {**config.model_dump(), "prompts": prompts}
             return run.edit("esd", list(request.concepts), params, result, started)
