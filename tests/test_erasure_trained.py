@@ -133,3 +133,13 @@ def test_trained_erasers_refuse_bad_input(tiny_pipe):
         get_editor("concept-ablation")(FAST).fit(pipe, EditRequest(concepts=["a cat"]))
     with pytest.raises(TrainingError, match="at least one non-empty concept"):
         get_editor("esd")(FAST).fit(pipe, EditRequest(concepts=[]))
+
+
+@pytest.mark.parametrize("method, params", [("esd", {}), ("concept-ablation", {"anchor": "a dog"})])
+def test_unet_erasers_train_on_sdxl(tiny_sdxl_pipe, method, params):
+    """Two text encoders, pooled embeddings and time ids reach the UNet in the frozen runs and in training."""
+    pipe, _ = tiny_sdxl_pipe
+    edit = get_editor(method)({**FAST, **params}).fit(pipe, EditRequest(concepts=["a cat"], seed=0))
+    assert edit.family == "sdxl" and all(m.startswith("unet.") for m in edit.module_shapes)
+    edit.apply(pipe)
+    edit.revert(pipe)
