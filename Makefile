@@ -28,6 +28,7 @@ demo: install
 
 bench: install
 	$(PY) bench/closed_form.py
+	$(PY) bench/training_erasure.py
 
 lint: install
 	$(VENV)/bin/ruff check conceptsmith erasure customization evaluation tests bench

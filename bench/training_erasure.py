@@ -170,10 +170,11 @@ def part_reference(args: argparse.Namespace) -> dict[str, Any]:
             "rss_after_load_mb": rss_loaded, "peak_rss_mb": _status_mb("VmHWM")}
 
 
-def part_agreement(args: argparse.Namespace) -> dict[str, Any]:
-    pipe = build_pipe(args.arch == "tiny")
+def agreement(pipe: SimpleNamespace, steps: int = 5) -> dict[str, Any]:
+    """Train ``steps`` seeded steps through the library, then the reference from the same weights on the same
+    ``(x_t, t)``; the relative differences of the trained weights and of their updates."""
     draws: list = []
-    edit, _ = run_library(pipe, 5, 1, record=draws)
+    edit, _ = run_library(pipe, steps, 1, record=draws)
     deltas = {k.removeprefix("unet.").removesuffix(".delta"): v for k, v in edit.tensors.items()}
     reference = Reference(pipe)
     initial = {n: p.detach().clone() for n, p in reference.params.items()}
@@ -182,15 +183,18 @@ def part_agreement(args: argparse.Namespace) -> dict[str, Any]:
     diff = diff_update = 0.0
     for name, p in reference.params.items():
         module = name.removesuffix(".weight")
-        if module not in deltas:  # biases and norms are not trained by the library's module selection
+        if module not in deltas:  # biases are not trained by the library's module selection
             continue
         base = initial[name].double()
-        ours = base + deltas[module].double()
-        ref = p.detach().double()
+        ours, ref = base + deltas[module].double(), p.detach().double()
         diff = max(diff, float(torch.linalg.norm(ours - ref) / torch.linalg.norm(ref)))
-        update = ref - base
-        diff_update = max(diff_update, float(torch.linalg.norm(ours - ref) / torch.linalg.norm(update).clamp_min(1e-30)))
+        update = torch.linalg.norm(ref - base).clamp_min(1e-30)
+        diff_update = max(diff_update, float(torch.linalg.norm(ours - ref) / update))
     return {"max_rel_diff": diff, "max_rel_diff_of_update": diff_update, "steps": len(draws), "modules": len(deltas)}
+
+
+def part_agreement(args: argparse.Namespace) -> dict[str, Any]:
+    return agreement(build_pipe(args.arch == "tiny"))
 
 
 PARTS = {"library": part_library, "reference": part_reference, "agreement": part_agreement}

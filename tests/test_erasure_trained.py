@@ -143,3 +143,19 @@ def test_unet_erasers_train_on_sdxl(tiny_sdxl_pipe, method, params):
     assert edit.family == "sdxl" and all(m.startswith("unet.") for m in edit.module_shapes)
     edit.apply(pipe)
     edit.revert(pipe)
+
+
+def test_training_benchmark_reference_agrees_with_the_library(tiny_pipe):
+    """bench/training_erasure.py's reference (a second UNet, the published step) trains the same weights as the
+    library's ESD when fed the library's states: the benchmark compares like with like."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "training_erasure.py"
+    spec = importlib.util.spec_from_file_location("bench_training_erasure", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.agreement(tiny_pipe[0], steps=3)
+    assert result["steps"] == 3 and result["modules"] > 0
+    assert result["max_rel_diff"] < 1e-6
+    assert result["max_rel_diff_of_update"] < 1e-2  # Adam's first steps amplify float32 rounding of tiny gradients
