@@ -136,7 +136,7 @@ class Reference:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 # -- the parts, each in its own process ---------------------------------------------------------------------------
