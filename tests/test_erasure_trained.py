@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from conceptsmith.diffusion import FrozenTrajectories, TextConditioner, predict
-from conceptsmith.edits import Edit
+from conceptsmith.edits import Edit, compose
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.trainable import TrainableModules, select_modules
 from conceptsmith.training import TrainingError
@@ -117,6 +117,12 @@ def test_trained_erasers_lower_their_loss_and_round_trip(tiny_pipe, tmp_path, me
     assert same_state(pipe, before)  # bit-exact
     report = loaded.to_lora(tmp_path / "lora.safetensors")
     assert (tmp_path / "lora.safetensors").is_file() and report
+    closed_form = get_editor("uce")({}).fit(pipe, EditRequest(concepts=["a dog"]))
+    both = compose([loaded, closed_form])  # with a closed-form edit, in one artifact
+    both.apply(pipe)
+    assert not torch.allclose(prediction(pipe), original)
+    both.revert(pipe)
+    assert same_state(pipe, before)
 
 
 def test_trained_erasers_refuse_bad_input(tiny_pipe):
