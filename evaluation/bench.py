@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -698,13 +699,27 @@ def run_bench(
 
 
 def _method_images(spec: MethodSpec, cfg: BenchConfig, task: TaskSpec, gen: Any) -> list[Path]:
-    """The unedited model's images of the task's erase prompts that ``spec`` learns from (none unless it asks)."""
+    """The unedited model's images of the task's erase prompts that ``spec`` learns from (none unless it asks):
+    one folder per erased concept, in the task's order, ``n_images`` in each (seeds from 1000)."""
     if spec.images is None:
         return []
-    erase = [p.text for p in task_prompts(cfg, task) if p.set == "erase"]
-    seeds = list(range(1000, 1000 + -(-spec.n_images // len(erase))))
-    paths = gen.run("unedited", [(p, p) for p in erase], seeds, desc=f"{task.name}: images for {spec.label()}")
-    return [paths[(p, s)] for s in seeds for p in erase][: spec.n_images]
+    erase = [p for p in task_prompts(cfg, task) if p.set == "erase"]
+    folders = []
+    for concept in task.erase:
+        prompts = [p.text for p in erase if p.target == concept]
+        seeds = list(range(1000, 1000 + -(-spec.n_images // len(prompts))))
+        paths = gen.run("unedited", [(p, p) for p in prompts], seeds, desc=f"{task.name}: images of {concept}")
+        chosen = [paths[(p, s)] for s in seeds for p in prompts][: spec.n_images]
+        folder = gen.cache / "references" / digest("unedited", concept, [str(c) for c in chosen])
+        if gen.state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, path in enumerate(chosen):
+                target = folder / f"{i:03d}.png"
+                if not target.is_file():
+                    shutil.copyfile(path, target)
+        gen.state.wait_for_everyone()
+        folders.append(folder)
+    return folders
 
 
 SUMMARY_METRICS = ("acc_e", "acc_s", "acc_g", "acc_i", "h_o", "h_c", "paired_specificity", "fd_clip")

@@ -189,3 +189,20 @@ def test_summary_averages_tasks_and_relates_acc_s_to_the_unedited_model():
     assert summary["uce"]["attack_asr"] == pytest.approx(0.3) and summary["uce"]["tasks"] == 2
     assert summary["unedited"]["acc_s_rel"] == pytest.approx(1.0) and "attack_asr" not in summary["unedited"]
     assert summarize_rows(rows, "prob")["uce"]["acc_e"] == pytest.approx(0.05)
+
+
+def test_a_method_learns_from_the_unedited_models_images_one_folder_per_concept(tmp_path, evaluator_file):
+    """``images: unedited``: te-unlearn erasing two concepts at once gets one folder of the unedited model's images
+    per concept (seeds from 1000, apart from the evaluation's), and its fitting time is summarized."""
+    smoke, _ = load_bench_config("shapes-smoke")
+    task = smoke.tasks[0].model_copy(update={"erase": ["Velmora Quistbright", "Oskar Brindlewood"],
+                                             "preserve": ["Zephyrine Mallowtusk"], "synonyms": {}})
+    method = {"name": "te", "method": "te-unlearn", "images": "unedited", "n_images": 2,
+              "params": {"steps": 1, "batch_size": 1, "progress": False}}
+    config = smoke.model_copy(update={"tasks": [task], "attacks": [], "seeds": [0],
+                                      "methods": [type(smoke.methods[0]).model_validate(method)]})
+    run = run_bench(config, tmp_path / "out", model="builtin:tiny-test", evaluator=str(evaluator_file),
+                    cache_dir=tmp_path / "cache", progress=False, report=False)
+    folders = sorted((tmp_path / "cache").glob("*/references/*"))
+    assert len(folders) == 2 and all(len(list(f.glob("*.png"))) == 2 for f in folders)
+    assert run.results["summary"]["te"]["train_seconds"] > 0
