@@ -1,4 +1,4 @@
-"""Customization benchmark runner (issue 6, items 7-8): a ``kind: customization`` YAML under
+"""Customization benchmark runner (compositions and the relearning audit): a ``kind: customization`` YAML under
 ``configs/bench/`` -> reference images -> trained / merged / composed edits -> generations ->
 CLIP-I / CLIP-T / both-present / relearning -> ``results.json`` + report.
 
@@ -202,7 +202,7 @@ Composition = Annotated[JointSpec | MergeSpec | HookSpec, Field(discriminator="k
 
 class RelearnSpec(StrictModel):
     """Erase a ShapesWorld shape with each erasure method, then customize every erased model on renders of it
-    (issue 6, item 8), evaluated after each of ``checkpoints`` training steps."""
+    (the relearning audit), evaluated after each of ``checkpoints`` training steps."""
 
     concept: str = Field(description="the erased ShapesWorld shape")
     erase: list[MethodSpec] = Field(
