@@ -295,9 +295,9 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="merged edit file (.safetensors)")] = Path("merged.safetensors"),
 ) -> None:
     """Merge several edits of one base into one edit."""
+    from conceptsmith.customization.merge import merge as merge_edits
+    from conceptsmith.customization.merge import needs_pipeline
     from conceptsmith.edits import Edit
-    from customization.merge import merge as merge_edits
-    from customization.merge import needs_pipeline
 
     if len(edits) < 2:
         raise ValueError("Merging needs at least two edit files.")
@@ -324,7 +324,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run a benchmark: fit every method, generate, score, write results.json and a report."""
-    from evaluation.bench import bench_command
+    from conceptsmith.evaluation.bench import bench_command
 
     bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json)
 
@@ -341,7 +341,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Score the unedited model and each saved edit on a benchmark's prompts."""
-    from evaluation.bench import evaluate_command
+    from conceptsmith.evaluation.bench import evaluate_command
 
     evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json)
 

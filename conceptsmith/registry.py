@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit
-    from evaluation.attack_plugins import AttackContext, AttackPlan
+    from conceptsmith.evaluation.attack_plugins import AttackContext, AttackPlan
 
 EDITOR_GROUP = "conceptsmith.editors"
 METRIC_GROUP = "conceptsmith.metrics"
 ATTACK_GROUP = "conceptsmith.attacks"
-BUILTIN_PACKAGES: tuple[str, ...] = ("erasure", "customization", "evaluation")
+BUILTIN_PACKAGES: tuple[str, ...] = ("conceptsmith.erasure", "conceptsmith.customization", "conceptsmith.evaluation")
 
 
 class RegistryError(KeyError):

@@ -30,11 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from conceptsmith.customization.t2i_zero import PromptTracker, check_phrases, gaussian_smooth
 from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import Editor, EditorConfig, EditRequest, register_editor, register_hook
-from customization.t2i_zero import PromptTracker, check_phrases, gaussian_smooth
 
 
 class AStarConfig(EditorConfig):

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from conceptsmith.customization import CustomizationError
 from pydantic import Field
 
 from conceptsmith.diffusion import Conditioning
 from conceptsmith.training import TrainingConfig
-from customization import CustomizationError
 
 
 class CeilingConfig(TrainingConfig):
@@ -51,11 +51,12 @@ def invert_conditioning(
     pipe: object, images: Sequence[str | Path], class_word: str, config: CeilingConfig | None = None, seed: int = 0
 ) -> torch.Tensor:
     """The conditioning ``[1, tokens, d]`` (float32, detached) that best denoises ``images`` (files or folders)."""
+    from conceptsmith.customization.data import Examples, default_resolution, load_images
+
     from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
     from conceptsmith.text import encode_prompts
     from conceptsmith.trainable import frozen, pipe_components, shared_copy
     from conceptsmith.training import train
-    from customization.data import Examples, default_resolution, load_images
 
     config = config or CeilingConfig()
     if getattr(pipe, "text_encoder_2", None) is not None:

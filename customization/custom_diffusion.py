@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from customization.training import SubjectTrainingConfig
 
 
 class CustomDiffusionConfig(SubjectTrainingConfig):
@@ -61,13 +61,14 @@ class CustomDiffusion(Editor):
     Config = CustomDiffusionConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
+        from conceptsmith.customization.textual_inversion import NewTokens
+        from conceptsmith.customization.training import subject_params
+
         from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
         from conceptsmith.models import detect_family
         from conceptsmith.trainable import frozen, pipe_components, shared_copy, trainable_clone
         from conceptsmith.training import train
-        from customization.data import concept_specs, default_resolution, training_examples
-        from customization.textual_inversion import NewTokens
-        from customization.training import subject_params
 
         config: CustomDiffusionConfig = self.config
         # 1. concepts: token, class word, reference images

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conceptsmith.customization import CustomizationError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
-
-from customization import CustomizationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
 from safetensors.torch import save_file
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint, compose
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from customization.training import SubjectTrainingConfig
 
 
 class LoraTrainingConfig(SubjectTrainingConfig):
@@ -59,13 +59,14 @@ class DreamBoothLora(Editor):
     Config = LoraTrainingConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
+        from conceptsmith.customization.textual_inversion import NewTokens, components
+        from conceptsmith.customization.training import subject_params
+
         from conceptsmith.diffusion import DenoisingObjective, TextConditioner, noise_scheduler
         from conceptsmith.models import detect_family
         from conceptsmith.trainable import add_lora, frozen, lora_state_dict, pipe_components, shared_copy
         from conceptsmith.training import train
-        from customization.data import concept_specs, default_resolution, training_examples
-        from customization.textual_inversion import NewTokens, components
-        from customization.training import subject_params
 
         config: LoraTrainingConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=config.prior_preservation, method="LoRA")
@@ -190,7 +191,7 @@ def export_diffusers(edit: Edit, folder: str | Path, rank: int | None = None) ->
 
     Returns ``{"lora": path | None, "tokens": [paths], "truncation_error": {...}}``.
     """
-    from customization.textual_inversion import export_embeddings, token_parts
+    from conceptsmith.customization.textual_inversion import export_embeddings, token_parts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from conceptsmith.customization import CustomizationError
 from torch import nn
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint
-from customization import CustomizationError
 
 MERGE_METHODS: dict[str, str] = {
     "closed-form": "Custom Diffusion constrained least squares over K/V (needs the base pipeline)",
@@ -119,7 +119,7 @@ def _concepts(edits: Sequence[Edit]) -> list[str]:
 
 def _merged_tokens(edits: Sequence[Edit]) -> dict[str, torch.Tensor]:
     """All learned token tensors of ``edits`` (distinct tokens required)."""
-    from customization.textual_inversion import token_parts
+    from conceptsmith.customization.textual_inversion import token_parts
 
     tensors: dict[str, torch.Tensor] = {}
     for edit in edits:
@@ -135,7 +135,7 @@ def _merged_tokens(edits: Sequence[Edit]) -> dict[str, torch.Tensor]:
 
 def _with_tokens(edits: Sequence[Edit], method: str, weight_part: Edit, params: dict[str, Any], metadata: dict[str, Any]) -> Edit:
     """``weight_part`` alone, or a composite of it and one token edit with every learned token."""
-    from customization.textual_inversion import TOKEN_HOOK
+    from conceptsmith.customization.textual_inversion import TOKEN_HOOK
 
     tokens = _merged_tokens(edits)
     if not tokens:
@@ -213,10 +213,11 @@ def closed_form_merge(
     the padding positions (more constraints than ``d_in`` quickly: then it is a least-squares fit).
     ``prompts``: one list of prompts per edit (default: the edit's own training prompts).
     """
+    from conceptsmith.customization.textual_inversion import token_parts, tokens_view
+
     from conceptsmith.edits import applied_edits
     from conceptsmith.linalg import solve_constrained, weighted_gram
     from conceptsmith.text import encode_prompts, tokenize
-    from customization.textual_inversion import token_parts, tokens_view
 
     check_same_base(edits)
     base = base_fingerprint(pipe)
@@ -298,7 +299,7 @@ def _weights(edits: Sequence[Edit], weights: Sequence[float] | None) -> list[flo
 
 
 def _factors(edits: Sequence[Edit]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    from customization.lora import lora_factors
+    from conceptsmith.customization.lora import lora_factors
 
     result = []
     for edit in edits:

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from conceptsmith.customization import CustomizationError
 from pydantic import Field
 
 from conceptsmith.attention import spatial_shape
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import Editor, EditorConfig, EditRequest, register_editor, register_hook
-from customization import CustomizationError
 
 # -- shared machinery (also used by A-STAR) -------------------------------------------------------------
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
@@ -35,8 +37,6 @@ from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import Editor, EditRequest, register_editor, register_hook
 from conceptsmith.trainable import shared_copy
 from conceptsmith.training import TrainingConfig
-from customization import CustomizationError
-from customization.data import CutMixOptions, ZoomOutOptions
 
 TOKEN_HOOK = "custom-tokens"
 COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -322,10 +322,11 @@ class TextualInversion(Editor):
     Config = TextualInversionConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.customization.data import concept_specs, default_resolution, instance_examples
+
         from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
         from conceptsmith.trainable import frozen, pipe_components
         from conceptsmith.training import train
-        from customization.data import concept_specs, default_resolution, instance_examples
 
         config: TextualInversionConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=False, method="Textual inversion")

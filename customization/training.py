@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from pydantic import Field
 
 from conceptsmith.training import TrainingConfig
-from customization.data import CutMixOptions, ZoomOutOptions
 
 
 class SubjectTrainingConfig(TrainingConfig, ZoomOutOptions, CutMixOptions):

@@ -24,11 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.data import Examples, default_resolution, find_images, load_images, to_pixels
 from PIL import Image
 
 from conceptsmith.training import TrainingError
-from customization import CustomizationError
-from customization.data import Examples, default_resolution, find_images, load_images, to_pixels
 
 ImageSource = Literal["request", "renderer"]
 MASK_SUFFIX = ".mask.png"

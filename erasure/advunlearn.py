@@ -31,6 +31,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from conceptsmith.erasure._trained import (
+    TextEncoderTraining,
+    TrainedEraserConfig,
+    concept_prompts,
+    fixed_draw_evaluator,
+    frozen_runs,
+)
+from conceptsmith.erasure.esd import esd_target
 from pydantic import Field
 
 from conceptsmith.diffusion import Conditioning, predict
@@ -38,14 +46,6 @@ from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainStep
-from erasure._trained import (
-    TextEncoderTraining,
-    TrainedEraserConfig,
-    concept_prompts,
-    fixed_draw_evaluator,
-    frozen_runs,
-)
-from erasure.esd import esd_target
 
 DEFAULT_RETAIN = [
     "a photo of a dog", "a photo of a car", "a portrait of a woman", "a landscape with mountains",

@@ -21,12 +21,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from conceptsmith.erasure._trained import (
+    FrozenRunConfig,
+    UnetTraining,
+    UnetVariant,
+    concept_prompts,
+    fixed_draw_evaluator,
+)
 from pydantic import Field
 
 from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError
-from erasure._trained import FrozenRunConfig, UnetTraining, UnetVariant, concept_prompts, fixed_draw_evaluator
 
 
 class ConceptAblationConfig(FrozenRunConfig):

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from conceptsmith.erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts, fixed_draw_evaluator
 from pydantic import Field
 
 from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts, fixed_draw_evaluator
 
 
 class ESDConfig(FrozenRunConfig):

@@ -34,14 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
-from torch import nn
-
-from conceptsmith.edits import Edit
-from conceptsmith.linalg import RidgeSolution
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.training import TrainingError, TrainResult, TrainStep
-from erasure._closed_form import (
+from conceptsmith.erasure._closed_form import (
     Delta,
     add_deltas,
     check_request,
@@ -51,9 +44,9 @@ from erasure._closed_form import (
     torch_dtype,
     updated_weights,
 )
-from erasure._mace_data import ImageSource, concept_examples, token_mask
-from erasure._trained import TrainedEraserConfig, unet_modules
-from erasure.mace_cfr import (
+from conceptsmith.erasure._mace_data import ImageSource, concept_examples, token_mask
+from conceptsmith.erasure._trained import TrainedEraserConfig, unet_modules
+from conceptsmith.erasure.mace_cfr import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     MaceCFR,
@@ -64,7 +57,14 @@ from erasure.mace_cfr import (
     read_corpus,
     shapes_captions,
 )
-from erasure.uce import default_guide
+from conceptsmith.erasure.uce import default_guide
+from pydantic import Field, model_validator
+from torch import nn
+
+from conceptsmith.edits import Edit
+from conceptsmith.linalg import RidgeSolution
+from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.training import TrainingError, TrainResult, TrainStep
 
 
 class MACEConfig(TrainedEraserConfig):
@@ -309,10 +309,11 @@ class MACE(Editor):
     def _train(self, pipe: Any, base: nn.Module, concept: str, examples: Any, tokens: Mapping[str, torch.Tensor], index: int,
                seed: int) -> tuple[Any, TrainResult]:
         """Stage 2 for one concept: a fresh LoRA (or full K/V clone) on a shared copy of ``base``."""
+        from conceptsmith.customization.data import default_resolution
+
         from conceptsmith.attention import AttentionMapRecorder
         from conceptsmith.trainable import TrainableModules
         from conceptsmith.training import train
-        from customization.data import default_resolution
 
         config: MACEConfig = self.config
         with torch.random.fork_rng():

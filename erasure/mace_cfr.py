@@ -39,14 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from conceptsmith.edits import Edit, EditError, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
-from erasure._closed_form import (
+from conceptsmith.erasure._closed_form import (
     ClosedFormConfig,
     cache_root,
     check_request,
@@ -56,7 +49,14 @@ from erasure._closed_form import (
     solve,
     torch_dtype,
 )
-from erasure.uce import default_guide
+from conceptsmith.erasure.uce import default_guide
+from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of {}", "{} in a photo", "a close-up picture of {}", "an image showing {}", "a drawing of {}",

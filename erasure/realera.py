@@ -33,18 +33,18 @@ import time
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
-
-from conceptsmith.edits import Edit
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from erasure._closed_form import (
+from conceptsmith.erasure._closed_form import (
     check_request,
     kv_weights,
     make_edit,
     solve,
     torch_dtype,
 )
-from erasure.uce import UCEConfig, default_guide, request_rows
+from conceptsmith.erasure.uce import UCEConfig, default_guide, request_rows
+from pydantic import Field, model_validator
+
+from conceptsmith.edits import Edit
+from conceptsmith.registry import Editor, EditRequest, register_editor
 
 
 class RealEraConfig(UCEConfig):

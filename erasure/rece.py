@@ -38,13 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
-
-from conceptsmith.edits import Edit
-from conceptsmith.linalg import regenerating_embeddings
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.text import encode_prompts
-from erasure._closed_form import (
+from conceptsmith.erasure._closed_form import (
     ClosedFormConfig,
     EditRows,
     add_deltas,
@@ -57,7 +51,13 @@ from erasure._closed_form import (
     torch_dtype,
     updated_weights,
 )
-from erasure.uce import UCEConfig, default_guide, request_rows
+from conceptsmith.erasure.uce import UCEConfig, default_guide, request_rows
+from pydantic import Field
+
+from conceptsmith.edits import Edit
+from conceptsmith.linalg import regenerating_embeddings
+from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.text import encode_prompts
 
 ScoreFn = Callable[[Any, Edit, int], float]
 

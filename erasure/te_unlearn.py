@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conceptsmith.erasure._trained import TextEncoderTraining, TrainedEraserConfig, concept_prompts
 from PIL import Image
 from pydantic import Field
 
@@ -40,7 +41,6 @@ from conceptsmith.diffusion import DenoisingObjective, denoising_loss
 from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError, TrainStep
-from erasure._trained import TextEncoderTraining, TrainedEraserConfig, concept_prompts
 
 GENERATED_SEED = 1000  # first seed of the images drawn with generate_images (plus the request's seed)
 
@@ -93,8 +93,8 @@ class AscentObjective:
 
 def concept_images(pipe: Any, request: EditRequest, config: TEUnlearnConfig) -> tuple[list[list[Image.Image]], list[str]]:
     """Per concept, its images and where they came from (files of the request, or the model's own draws)."""
-    from customization import CustomizationError
-    from customization.data import class_images, load_images
+    from conceptsmith.customization import CustomizationError
+    from conceptsmith.customization.data import class_images, load_images
 
     concepts = [c.strip() for c in request.concepts]
     if request.images:
@@ -137,10 +137,11 @@ class TEUnlearn(Editor):
     Config = TEUnlearnConfig
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
+        from conceptsmith.customization.data import Examples, default_resolution
+
         from conceptsmith.diffusion import noise_scheduler
         from conceptsmith.trainable import frozen, pipe_components
         from conceptsmith.training import train
-        from customization.data import Examples, default_resolution
 
         config: TEUnlearnConfig = self.config
         started = time.perf_counter()

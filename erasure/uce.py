@@ -35,12 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
-
-from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.text import TokenPolicy
-from erasure._closed_form import (
+from conceptsmith.erasure._closed_form import (
     PRESERVE_CACHE_MIN,
     CheckedRequest,
     ClosedFormConfig,
@@ -54,6 +49,11 @@ from erasure._closed_form import (
     torch_dtype,
     uce_rows,
 )
+from pydantic import Field
+
+from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.text import TokenPolicy
 
 
 class UCEConfig(ClosedFormConfig):

@@ -28,14 +28,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from conceptsmith.evaluation.attacks import embedding_attack
+from conceptsmith.evaluation.bench import digest, load_images
+from conceptsmith.evaluation.prompt_attacks import (
+    PromptAttackResult,
+    PromptVocabulary,
+    p4d_attack,
+    unlearn_diff_attack,
+)
+from conceptsmith.evaluation.ring_a_bell_attack import ring_a_bell
+from conceptsmith.evaluation.training_attacks import (
+    DEFAULT_TI_TEMPLATES,
+    TextualInversionAttack,
+    textual_inversion_attack,
+)
 from pydantic import Field
 
 from conceptsmith.registry import Attack, AttackConfig, register_attack
-from evaluation.attacks import embedding_attack
-from evaluation.bench import digest, load_images
-from evaluation.prompt_attacks import PromptAttackResult, PromptVocabulary, p4d_attack, unlearn_diff_attack
-from evaluation.ring_a_bell_attack import ring_a_bell
-from evaluation.training_attacks import DEFAULT_TI_TEMPLATES, TextualInversionAttack, textual_inversion_attack
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit

@@ -30,10 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
-
-from conceptsmith.registry import register_metric
-from evaluation.ring_a_bell_attack import (
+from conceptsmith.evaluation.ring_a_bell_attack import (
     PromptSearch,
     RingABellAttack,
     concept_vector,
@@ -41,11 +38,19 @@ from evaluation.ring_a_bell_attack import (
     ring_a_bell,
     sdxl_pooled,
 )
-from evaluation.training_attacks import DEFAULT_TI_TEMPLATES, TextualInversionAttack, textual_inversion_attack
+from conceptsmith.evaluation.training_attacks import (
+    DEFAULT_TI_TEMPLATES,
+    TextualInversionAttack,
+    textual_inversion_attack,
+)
+from PIL import Image
+
+from conceptsmith.registry import register_metric
 
 if TYPE_CHECKING:
+    from conceptsmith.evaluation.clip import Evaluator, ImageLike
+
     from conceptsmith.edits import Edit
-    from evaluation.clip import Evaluator, ImageLike
 
 __all__ = [
     "DEFAULT_TI_TEMPLATES",

@@ -46,6 +46,7 @@ from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from conceptsmith.config import StrictModel, load_config, read_yaml, validate
+from conceptsmith.resources import configs_root, shipped_config
 
 __all__ = [
     "AttackSpec",
@@ -63,7 +64,7 @@ __all__ = [
     "run_bench",
 ]
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "configs" / "bench"
+BENCH_DIR = configs_root() / "bench"
 
 
 # ============================================================================================
@@ -307,10 +308,10 @@ def _encode_kwargs(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
 # edits
 # ============================================================================================
 def resolve_path(ref: str, bench_path: Path | None, what: str = "method config") -> Path:
-    """``ref`` as given (relative to the working directory), else relative to the bench file, else to
-    the repository; the error lists every place tried."""
+    """``ref`` as given (relative to the working directory), else relative to the bench file, else among
+    the shipped configs (``configs/erase/uce.yaml``); the error lists every place tried."""
     candidates = [Path(ref)] + ([bench_path.parent / ref] if bench_path is not None else [])
-    candidates.append(BENCH_DIR.parent.parent / ref)
+    candidates.append(shipped_config(ref))
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         raise FileNotFoundError(f"{what} '{ref}' not found (tried {[str(c) for c in candidates]})")
@@ -410,7 +411,7 @@ def _score_row(
     images: dict[tuple[str, int], Path],
     unedited: dict[tuple[str, int], Path],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from evaluation.metrics import (
+    from conceptsmith.evaluation.metrics import (
         ACCURACY_MODES,
         accuracy_from_probs,
         fd_clip,
@@ -494,8 +495,9 @@ def _run_attacks(
     """Run every configured attack plugin on the applied ``edit``; returns per-attack success rates.
     ``plain`` (main process): was the edited model's image of each (erase prompt, seed) classified
     as its concept."""
+    from conceptsmith.evaluation.attack_plugins import AttackContext, score_attack
+
     from conceptsmith.registry import get_attack
-    from evaluation.attack_plugins import AttackContext, score_attack
 
     ctx = AttackContext(
         pipe=pipe,
@@ -559,10 +561,10 @@ def run_bench(
     files as rows (evaluated on every task); ``model`` / ``evaluator`` override the config's.
     """
     from accelerate import PartialState
+    from conceptsmith.evaluation.clip import load_evaluator
 
     from conceptsmith.edits import Edit
     from conceptsmith.models import load_pipeline
-    from evaluation.clip import load_evaluator
 
     if isinstance(config, BenchConfig):
         cfg, bench_path = config, None
@@ -691,7 +693,7 @@ def run_bench(
     os.replace(tmp, out_dir / "results.json")
     run = BenchRun(results, out_dir, gen.generated, gen.cached)
     if report:
-        from evaluation.report import write_report
+        from conceptsmith.evaluation.report import write_report
 
         run.report = write_report(results, out_dir)
     state.wait_for_everyone()
@@ -791,7 +793,11 @@ def bench_command(
     """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table.
     Dispatches on the config's ``kind``: customization benchmarks run :mod:`evaluation.custom_bench`."""
     if bench_kind(config) == "customization":
-        from evaluation.custom_bench import load_custom_config, print_custom_run, run_custom_bench
+        from conceptsmith.evaluation.custom_bench import (
+            load_custom_config,
+            print_custom_run,
+            run_custom_bench,
+        )
 
         load, runner, show = load_custom_config, run_custom_bench, print_custom_run
     else:

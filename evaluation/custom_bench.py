@@ -60,14 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from PIL import Image
-from pydantic import Field, field_validator, model_validator
-
-from conceptsmith.config import ConfigError, StrictModel, load_config, validate
-from conceptsmith.world.vocab import GENERATOR_SHAPES, NOVEL_OBJECTS
-from customization.conditioning_ceiling import CeilingConfig
-from customization.merge import MERGE_METHODS
-from evaluation.bench import (
+from conceptsmith.customization.conditioning_ceiling import CeilingConfig
+from conceptsmith.customization.merge import MERGE_METHODS
+from conceptsmith.evaluation.bench import (
     GenerationConfig,
     Generator,
     MethodSpec,
@@ -80,6 +75,11 @@ from evaluation.bench import (
     resolve_bench_path,
     resolve_path,
 )
+from PIL import Image
+from pydantic import Field, field_validator, model_validator
+
+from conceptsmith.config import ConfigError, StrictModel, load_config, validate
+from conceptsmith.world.vocab import GENERATOR_SHAPES, NOVEL_OBJECTS
 
 __all__ = [
     "ConceptSpec",
@@ -342,8 +342,8 @@ def _labels(cfg: CustomBenchConfig) -> list[str]:
 
 
 def _check_references(cfg: CustomBenchConfig, path: Path | None) -> None:
-    from customization import CustomizationError
-    from customization.data import find_images
+    from conceptsmith.customization import CustomizationError
+    from conceptsmith.customization.data import find_images
 
     source = path or "config"
     for concept in cfg.concepts:
@@ -573,7 +573,7 @@ class _Runner:
     def concept_references(self, concept: ConceptSpec) -> References:
         """Training references and the normalizer's two sets: renders with ``reference_seed`` and
         ``holdout_seed``, or a folder (all files for training; its two halves for the normalizer)."""
-        from customization.data import find_images
+        from conceptsmith.customization.data import find_images
 
         if concept.object is not None:
             folder, train = self.rendered(concept.object, self.cfg.reference_seed)
@@ -613,8 +613,9 @@ class _Runner:
         seed: int,
     ) -> str:
         """Cache key of a customization: base, method, params, tokens, class words, reference bytes, ``on``, seed."""
+        from conceptsmith.customization.data import find_images
+
         from conceptsmith import __version__
-        from customization.data import find_images
 
         tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
         images = [_files_digest(find_images(f)) for f in folders]
@@ -633,8 +634,9 @@ class _Runner:
         the edit ``on`` (applied while training) when given, with training ``seed`` (default: the bench's
         ``training_seed``); ``runtime``: params that do not change the result (left out of the cache key).
         Returns (edit, image-cache key)."""
+        from conceptsmith.customization import customize
+
         from conceptsmith.edits import Edit
-        from customization import customize
 
         method, params = resolve_method(spec, self.bench_path, spec.label())
         seed = self.cfg.training_seed if seed is None else seed
@@ -685,11 +687,11 @@ class _Runner:
 
     def ceiling_images(self, concept: ConceptSpec, refs: References) -> tuple[str, list[Image.Image]]:
         """The conditioning ceiling of ``concept`` (inverted once, cached) and its images, one per seed."""
+        from conceptsmith.customization.conditioning_ceiling import invert_conditioning
         from safetensors.torch import load_file, save_file
 
         from conceptsmith import __version__
         from conceptsmith.io import atomic_write
-        from customization.conditioning_ceiling import invert_conditioning
 
         config = self.cfg.ceiling.model_copy(update={"progress": self.cfg.ceiling.progress and self.progress})
         settings = config.model_dump(exclude={"progress"})
@@ -760,7 +762,7 @@ def _single_metrics(
 ) -> dict[str, float]:
     """CLIP-I against the training references and CLIP-T (token removed), each also divided by its
     normalizer: ``norm`` (references vs independent references), ``baseline`` (unedited CLIP-T)."""
-    from evaluation.metrics import clip_t
+    from conceptsmith.evaluation.metrics import clip_t
 
     ct = clip_t(evaluator, images, texts, strip_tokens=[token] if token else [])
     return {
@@ -775,7 +777,7 @@ def _clip_i_metrics(
     evaluator: Any, images: list[Image.Image], train: list[Image.Image], norm: float
 ) -> dict[str, float]:
     """CLIP-I against the training references, and divided by ``norm`` (references vs independent references)."""
-    from evaluation.metrics import clip_i
+    from conceptsmith.evaluation.metrics import clip_i
 
     ci = clip_i(evaluator, images, train)
     return {"clip_i": ci, "clip_i_ref": norm, "clip_i_rel": relative(ci, norm)}
@@ -783,7 +785,7 @@ def _clip_i_metrics(
 
 def _single_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
     """Per concept: the unedited model and every selected method row (CLIP-I, CLIP-T, both normalized)."""
-    from evaluation.metrics import clip_i, clip_t
+    from conceptsmith.evaluation.metrics import clip_i, clip_t
 
     cfg, rows = run.cfg, []
     for concept in cfg.concepts:
@@ -839,9 +841,10 @@ def _composed(
 ) -> tuple[Any, str]:
     """The edit of composition ``comp`` for the pair (a, b) trained with ``seed``: joint run, merge, or hook on
     another one."""
+    from conceptsmith.customization.merge import merge, needs_pipeline
+
     from conceptsmith.edits import compose
     from conceptsmith.registry import EditRequest, get_editor
-    from customization.merge import merge, needs_pipeline
 
     cfg = run.cfg
     memo_key = f"composition:{comp.name}:{a.token}:{b.token}:{seed}"
@@ -866,7 +869,7 @@ def _composed(
 
 def _composition_rows(run: _Runner, labels: set[str]) -> list[dict[str, Any]]:
     """Per pair of concepts: the unedited model and every selected composition (both_present, CLIP-T)."""
-    from evaluation.metrics import clip_t
+    from conceptsmith.evaluation.metrics import clip_t
 
     cfg, ev, rows = run.cfg, run.evaluator, []
     selected = [c for c in cfg.compositions if c.name in labels]
@@ -911,7 +914,7 @@ def _presence_metrics(
 ) -> dict[str, Any]:
     """both_present under both rules (``both_present`` = the configured one) and, per composition prompt,
     under the configured rule (images are prompt-major, ``len(cfg.seeds)`` per prompt)."""
-    from evaluation.metrics import both_concepts_present_rate
+    from conceptsmith.evaluation.metrics import both_concepts_present_rate
 
     def rate(rule: str, part: list[Image.Image]) -> float:
         if rule == "top2":
@@ -947,7 +950,7 @@ def _rate_row(
     steps: int | None,
 ) -> dict[str, Any]:
     """One relearning row: the share of ``edit``'s images of ``prompts`` classified as the erased shape."""
-    from evaluation.metrics import evaluator_accuracy
+    from conceptsmith.evaluation.metrics import evaluator_accuracy
 
     cfg = run.cfg
     images = run.generate("relearn", group, name, key, edit, prompts)
@@ -1097,10 +1100,10 @@ def run_custom_bench(
     ``model`` / ``evaluator`` override the config's.
     """
     from accelerate import PartialState
+    from conceptsmith.evaluation.clip import load_evaluator
 
     from conceptsmith.io import write_json
     from conceptsmith.models import load_pipeline
-    from evaluation.clip import load_evaluator
 
     if isinstance(config, CustomBenchConfig):
         cfg, bench_path = config, None

@@ -32,7 +32,7 @@ import torch
 from conceptsmith.registry import register_metric
 
 if TYPE_CHECKING:
-    from evaluation.clip import Classification, Evaluator, ImageLike
+    from conceptsmith.evaluation.clip import Classification, Evaluator, ImageLike
 
 __all__ = [
     "ACCURACY_MODES",

@@ -28,10 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-
-from evaluation.attacks import reverted
-from evaluation.ring_a_bell_attack import whole_word_vocabulary
-from evaluation.training_attacks import _device, check_single_encoder, denoising_loss, reference_latents
+from conceptsmith.evaluation.attacks import reverted
+from conceptsmith.evaluation.ring_a_bell_attack import whole_word_vocabulary
+from conceptsmith.evaluation.training_attacks import (
+    _device,
+    check_single_encoder,
+    denoising_loss,
+    reference_latents,
+)
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit

@@ -49,7 +49,7 @@ def _image_tensor(image: Any, size: int) -> torch.Tensor:
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = Image.open(image)
     if not isinstance(image, Image.Image):
-        from evaluation.clip import _to_uint8_hwc
+        from conceptsmith.evaluation.clip import _to_uint8_hwc
 
         image = Image.fromarray(_to_uint8_hwc(image))
     image = image.convert("RGB")

@@ -5,12 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from conceptsmith.attention import find_cross_attention
-from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.text import concept_token_embeddings, encode_prompts
-from evaluation.attacks import (
+from conceptsmith.evaluation.attacks import (
     KVPair,
     attack_success_rate,
     closed_form_attack_embeddings,
@@ -23,7 +18,12 @@ from evaluation.attacks import (
     ring_a_bell,
     textual_inversion_attack,
 )
-from evaluation.clip import Classification
+from conceptsmith.evaluation.clip import Classification
+from PIL import Image
+
+from conceptsmith.attention import find_cross_attention
+from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.text import concept_token_embeddings, encode_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

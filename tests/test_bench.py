@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from evaluation.bench import BENCH_DIR, bench_kind, load_bench_config, run_bench, summary_table
+from conceptsmith.evaluation.bench import BENCH_DIR, bench_kind, load_bench_config, run_bench, summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +30,7 @@ def test_bench_configs_validate():
     assert {"shapes-smoke", "shapes-objects", "shapes-artists", "shapes-restricted"} <= names
     for name in names:
         if bench_kind(name) == "customization":
-            from evaluation.custom_bench import load_custom_config
+            from conceptsmith.evaluation.custom_bench import load_custom_config
 
             custom = load_custom_config(name)[0]
             assert custom.concepts or custom.relearn  # customization, or a relearning audit only
@@ -137,7 +136,7 @@ def test_two_processes_match_one(smoke_run, evaluator_file, tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "evaluation.bench", "shapes-smoke", "--out", str(out), "--setup", "cs_bench_setup",
+        "-m", "conceptsmith.evaluation.bench", "shapes-smoke", "--out", str(out), "--setup", "cs_bench_setup",
         "--model", "builtin:tiny-test", "--evaluator", str(evaluator_file), "--no-report",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -154,7 +153,7 @@ def test_two_processes_match_one(smoke_run, evaluator_file, tmp_path):
 
 
 def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
-    from evaluation.bench import evaluate_command
+    from conceptsmith.evaluation.bench import evaluate_command
 
     edit_files = sorted(smoke_run.out_dir.glob("cache/*/edits/*.safetensors"))
     assert len(edit_files) == 1
@@ -176,7 +175,7 @@ def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
 
 
 def test_summary_averages_tasks_and_relates_acc_s_to_the_unedited_model():
-    from evaluation.bench import summarize_rows
+    from conceptsmith.evaluation.bench import summarize_rows
 
     def row(task, method, e, s, asr=None):
         metrics = {"acc_e": {"argmax": e, "prob": e / 2}, "acc_s": {"argmax": s, "prob": s / 2}, "paired_specificity": 0.5}

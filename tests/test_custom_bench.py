@@ -14,11 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-from typer.testing import CliRunner
-
-from conceptsmith.config import ConfigError
-from evaluation.custom_bench import (
+from conceptsmith.evaluation.custom_bench import (
     both_present_halves,
     load_custom_config,
     relative,
@@ -26,6 +22,10 @@ from evaluation.custom_bench import (
     steps_to_rate,
     summarize,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptsmith.config import ConfigError
 
 FAST = {"steps": 2, "batch_size": 1, "eval_batches": 0}
 CD_FAST = {**FAST, "num_class_images": 1, "class_inference_steps": 2}
@@ -111,7 +111,7 @@ def first_run(tmp_path_factory, tiny_config):
 
 
 def test_shipped_configs_validate_and_dispatch():
-    from evaluation.bench import bench_kind, load_bench_config
+    from conceptsmith.evaluation.bench import bench_kind, load_bench_config
 
     single, _ = load_custom_config("shapes-custom-single")
     assert [c.object for c in single.concepts] == ["mushroom", "key", "umbrella"]
@@ -143,7 +143,7 @@ def test_shipped_configs_validate_and_dispatch():
 def test_the_compose_preset_is_the_benchmarked_composition():
     """configs/customize/lora-compose.yaml, which the README offers for multi-concept runs, is what the multi
     bench's every-layer LoRA row trains: the row names the preset and overrides nothing."""
-    from evaluation.custom_bench import resolve_method
+    from conceptsmith.evaluation.custom_bench import resolve_method
 
     multi, path = load_custom_config("shapes-custom-multi")
     row = next(c for c in multi.compositions if c.name == "joint-lora-all-layers-cutmix")
@@ -373,7 +373,7 @@ def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
     """clip_i_rel = mean cos(generated, references) / mean cos(references, independent references);
     clip_t_rel = mean cos(image, prompt without token) / the same for the unedited model's images of
     the prompt without the token. Recomputed here from the stored images with plain tensor code."""
-    from evaluation.clip import load_evaluator
+    from conceptsmith.evaluation.clip import load_evaluator
 
     ev = load_evaluator(str(evaluator_file))
     results = first_run.results
@@ -414,8 +414,8 @@ def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
 def test_both_present_by_prompt_splits_the_images_prompt_major(first_run, evaluator_file):
     """Each composition row's per-prompt rates are the rule applied to that prompt's images alone
     (recomputed here from the stored files), and with equal seeds per prompt they average to the row's rate."""
-    from evaluation.clip import load_evaluator
-    from evaluation.metrics import both_concepts_present_rate
+    from conceptsmith.evaluation.clip import load_evaluator
+    from conceptsmith.evaluation.metrics import both_concepts_present_rate
 
     ev, results = load_evaluator(str(evaluator_file)), first_run.results
     prompts, classes = TINY["composition_prompts"], TINY["classes"]
@@ -644,7 +644,7 @@ def test_relearn_summary_from_hand_made_rows():
         "steps_to_50": pytest.approx(75.0),
     }
     assert relearn["esd"]["steps_to_50"] is None and relearn["esd"]["erased"] == 0.125
-    from evaluation.custom_bench import summary_table
+    from conceptsmith.evaluation.custom_bench import summary_table
 
     table = summary_table({"summary": {"relearn": relearn}})
     assert table.splitlines()[0].split() == [

@@ -9,17 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from conceptsmith.config import EditConfig, load_config
-from conceptsmith.diffusion import denoising_loss
-from conceptsmith.edits import Edit, EditError, applied_edits
-from conceptsmith.models import fingerprint
-from conceptsmith.registry import EditRequest, get_editor
-from conceptsmith.train_checkpoints import latest_checkpoint
-from conceptsmith.training import TrainingConfig, TrainingError, resolve_mixed_precision, train
-from customization import CustomizationError
-from customization.data import (
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.data import (
     CutMix,
     Examples,
     ZoomOut,
@@ -32,6 +23,15 @@ from customization.data import (
     to_pixels,
     zoomed_out,
 )
+from PIL import Image
+
+from conceptsmith.config import EditConfig, load_config
+from conceptsmith.diffusion import denoising_loss
+from conceptsmith.edits import Edit, EditError, applied_edits
+from conceptsmith.models import fingerprint
+from conceptsmith.registry import EditRequest, get_editor
+from conceptsmith.train_checkpoints import latest_checkpoint
+from conceptsmith.training import TrainingConfig, TrainingError, resolve_mixed_precision, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "customize"
 
@@ -158,7 +158,7 @@ def test_masked_denoising_loss_only_sees_the_masked_cells(tiny_pipe):
 
 
 def test_zoom_out_options_are_checked():
-    from customization.custom_diffusion import CustomDiffusionConfig
+    from conceptsmith.customization.custom_diffusion import CustomDiffusionConfig
 
     assert CustomDiffusionConfig().zoom(0) is None
     zoom = CustomDiffusionConfig(zoom_out=2, zoom_out_words=["far away"]).zoom(5)
@@ -199,7 +199,7 @@ def test_cut_mix_pairs_every_ordered_pair_of_concepts_with_seeded_references():
 
 
 def test_cut_mix_joins_a_joint_run_examples(tiny_pipe, refs, tmp_path):
-    from customization.custom_diffusion import CustomDiffusionConfig
+    from conceptsmith.customization.custom_diffusion import CustomDiffusionConfig
 
     pipe, _ = tiny_pipe
     second = make_references(tmp_path / "second", color=(20, 40, 230))
@@ -318,8 +318,9 @@ def test_textual_inversion_end_to_end(tiny_pipe, refs, tmp_path):
     assert applied_edits(pipe) == [edit]
 
     # the exported token, loaded by diffusers into a fresh pipe, conditions the UNet identically
+    from conceptsmith.customization.textual_inversion import export_embeddings
+
     from conceptsmith.text import encode_prompts
-    from customization.textual_inversion import export_embeddings
 
     ours = encode_prompts(pipe, prompts)
     edit.revert(pipe)
@@ -340,9 +341,8 @@ def test_textual_inversion_on_sdxl_learns_a_vector_per_encoder(tiny_sdxl_pipe, r
     assert pipe.tokenizer_2.tokenize("a <xl>") == ["a</w>", "<xl>"]
     _generate(pipe, ["a photo of a <xl>"])
     edit.revert(pipe)
+    from conceptsmith.customization.textual_inversion import export_embeddings
     from safetensors.torch import load_file
-
-    from customization.textual_inversion import export_embeddings
 
     [path] = export_embeddings(edit, tmp_path)
 
@@ -362,10 +362,11 @@ def test_shipped_customize_configs_validate_against_their_editors():
 
 
 def test_conditioning_ceiling_fits_the_whole_conditioning_and_leaves_the_pipe_alone(tiny_pipe, tiny_sdxl_pipe, refs):
+    from conceptsmith.customization.conditioning_ceiling import CeilingConfig, invert_conditioning
+    from conceptsmith.customization.data import default_resolution
+
     from conceptsmith.diffusion import Conditioning, noise_scheduler
     from conceptsmith.text import encode_prompts
-    from customization.conditioning_ceiling import CeilingConfig, invert_conditioning
-    from customization.data import default_resolution
 
     pipe, _ = tiny_pipe
     before = fingerprint(pipe)

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.merge import (
+    MERGE_METHODS,
+    closed_form_merge,
+    lora_sum,
+    merge,
+    needs_pipeline,
+    peft_merge,
+)
+from conceptsmith.customization.textual_inversion import token_edit
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.models import detect_family
-from customization import CustomizationError
-from customization.merge import MERGE_METHODS, closed_form_merge, lora_sum, merge, needs_pipeline, peft_merge
-from customization.textual_inversion import token_edit
 
 TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 TO_Q1 = "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"

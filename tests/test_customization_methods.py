@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conceptsmith.customization import CustomizationError
 from test_customization import make_references
 
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
-from customization import CustomizationError
 
 FAST = {"progress": False, "batch_size": 1}
 
@@ -57,7 +57,7 @@ def test_custom_diffusion_trains_kv_and_a_token(tiny_pipe, refs, tmp_path):
     assert all(torch.equal(v, state[k]) for k, v in _state(pipe).items())
 
     # diffusers export: the K/V change as a LoRA + the token for load_textual_inversion
-    from customization.lora import export_diffusers
+    from conceptsmith.customization.lora import export_diffusers
 
     written = export_diffusers(edit, tmp_path / "export")
     assert max(written["truncation_error"].values()) < 1e-5
@@ -104,8 +104,8 @@ def test_lora_with_text_encoder_and_learned_token_exports_to_diffusers_and_kohya
     edit.revert(pipe)
     assert all(torch.equal(v, state[k]) for k, v in _state(pipe).items())
 
-    from customization.lora import export_diffusers, export_kohya
-    from customization.textual_inversion import export_embeddings
+    from conceptsmith.customization.lora import export_diffusers, export_kohya
+    from conceptsmith.customization.textual_inversion import export_embeddings
 
     kohya = export_kohya(edit, tmp_path / "kohya.safetensors")
     from safetensors.torch import load_file
@@ -144,8 +144,8 @@ def test_lora_on_every_unet_layer_applies_and_exports_exactly(tiny_pipe, refs, t
     assert not torch.allclose(_unet_out(pipe, "a photo of a dog"), base)  # the convs change every prompt's output
     edit.revert(pipe)
 
-    from customization.lora import export_diffusers, export_kohya
-    from customization.textual_inversion import export_embeddings
+    from conceptsmith.customization.lora import export_diffusers, export_kohya
+    from conceptsmith.customization.textual_inversion import export_embeddings
 
     for path in export_embeddings(edit, tmp_path / "tokens"):
         pipe.load_textual_inversion(str(path))

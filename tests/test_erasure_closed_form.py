@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conceptsmith.erasure._closed_form import kv_weights
+from conceptsmith.erasure.mace_cfr import MaceCFR, load_or_build_prior, match_surrounding
+from conceptsmith.erasure.realera import RealEra, RealEraConfig, sample_band
+from conceptsmith.erasure.rece import RECE
+from conceptsmith.erasure.uce import UCE
 from safetensors.torch import load_file
 
 from conceptsmith.attention import kv_projections
@@ -23,11 +28,6 @@ from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor, list_editors
 from conceptsmith.text import concept_token_embeddings, encode_prompts
-from erasure._closed_form import kv_weights
-from erasure.mace_cfr import MaceCFR, load_or_build_prior, match_surrounding
-from erasure.realera import RealEra, RealEraConfig, sample_band
-from erasure.rece import RECE
-from erasure.uce import UCE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "erase"
 METHODS = ("uce", "rece", "realera", "mace-cfr")
@@ -405,7 +405,7 @@ def test_library_uce_equals_the_research_style_reference(pipe):
 
 
 def test_large_preserve_lists_are_encoded_once_and_cached(pipe, tmp_path):
-    from erasure._closed_form import PRESERVE_CACHE_MIN
+    from conceptsmith.erasure._closed_form import PRESERVE_CACHE_MIN
 
     preserve = [f"{color} {shape}" for color in ("red", "green", "blue", "pink", "gray", "gold")
                 for shape in ("square", "star", "heart", "cross", "arrow", "moon")][:PRESERVE_CACHE_MIN]

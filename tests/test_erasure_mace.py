@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conceptsmith.erasure._closed_form import kv_weights
+from conceptsmith.erasure._mace_data import concept_examples, token_mask
+from conceptsmith.erasure.mace import MACE, MACEConfig, attention_mass, fuse_loras
 from PIL import Image
 from safetensors import safe_open
 
@@ -16,9 +19,6 @@ from conceptsmith.edits import Edit, EditError
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.training import TrainingError
-from erasure._closed_form import kv_weights
-from erasure._mace_data import concept_examples, token_mask
-from erasure.mace import MACE, MACEConfig, attention_mass, fuse_loras
 
 FAST = {"steps": 4, "learning_rate": 1e-2, "progress": False, "templates": ["a photo of a {}", "a picture of a {}"],
         "fusion_prior_weight": 10.0, "cfr": {"n_prompts": 4, "corpus_size": 16}}

@@ -10,6 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conceptsmith.erasure._trained import TextEncoderTraining
+from conceptsmith.erasure.advunlearn import AdvUnlearnConfig, AdvUnlearnObjective
+from conceptsmith.erasure.esd import esd_target
+from conceptsmith.erasure.te_unlearn import AscentObjective, TEUnlearnConfig
 from pydantic import ValidationError
 from test_customization import make_references
 
@@ -26,10 +30,6 @@ from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.text import encode_prompts, encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainingError, TrainStep, train
-from erasure._trained import TextEncoderTraining
-from erasure.advunlearn import AdvUnlearnConfig, AdvUnlearnObjective
-from erasure.esd import esd_target
-from erasure.te_unlearn import AscentObjective, TEUnlearnConfig
 
 FAST = {"progress": False}
 ADV_FAST = {**FAST, "trajectories": 2, "retain_trajectories": 2, "ddim_steps": 3, "retain_prompts": ["a photo of a dog", "a cat"]}
@@ -80,7 +80,7 @@ def test_encode_with_embeddings_equals_the_prompt_with_those_words(tiny_pipe):
 
 
 def _ascent(pipe, refs, max_loss):
-    from customization.data import Examples, load_images
+    from conceptsmith.customization.data import Examples, load_images
 
     config = TEUnlearnConfig(**FAST)
     run = TextEncoderTraining(pipe, config, 0, "te-unlearn")
@@ -127,9 +127,8 @@ def test_te_unlearn_raises_the_concept_loss_and_round_trips(tiny_pipe, refs, tmp
     edit.revert(pipe)
     assert _unchanged(pipe, state)
 
+    from conceptsmith.customization.lora import export_diffusers
     from safetensors.torch import load_file
-
-    from customization.lora import export_diffusers
 
     written = export_diffusers(edit, tmp_path / "export")
     assert all(k.startswith("text_encoder.text_model.") for k in load_file(written["lora"]))
@@ -272,9 +271,10 @@ SHAPES = ["circle", "square", "triangle", "star", "heart"]
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, one_thread):
+    from conceptsmith.evaluation.clip import load_evaluator
+
     from conceptsmith.models import load_pipeline
     from conceptsmith.world.render import reference_set
-    from evaluation.clip import load_evaluator
 
     folder = tmp_path_factory.mktemp("skulls")
     for i, sample in enumerate(reference_set("skull", n=8)):

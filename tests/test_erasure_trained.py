@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conceptsmith.erasure._trained import unet_modules
+from conceptsmith.erasure.concept_ablation import ablation_loss
+from conceptsmith.erasure.esd import esd_target
 from pydantic import ValidationError
 
 from conceptsmith.diffusion import FrozenTrajectories, TextConditioner, predict
@@ -11,9 +14,6 @@ from conceptsmith.edits import Edit, compose
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.trainable import TrainableModules, select_modules
 from conceptsmith.training import TrainingError
-from erasure._trained import unet_modules
-from erasure.concept_ablation import ablation_loss
-from erasure.esd import esd_target
 
 FAST = {"steps": 6, "trajectories": 2, "ddim_steps": 4, "learning_rate": 1e-3, "progress": False}
 

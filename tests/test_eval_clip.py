@@ -8,10 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import TINY_CLIP
-from PIL import Image
-
-from evaluation.clip import (  # noqa: E402
+from conceptsmith.evaluation.clip import (  # noqa: E402
     DEFAULT_TEMPLATES,
     Evaluator,
     _eval_transform,
@@ -19,6 +16,8 @@ from evaluation.clip import (  # noqa: E402
     load_evaluator,
     register_evaluator,
 )
+from conftest import TINY_CLIP
+from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

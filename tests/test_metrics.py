@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from evaluation.clip import Classification
-from evaluation.metrics import (
+from conceptsmith.evaluation.clip import Classification
+from conceptsmith.evaluation.metrics import (
     Accuracy,
     acc_e,
     accuracy_from_probs,
@@ -128,7 +127,7 @@ class _StubEvaluator:
         return (self.embed_images(images) * t).sum(-1)
 
     def image_similarity(self, a, b, paired=False):
-        from evaluation.clip import Evaluator
+        from conceptsmith.evaluation.clip import Evaluator
 
         return Evaluator.image_similarity(self, a, b, paired=paired)
 

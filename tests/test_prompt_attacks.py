@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conceptsmith.evaluation.attack_plugins import AttackCondition, AttackPlan, score_attack
+from conceptsmith.evaluation.attacks import reverted
+from conceptsmith.evaluation.prompt_attacks import PromptVocabulary, p4d_attack, unlearn_diff_attack
 from test_attacks import _concept_images, _uce_like_edit
 
 from conceptsmith.edits import applied_edits
 from conceptsmith.registry import Attack, RegistryError, get_attack, list_attacks, register_attack
-from evaluation.attack_plugins import AttackCondition, AttackPlan, score_attack
-from evaluation.attacks import reverted
-from evaluation.prompt_attacks import PromptVocabulary, p4d_attack, unlearn_diff_attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a photo of a circle"
@@ -63,7 +63,7 @@ def test_third_party_attack_is_discovered_through_entry_points(tmp_path, monkeyp
         "conceptsmith.attacks",
         "plain-prompt",
         """
-        from evaluation.attack_plugins import AttackCondition, AttackPlan
+        from conceptsmith.evaluation.attack_plugins import AttackCondition, AttackPlan
         from conceptsmith.registry import Attack, register_attack
 
         @register_attack("plain-prompt", description="third-party test attack")
@@ -127,8 +127,9 @@ def test_union_counting_by_hand():
 
 
 def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file):
+    from conceptsmith.evaluation.bench import BenchConfig, load_bench_config, run_bench
+
     from conceptsmith.config import validate
-    from evaluation.bench import BenchConfig, load_bench_config, run_bench
 
     cfg, _ = load_bench_config("shapes-smoke")
     data = cfg.model_dump() | {

@@ -7,8 +7,7 @@ name or its paraphrase, and the other shapes still are. This is the triangle tas
 from __future__ import annotations
 
 import pytest
-
-from evaluation.bench import load_bench_config, run_bench
+from conceptsmith.evaluation.bench import load_bench_config, run_bench
 
 
 @pytest.fixture(scope="module")

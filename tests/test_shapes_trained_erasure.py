@@ -7,8 +7,7 @@ drawn far less than by the unedited model, and the five preserved shapes still a
 from __future__ import annotations
 
 import pytest
-
-from evaluation.bench import load_bench_config, run_bench
+from conceptsmith.evaluation.bench import load_bench_config, run_bench
 
 METHODS = ("esd", "concept-ablation", "mace")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from conceptsmith.evaluation.clip import load_evaluator
 
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
-from evaluation.clip import load_evaluator
 
 
 def _accuracy(evaluator, attribute: str, classes: list[str], n_per_class: int = 3) -> float:

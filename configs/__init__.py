@@ -1,0 +1,1 @@
+"""Shipped YAML configs (package data of ``conceptsmith.configs``); see ``conceptsmith.resources``."""
