@@ -114,7 +114,7 @@ class AttackSpec(StrictModel):
     @model_validator(mode="after")
     def _check_attack(self) -> AttackSpec:
         """A known attack with valid params, so that a typo fails before anything is generated."""
-        import evaluation.attack_plugins  # noqa: F401  (registers the built-in attacks)
+        import conceptsmith.evaluation.attack_plugins  # noqa: F401  (registers the built-in attacks)
         from conceptsmith.config import format_validation_error
         from conceptsmith.registry import RegistryError, get_attack
 
