@@ -1,7 +1,7 @@
 """Wall-clock accounting of ``conceptsmith world train``, summed over every resumed run.
 
-ShapesWorld's recipe must train in at most 2.5 hours on 2 cores, possibly spread over several runs
-(ShapesWorld issue, item 5). Each timed span writes its own small JSON file under
+ShapesWorld's recipe must train in at most 2.5 hours on 2 cores (``--budget-hours``' default), possibly spread
+over several runs. Each timed span writes its own small JSON file under
 ``<cache>/world/train_clock/`` and rewrites it every ``flush_s`` seconds, so a killed run loses at most
 that much and concurrent processes (the evaluator trains beside the generator) never share a file.
 """

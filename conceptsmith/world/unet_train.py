@@ -146,7 +146,7 @@ def use_matmul_attention(unet) -> None:
 
     Same function (equal to SDPA within float rounding; tested), but on this CPU under bf16 autocast the fused
     kernel's backward pass took 40% of a training step (heads of width 16 and 32); with plain matmuls a step of
-    the 48-image batch takes 0.52 s instead of 0.67 s on 2 threads (session 9). Only training uses it: the
+    the 48-image batch takes 0.52 s instead of 0.67 s on 2 threads. Only training uses it: the
     exported UNet carries no processor, so pipelines load with diffusers' default."""
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -213,8 +213,8 @@ def fit_schedule(step: int, seconds_per_step: float, seconds_left: float, cap: i
 
     Re-planned every 50 steps with the wall time per step (checkpoints included) averaged since the thread count
     last changed: the UNet starts beside the evaluator's process on one core and speeds up when it gets the
-    second one, so the plan grows then. A 50-step window alone varied from 0.62 to 0.81 s per step (session 11),
-    which swung the plan by 20% and the learning rate by 7% from one re-plan to the next."""
+    second one, so the plan grows then. In one ``world train`` run a 50-step window alone varied from 0.62 to
+    0.81 s per step, which swung the plan by 20% and the learning rate by 7% from one re-plan to the next."""
     affordable = int(max(0.0, seconds_left - DEADLINE_RESERVE_S) / max(seconds_per_step, 1e-6))
     return max(step + 1, min(cap, step + affordable))
 

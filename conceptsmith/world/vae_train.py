@@ -200,8 +200,8 @@ def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, 
 
     Train at the full 64x64 size (``crop=64``): the decoder's GroupNorm layers normalize over the
     whole latent, so a decoder trained on 32x32 crops sees other statistics than at generation time
-    and shifts colors (measured in session 3: a mean tint of up to 20/255 per background, evaluator
-    color accuracy on reconstructions 0.78 vs 0.97 on the renders themselves)."""
+    and shifts colors (measured on the crop-32 decoder before this fine-tune: a mean tint of up to 20/255 per
+    background, evaluator color accuracy on reconstructions 0.78 vs 0.97 on the renders themselves)."""
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
