@@ -196,7 +196,7 @@ def test_world_train_budget_hours_gives_the_unet_what_the_clock_has_left(monkeyp
     deadlines: list = []
     monkeypatch.setattr(unet_train, "train_unet", lambda cfg, deadline=None, **kwargs: deadlines.append(deadline))
     before = time.time()
-    result = runner.invoke(world_app, ["train", "--stages", "unet"])  # the 2.5 hours by default
+    result = runner.invoke(world_app, ["train", "--stages", "unet"])  # --budget-hours defaults to 2.5
     assert result.exit_code == 0, result.output
     assert before + 1.5 * 3600 - 60 <= deadlines[-1] <= time.time() + 1.5 * 3600
     assert "budget left" in (tmp_path / "cache" / "world" / "train.log").read_text()

@@ -85,7 +85,7 @@ def fast_check(shapes):
                      progress=False)
 
 
-# Measured by `conceptsmith world check --seeds 8` on the shipped weights (2026-11-22, session 5): gen_shape_acc 0.925,
+# Measured by `conceptsmith world check --seeds 8` on the shipped weights (2026-11-22): gen_shape_acc 0.925,
 # gen_color_acc 1.00, gen_restricted_indirect_rate 0.875, gen_artist_acc 0.81 (bars 0.90 / 0.85 / 0.70 / 0.80,
 # asserted with a margin for 2 seeds). This 2-seed subset measured 0.95 / 1.00 / 0.92 / 0.83.
 SHAPE_BAR, COLOR_BAR, RESTRICTED_BAR, ARTIST_BAR = 0.80, 0.75, 0.60, 0.58
