@@ -1,4 +1,4 @@
-"""Closed-form erasure performance benchmark (issue 5, item 5) -> ``bench/results/closed_form.json``.
+"""Closed-form erasure performance benchmark -> ``bench/results/closed_form.json``.
 
 Setting: the full-size Stable Diffusion 1.5 architecture (``UNet2DConditionModel`` + CLIP ViT-L/14
 text encoder, configs below as dicts) with random fp32 weights (nothing is downloaded), on the CPU
