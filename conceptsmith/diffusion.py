@@ -98,6 +98,19 @@ def noise_scheduler(pipe: object) -> Any:
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model is trained to predict for ``latents`` noised with ``noise`` at ``timesteps``: the noise,
+    the velocity (Salimans & Ho, 2022, Sec. 4) or the clean sample, by the scheduler's ``prediction_type``."""
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise TrainingError(f"Unsupported prediction_type {kind!r} of the pipeline's scheduler.")
+
+
 def denoising_loss(
     unet: nn.Module,
     scheduler: Any,
@@ -118,15 +131,7 @@ def denoising_loss(
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
     latents = latents.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    elif kind == "sample":
-        target = latents
-    else:
-        raise TrainingError(f"Unsupported prediction_type {kind!r} of the pipeline's scheduler.")
+    target = prediction_target(scheduler, latents, noise, timesteps)
     dtype = next(unet.parameters()).dtype
     hidden = conditioning.hidden_states.to(dtype=dtype)
     kwargs = {}

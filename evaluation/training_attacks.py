@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conceptsmith.diffusion import prediction_target
+
 __all__ = [
     "DEFAULT_TI_TEMPLATES",
     "TextualInversionAttack",
@@ -75,14 +77,12 @@ def reference_latents(pipe: Any, images: Sequence[Any]) -> torch.Tensor:
 def denoising_loss(
     pipe: Any, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 ) -> torch.Tensor:
-    """MSE of ``pipe.unet``'s prediction on ``x0`` noised to ``t`` against the noise (the velocity for a
-    v-prediction scheduler), conditioned on ``cond``."""
+    """MSE of ``pipe.unet``'s prediction on ``x0`` noised to ``t`` with the given ``noise`` against the
+    scheduler's target (:func:`~conceptsmith.diffusion.prediction_target`), conditioned on ``cond``."""
     scheduler = pipe.scheduler
     noisy = scheduler.add_noise(x0, noise, t)
     pred = pipe.unet(noisy, t, encoder_hidden_states=cond.to(pipe.unet.dtype)).sample
-    prediction = getattr(scheduler.config, "prediction_type", "epsilon")
-    target = scheduler.get_velocity(x0, noise, t) if prediction == "v_prediction" else noise
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), prediction_target(scheduler, x0, noise, t).float())
 
 
 def _single_token_id(tokenizer: Any, word: str) -> int:
