@@ -116,17 +116,9 @@ class _SlotPrompt:
         return " ".join([*words, self.suffix]).strip()
 
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        n = self.n
+        from conceptsmith.text import encode_with_embeddings
 
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-            slots = vectors.to(out.dtype).expand(out.shape[0], -1, -1)
-            return torch.cat([out[:, :1], slots, out[:, 1 + n :]], dim=1)
-
-        handle = self.encoder.get_input_embeddings().register_forward_hook(hook)
-        try:
-            return self.encoder(self.ids)[0]
-        finally:
-            handle.remove()
+        return encode_with_embeddings(self.encoder, self.ids, range(1, 1 + self.n), vectors)[0]
 
 
 def _pez(
