@@ -22,6 +22,11 @@ a matrix with condition number ~1e5 is itself off by more than that) and on the 
 Library timings are the best of ``--repeats`` runs after a warm-up edit; load averages are recorded
 because the CPU may be shared.
 
+``fingerprint_s``: one call of ``conceptsmith.models.fingerprint`` (the base identity: every tensor of the
+UNet, the text encoder and SD 1.5's VAE hashed whole, plus a scheduler's config), best of ``--repeats``;
+``details.fingerprint`` has every run and the bytes hashed. ``--only fingerprint`` measures just that and
+merges it into ``--out``, keeping the other numbers.
+
 Run: ``.venv/bin/python bench/closed_form.py`` (``--counts 1 10`` for a quick look, ``--arch tiny`` to
 smoke-test the script in seconds).
 """
@@ -53,6 +58,23 @@ from conceptsmith.architectures import CLIP_VIT_L_TEXT, SD15_UNET  # noqa: E402 
 # A small stand-in with the same structure, only to smoke-test this script (``--arch tiny``).
 TINY_UNET = dict(SD15_UNET, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, norm_num_groups=16, attention_head_dim=4)
 TINY_TEXT = dict(CLIP_VIT_L_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+SD15_VAE = dict(  # runwayml/stable-diffusion-v1-5 vae/config.json
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+TINY_VAE = dict(SD15_VAE, block_out_channels=(16, 32, 32, 32), norm_num_groups=16)
+SD15_SCHEDULER = dict(  # its scheduler/scheduler_config.json (PNDMScheduler)
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
 COUNTS = (1, 10, 100, 1000)
 N_PRESERVE = 100
 GUIDE = "art"
@@ -97,6 +119,48 @@ def build_sd15(seed: int = 0, tiny: bool = False) -> SimpleNamespace:
     fill_random(unet, generator)
     fill_random(text_encoder, generator)
     return SimpleNamespace(unet=unet.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer())
+
+
+def measure_fingerprint(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Time ``conceptsmith.models.fingerprint`` on UNet + text encoder + VAE + scheduler and merge ``fingerprint_s``
+    (and ``details.fingerprint``) into ``args.out``."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, PNDMScheduler
+
+    from conceptsmith.io import write_json
+    from conceptsmith.models import fingerprint
+
+    tiny = args.arch == "tiny"
+    pipe = build_sd15(tiny=tiny)
+    with init_empty_weights(include_buffers=False):
+        pipe.vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+    fill_random(pipe.vae, torch.Generator().manual_seed(1))
+    pipe.scheduler = PNDMScheduler(**SD15_SCHEDULER)
+    modules = (pipe.unet, pipe.text_encoder, pipe.vae)
+    hashed = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+    runs, identity = [], None
+    for _ in range(args.repeats):
+        gc.collect()
+        t0, t0_cpu = time.perf_counter(), time.process_time()
+        identity = fingerprint(pipe)
+        runs.append({"s": time.perf_counter() - t0, "cpu_s": time.process_time() - t0_cpu})
+    best = min(run["s"] for run in runs)
+    report = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {"details": {}}
+    report["fingerprint_s"] = best
+    report.setdefault("details", {})["fingerprint"] = {
+        "runs": runs,
+        "components": sorted(identity.components),
+        "tensors_mb_as_loaded_fp32": hashed / 2**20,
+        "gb_per_s": hashed / 2**30 / best,
+        "threads": torch.get_num_threads(),
+        "arch": args.arch,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "command": "python bench/closed_form.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    write_json(args.out, report)
+    print(json.dumps({"fingerprint_s": best, **report["details"]["fingerprint"]}, indent=2))
+    return report
 
 
 # -- the concepts ----------------------------------------------------------------------------------------
@@ -246,10 +310,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
     parser.add_argument("--arch", choices=("sd15", "tiny"), default="sd15", help="tiny: smoke-test the script only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "closed_form.json")
+    parser.add_argument("--only", choices=("fingerprint",), help="fingerprint: measure fingerprint_s alone, merged into --out")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    if args.only == "fingerprint":
+        return measure_fingerprint(args, argv)
     load_before = os.getloadavg()
 
     started = time.perf_counter()

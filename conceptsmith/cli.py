@@ -23,6 +23,8 @@ app = typer.Typer(
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="hub id, local dir, .safetensors file or builtin:<name>")]
 DTYPES = {"float32", "float16", "bfloat16"}
 
+EDIT_HELP = "edit to apply, FILE or FILE:SCALE (e.g. no-skull.safetensors:0.5; repeatable, in order)"
+
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the library's user-facing errors into one red line on stderr and exit code 2."""
@@ -55,6 +57,13 @@ def _load(model: str, dtype: str = "float32", device: str = "cpu"):
     return pipe, info
 
 
+def _load_edits(specs: list[str]) -> list[tuple[Path, Any, float]]:
+    """``(path, Edit, scale)`` of each ``--edit FILE[:SCALE]``."""
+    from conceptsmith.edits import Edit, parse_edit_spec
+
+    return [(path, Edit.load(path), scale) for path, scale in map(parse_edit_spec, specs)]
+
+
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
 
@@ -77,7 +86,7 @@ def generate(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="prompt (repeatable)")] = [],  # noqa: B006
     prompts_file: Annotated[Path | None, typer.Option(help="text file, one prompt per line")] = None,
     seeds: Annotated[str, typer.Option(help="seeds, e.g. 0,1,2 or 0-7")] = "0",
-    edit: Annotated[list[Path], typer.Option("--edit", "-e", help="edit file to apply (repeatable, in order)")] = [],  # noqa: B006
+    edit: Annotated[list[str], typer.Option("--edit", "-e", help=EDIT_HELP)] = [],  # noqa: B006
     steps: Annotated[int | None, typer.Option(help="denoising steps (default: the model's)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale")] = None,
     height: Annotated[int | None, typer.Option()] = None,
@@ -87,16 +96,15 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out/generate"),
 ) -> None:
     """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json."""
-    from conceptsmith.edits import Edit
     from conceptsmith.generation import default_settings, image_grid, parse_seeds
     from conceptsmith.generation import generate as run_generation
 
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = parse_seeds(seeds)
-    edits = [Edit.load(path) for path in edit]
+    edits = _load_edits(edit)
     pipe, info = _load(model, dtype)
-    for loaded in edits:
-        loaded.apply(pipe)
+    for _, loaded, scale in edits:
+        loaded.apply(pipe, scale=scale)
     settings = default_settings(pipe, num_inference_steps=steps, guidance_scale=guidance, height=height,
                                 width=width, batch_size=batch_size)
     results = run_generation(pipe, prompts, seed_list, settings)
@@ -113,7 +121,7 @@ def generate(
         "model": info.spec,
         "family": info.family,
         "base_fingerprint": info.fingerprint,
-        "edits": [{"file": str(path), "method": e.method, "concepts": e.concepts} for path, e in zip(edit, edits)],
+        "edits": [{"file": str(path), "scale": scale, "method": e.method, "concepts": e.concepts} for path, e, scale in edits],
         "settings": settings.pipeline_kwargs(),
         "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
         "images": records,
@@ -334,7 +342,7 @@ def bench(
 def evaluate(
     bench_config: Annotated[str, typer.Option("--bench", help="benchmark config naming prompts, seeds, evaluator")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="override the config's model")] = None,
-    edit: Annotated[list[str], typer.Option("--edit", "-e", help="saved edit to score (repeatable)")] = [],  # noqa: B006
+    edit: Annotated[list[str], typer.Option("--edit", "-e", help="saved edit to score, FILE or FILE:SCALE (repeatable)")] = [],  # noqa: B006
     evaluator: Annotated[str | None, typer.Option(help="override the config's evaluator")] = None,
     cache: Annotated[str | None, typer.Option(help="image cache directory")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="report directory")] = None,
@@ -350,7 +358,7 @@ def evaluate(
 @user_errors
 def export(
     model: ModelOption = "builtin:shapes",
-    edit: Annotated[list[Path], typer.Option("--edit", "-e", help="edit to bake in (repeatable, in order)")] = [],  # noqa: B006
+    edit: Annotated[list[str], typer.Option("--edit", "-e", help=EDIT_HELP)] = [],  # noqa: B006
     half: Annotated[bool, typer.Option(help="store weights in float16 (half the size)")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="single-file checkpoint to write (.safetensors)")] = Path(
         "model.safetensors"
@@ -359,13 +367,12 @@ def export(
     """Bake edits into a single-file checkpoint in the original SD layout (WebUI / from_single_file)."""
     import torch
 
-    from conceptsmith.edits import Edit
     from conceptsmith.export import export_single_file
 
-    edits = [Edit.load(path) for path in edit]
+    edits = _load_edits(edit)
     pipe, info = _load(model)
-    for loaded in edits:
-        loaded.apply(pipe)
+    for _, loaded, scale in edits:
+        loaded.apply(pipe, scale=scale)
     export_single_file(pipe, out, dtype=torch.float16 if half else None)
     typer.echo(f"wrote {out} ({info.family}, base {info.fingerprint}, {len(edits)} edit(s) baked in)")
 

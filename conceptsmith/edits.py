@@ -11,6 +11,10 @@ Kinds (``Edit.kind``):
 
 Module paths start with the pipeline component, e.g. ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k``
 or ``text_encoder.encoder.layers.0.self_attn.k_proj``.
+
+An edit records the identity of the base it was computed on (:mod:`conceptsmith.identity`, with per-module
+digests); :meth:`Edit.apply` compares the pipe's denoiser and text encoders with it and names the first module
+that differs. Files of format 1 carry identity version 1 and are checked with that version's function.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -30,12 +35,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from conceptsmith import __version__
+from conceptsmith.identity import (
+    IDENTITY_VERSION,
+    Fingerprint,
+    base_mismatch,
+    legacy_fingerprint,
+    precision_hint,
+)
 from conceptsmith.io import save_safetensors
 from conceptsmith.models import fingerprint
 
 Kind = Literal["weights", "lora", "hook", "composite"]
 KINDS: tuple[str, ...] = ("weights", "lora", "hook", "composite")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header records the base's per-module digests (``base_identity``); 1: identity version 1
 METADATA_KEY = "conceptsmith"
 LORA_SOURCE_KEY = "conceptsmith_source"
 
@@ -210,14 +222,15 @@ class Edit:
         except EditError as err:
             raise EditError(f"Cannot load edit '{path}': {err}") from None
 
-    def _serialize(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def _serialize(self, parent_base: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Header and tensors; a part's header leaves out the identity digests its composite already records."""
         header: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "method": self.method,
             "concepts": self.concepts,
             "params": self.params,
-            "base_fingerprint": self.base_fingerprint,
+            "base_fingerprint": str(self.base_fingerprint),
             "family": self.family,
             "hook": self.hook,
             "module_shapes": self.module_shapes,
@@ -225,31 +238,50 @@ class Edit:
             "parts": [],
         }
         tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in self.tensors.items()}
+        if parent_base != self.base_fingerprint:
+            base = self.base_fingerprint
+            header["base_identity"] = base.to_json() if isinstance(base, Fingerprint) else {"version": IDENTITY_VERSION}
         for index, part in enumerate(self.parts):
-            part_header, part_tensors = part._serialize()
+            part_header, part_tensors = part._serialize(self.base_fingerprint)
             header["parts"].append(part_header)
             tensors.update({f"parts.{index}.{key}": value for key, value in part_tensors.items()})
         return header, tensors
 
     # -- applying -----------------------------------------------------------------------------------
 
-    def apply(self, pipe: Any) -> None:
-        """Apply to ``pipe`` in place, after checking its base fingerprint, modules and shapes."""
+    def apply(self, pipe: Any, scale: float = 1.0) -> None:
+        """Apply to ``pipe`` in place at strength ``scale``, after checking its base identity, modules and shapes.
+
+        ``weights``: ``W + scale * delta``; ``lora``: the adapter's update times ``scale`` (``lora_B`` scaled);
+        ``composite``: every part at ``scale``. Hooks have no strength: they refuse any scale but 1.
+        The weights are computed in float32 and :meth:`revert` restores the original bits.
+        """
+        scale = check_scale(scale)
         stack = _stack(pipe)
         if any(record.edit is self for record in stack):
             raise EditError(f"This {self._label()} is already applied to this pipe; revert it before applying it again.")
-        base = base_fingerprint(pipe)
-        if base != self.base_fingerprint:
+        hook = next((part for part in (self.parts or [self]) if part.kind == "hook"), None)
+        if hook is not None and scale != 1.0:
+            raise EditError(
+                f"The {self._label()} {'is' if hook is self else 'contains'} an inference-time hook ('{hook.hook}'), which "
+                f"has no strength to scale; apply it at scale 1 (got {scale:g})."
+            )
+        base = getattr(pipe, _BASE_ATTR) if stack else _Base.of(pipe)
+        shown, problem = base.mismatch(self.base_fingerprint)
+        if problem is not None:
             raise EditError(
                 f"The {self._label()} was computed on base model {self.base_fingerprint} ({self.family}), but this "
-                f"pipe's base model is {base}. Apply it to the model it was computed on, or re-run the editor on this one."
+                f"pipe's base model is {shown}: {problem}. Apply it to the model it was computed on, or re-run the "
+                f"editor on this one.{precision_hint(pipe)}"
             )
         self._check_targets(pipe)
-        setattr(pipe, _BASE_ATTR, base)
-        stack.append(_Applied(self, self._apply(pipe)))
+        undo = self._apply(pipe, scale)
+        if not stack:
+            setattr(pipe, _BASE_ATTR, base)
+        stack.append(_Applied(self, undo, scale))
 
     def revert(self, pipe: Any) -> None:
-        """Undo :meth:`apply` exactly; edits applied after this one are undone and re-applied in order."""
+        """Undo :meth:`apply` exactly; edits applied after this one are undone and re-applied in order, each at its scale."""
         stack = _stack(pipe)
         index = next((i for i, record in enumerate(stack) if record.edit is self), None)
         if index is None:
@@ -258,7 +290,9 @@ class Edit:
         for record in reversed(stack[index:]):
             record.undo(pipe)
         del stack[index:]
-        stack.extend(_Applied(record.edit, record.edit._apply(pipe)) for record in later)
+        stack.extend(_Applied(record.edit, record.edit._apply(pipe, record.scale), record.scale) for record in later)
+        if not stack:  # the pipe is its base again: its identity is read from the weights from now on
+            delattr(pipe, _BASE_ATTR)
 
     def _label(self) -> str:
         return f"'{self.method}' edit of {self.concepts}"
@@ -274,12 +308,12 @@ class Edit:
                     f"expects {shape}: it was made for another architecture."
                 )
 
-    def _apply(self, pipe: Any) -> Undo:
-        """Mutate ``pipe`` (targets already checked) and return the exact undo, ``undo(pipe)``."""
+    def _apply(self, pipe: Any, scale: float) -> Undo:
+        """Mutate ``pipe`` (targets and scale already checked) and return the exact undo, ``undo(pipe)``."""
         if self.kind == "weights":
-            return _apply_weights(self, pipe)
+            return _apply_weights(self, pipe, scale)
         if self.kind == "lora":
-            return _apply_lora(self, pipe)
+            return _apply_lora(self, pipe, scale)
         if self.kind == "hook":
             return _apply_hook(self, pipe)
         undos: list[Undo] = []
@@ -290,7 +324,7 @@ class Edit:
 
         try:
             for part in self.parts:
-                undos.append(part._apply(pipe))
+                undos.append(part._apply(pipe, scale))
         except BaseException:
             undo_all(pipe)
             raise
@@ -366,15 +400,44 @@ class Edit:
         return terms
 
 
-def base_fingerprint(pipe: Any) -> str:
-    """Fingerprint of ``pipe``'s weights before any ConceptSmith edit was applied to it."""
-    stored = getattr(pipe, _BASE_ATTR, None)
-    return stored if stored is not None else fingerprint(pipe)
+def base_fingerprint(pipe: Any) -> Fingerprint:
+    """The identity of ``pipe``'s base: while edits are applied, the one read when the first of them was applied;
+    otherwise read from the weights now (:func:`conceptsmith.models.fingerprint`, never cached)."""
+    return getattr(pipe, _BASE_ATTR).identity if _stack(pipe) else fingerprint(pipe)
 
 
 def applied_edits(pipe: Any) -> list[Edit]:
     """Edits currently applied to ``pipe``, in application order."""
     return [record.edit for record in _stack(pipe)]
+
+
+def applied(pipe: Any) -> list[tuple[Edit, float]]:
+    """``(edit, scale)`` of every edit currently applied to ``pipe``, in application order."""
+    return [(record.edit, record.scale) for record in _stack(pipe)]
+
+
+def check_scale(scale: Any, where: str = "") -> float:
+    """``scale`` as a float, or an :class:`EditError` unless it is a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise EditError(f"Edit scale {scale!r}{where} must be a finite number, e.g. 0.5 (half strength) or 1 (as computed).")
+    return float(scale)
+
+
+def parse_edit_spec(spec: str | Path) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` (``no-skull.safetensors:0.5``) -> ``(path, scale)``, the CLI's ``--edit`` syntax.
+
+    The text after the last ``:`` is a scale only when it parses as a number, so a path that contains ``:``
+    (``C:\\edits\\a.safetensors``) stays a path; ``C:\\edits\\a.safetensors:0.5`` is that path at 0.5.
+    """
+    text = str(spec)
+    head, colon, tail = text.rpartition(":")
+    if not colon or not head:
+        return Path(text), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return Path(text), 1.0
+    return Path(head), check_scale(scale, f" in '{text}'")
 
 
 def compose(edits: Sequence[Edit]) -> Edit:
@@ -388,10 +451,11 @@ def compose(edits: Sequence[Edit]) -> Edit:
         raise EditError("compose() needs at least one edit.")
     first = edits[0]
     for edit in edits[1:]:
-        if edit.base_fingerprint != first.base_fingerprint:
+        problem = base_mismatch(first.base_fingerprint, edit.base_fingerprint)
+        if problem is not None:
             raise EditError(
                 f"Cannot compose edits of different base models: the {first._label()} was computed on "
-                f"{first.base_fingerprint}, the {edit._label()} on {edit.base_fingerprint}."
+                f"{first.base_fingerprint}, the {edit._label()} on {edit.base_fingerprint} ({problem})."
             )
     flat = [part for edit in edits for part in (edit.parts or [edit])]
     concepts = list(dict.fromkeys(concept for edit in flat for concept in edit.concepts))
@@ -419,10 +483,30 @@ def compose(edits: Sequence[Edit]) -> Edit:
 class _Applied:
     edit: Edit
     undo: Undo
+    scale: float
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Applied:
         """A deep-copied pipe shares the (immutable) edit and undo data; weight undos resolve modules by path."""
-        return _Applied(self.edit, self.undo)
+        return _Applied(self.edit, self.undo, self.scale)
+
+
+@dataclass(frozen=True)
+class _Base:
+    """The identity of a pipe's base, read when the first edit of its stack is applied (both versions)."""
+
+    identity: Fingerprint
+    legacy: str
+
+    @classmethod
+    def of(cls, pipe: Any) -> _Base:
+        return cls(fingerprint(pipe), legacy_fingerprint(pipe))
+
+    def mismatch(self, expected: str) -> tuple[str, str | None]:
+        """(this base's fingerprint in ``expected``'s version, why it is not ``expected`` or None)."""
+        if getattr(expected, "version", IDENTITY_VERSION) == 1:
+            problem = None if expected == self.legacy else "its identity (version 1, of an edit file of format 1) differs"
+            return self.legacy, problem
+        return self.identity, base_mismatch(expected, self.identity)
 
 
 def _stack(pipe: Any) -> list[_Applied]:
@@ -434,11 +518,12 @@ def _stack(pipe: Any) -> list[_Applied]:
 
 
 def _target(pipe: Any, path: str) -> torch.nn.Module:
-    """The module at ``<component>.<path>`` (the wrapped layer if peft wrapped it)."""
+    """The module at ``<component>.<path>`` (the wrapped layer if peft wrapped it; inside ``torch.compile``'s wrapper)."""
     component, _, name = path.partition(".")
     root = getattr(pipe, component, None)
     if not isinstance(root, torch.nn.Module):
         raise EditError(f"This pipe has no model component '{component}' (needed by module '{path}').")
+    root = getattr(root, "_orig_mod", root)
     candidates = [name]
     if component.startswith("text_encoder"):  # CLIP text encoders with and without the `text_model.` level
         candidates.append(name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}")
@@ -454,7 +539,7 @@ def _target(pipe: Any, path: str) -> torch.nn.Module:
     raise EditError(f"This pipe's {component} has no module '{name}' (edit module '{path}'): it was made for another architecture.")
 
 
-def _apply_weights(edit: Edit, pipe: Any) -> Undo:
+def _apply_weights(edit: Edit, pipe: Any, scale: float) -> Undo:
     originals: dict[str, torch.Tensor] = {}  # by module path, so that a deep copy of the pipe reverts itself
     with torch.no_grad():
         for module, parts in _group(edit.tensors, _weights_key).items():
@@ -464,7 +549,7 @@ def _apply_weights(edit: Edit, pipe: Any) -> Undo:
             else:
                 delta = parts["up"].to(weight.device, torch.float32) @ parts["down"].to(weight.device, torch.float32)
             originals[module] = weight.detach().clone()
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            weight.copy_((weight.float() + scale * delta).to(weight.dtype))
 
     def undo(pipe: Any) -> None:
         with torch.no_grad():
@@ -482,13 +567,14 @@ class _NoMissingComponentWarning(logging.Filter):
         return not record.getMessage().startswith("No LoRA keys associated to")
 
 
-def _apply_lora(edit: Edit, pipe: Any) -> Undo:
+def _apply_lora(edit: Edit, pipe: Any, scale: float) -> Undo:
     name = f"conceptsmith_{uuid.uuid4().hex[:8]}"
     active = _active_adapters(pipe)
+    tensors = {key: value * scale if key.endswith(".lora_B.weight") else value for key, value in edit.tensors.items()}
     quiet, diffusers_logger = _NoMissingComponentWarning(), logging.getLogger("diffusers.loaders.lora_base")
     diffusers_logger.addFilter(quiet)
     try:
-        pipe.load_lora_weights(dict(edit.tensors), adapter_name=name)
+        pipe.load_lora_weights(tensors, adapter_name=name)
     finally:
         diffusers_logger.removeFilter(quiet)
     pipe.set_adapters([*active, name])  # loading activates only the new adapter; keep the others on
@@ -680,7 +766,7 @@ def _lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
 # -- files -------------------------------------------------------------------------------------------
 
 
-def _deserialize(header: Any, tensors: dict[str, torch.Tensor]) -> Edit:
+def _deserialize(header: Any, tensors: dict[str, torch.Tensor], parent_base: Fingerprint | None = None) -> Edit:
     if not isinstance(header, dict):
         raise EditError("its metadata is not a JSON object.")
     version = header.get("format_version")
@@ -708,18 +794,19 @@ def _deserialize(header: Any, tensors: dict[str, torch.Tensor]) -> Edit:
         raise EditError("its metadata field 'concepts' must be a list of strings.")
     if not isinstance(header.get("hook"), (str, type(None))):
         raise EditError("its metadata field 'hook' must be a string or null.")
+    base = _read_base(header, version, parent_base)
     own = dict(tensors)
     parts = []
     for index, part_header in enumerate(header["parts"]):
         prefix = f"parts.{index}."
         part_tensors = {key.removeprefix(prefix): own.pop(key) for key in list(own) if key.startswith(prefix)}
-        parts.append(_deserialize(part_header, part_tensors))
+        parts.append(_deserialize(part_header, part_tensors, base))
     edit = Edit(
         header["kind"],
         header["method"],
         header["concepts"],
         header["params"],
-        header["base_fingerprint"],
+        base,
         header["family"],
         own,
         header.get("hook"),
@@ -738,3 +825,16 @@ def _deserialize(header: Any, tensors: dict[str, torch.Tensor]) -> Edit:
         raise EditError(f"it holds tensors for modules its metadata does not list: {', '.join(extra)}.")
     return edit
 
+
+def _read_base(header: dict[str, Any], version: int, parent_base: Fingerprint | None) -> Fingerprint:
+    """The base identity a header records: format 1 carries identity version 1 (a string); format 2 its digests,
+    which a composite's parts share with it."""
+    value = header["base_fingerprint"]
+    if version < 2:
+        return Fingerprint(value, version=1)
+    if "base_identity" not in header:
+        return parent_base if parent_base is not None and parent_base == value else Fingerprint(value)
+    try:
+        return Fingerprint.from_json(value, header["base_identity"])
+    except ValueError as err:
+        raise EditError(f"its metadata field {err}.") from None

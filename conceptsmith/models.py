@@ -7,7 +7,6 @@ the cross-attention geometry, and a fingerprint of the base weights that Edits a
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from collections.abc import Callable
@@ -17,12 +16,13 @@ from typing import Literal
 
 import torch
 
+from conceptsmith import identity
+from conceptsmith.identity import Fingerprint
+
 Family = Literal["sd1", "sd2", "sdxl"]
 
 #: Modules whose import registers further ``builtin:`` models (imported lazily on first lookup).
 BUILTIN_PROVIDERS: tuple[str, ...] = ("conceptsmith.world.pipeline",)
-
-_FINGERPRINT_SAMPLES = 4096
 
 
 class ModelLoadError(ValueError):
@@ -124,24 +124,11 @@ def detect_family(pipe: object) -> Family:
     return "sd1"
 
 
-def fingerprint(pipe: object) -> str:
-    """Digest of the current UNet and text-encoder weights (names, shapes, strided value samples).
-
-    Values are sampled after rounding to float16, so the same checkpoint loaded in fp32 or fp16
-    has the same fingerprint, while any edit of a projection changes it.
-    """
-    digest = hashlib.sha256()
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, component, None)
-        if module is None:
-            continue
-        for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
-            sample = flat[::step].to("cpu", torch.float16).contiguous()
-            digest.update(f"{component}.{name}:{tuple(tensor.shape)}".encode())
-            digest.update(sample.view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()[:16]
+def fingerprint(pipe: object) -> Fingerprint:
+    """The base identity of ``pipe``: every tensor of every model component (UNet or transformer, text
+    encoders, VAE), whole, at float16 precision, plus the scheduler's class and config; 16 hex digits
+    that carry per-component and per-module digests. :mod:`conceptsmith.identity` defines it."""
+    return identity.fingerprint(pipe)
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -230,12 +230,15 @@ def _is_applied(pipe: Any, edit: Edit) -> bool:
 def reverted(pipe: Any, edit: Edit) -> Iterator[Any]:
     """``pipe`` without the applied ``edit`` inside the block: ``edit.revert(pipe)`` then
     ``edit.apply(pipe)`` (both exact, so the weights afterwards are bit-identical; edits applied after
-    ``edit`` stay applied, and ``edit`` returns on top of them)."""
+    ``edit`` stay applied, and ``edit`` returns on top of them, at the scale it had)."""
+    from conceptsmith.edits import applied
+
+    scale = next((s for e, s in applied(pipe) if e is edit), 1.0)
     edit.revert(pipe)
     try:
         yield pipe
     finally:
-        edit.apply(pipe)
+        edit.apply(pipe, scale=scale)
 
 
 def kv_pairs_from_models(original: Any, edited: Any, *, atol: float = 0.0) -> list[KVPair]:

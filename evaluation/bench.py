@@ -333,9 +333,12 @@ def method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[
     return method, params
 
 
-def edit_digest(edit: Any) -> str:
-    """Content fingerprint of an Edit: kind, method, params, base and every tensor's bytes."""
+def edit_digest(edit: Any, scale: float = 1.0) -> str:
+    """Content fingerprint of an Edit applied at ``scale``: kind, method, params, base, every tensor's bytes and
+    the scale (left out at 1, so an edit as computed keeps one key)."""
     h = hashlib.sha256()
+    if scale != 1.0:
+        h.update(f"scale={scale!r}".encode())
     stack = [edit]
     while stack:
         e = stack.pop(0)
@@ -563,7 +566,7 @@ def run_bench(
     from accelerate import PartialState
     from conceptsmith.evaluation.clip import load_evaluator
 
-    from conceptsmith.edits import Edit
+    from conceptsmith.edits import Edit, parse_edit_spec
     from conceptsmith.models import load_pipeline
 
     if isinstance(config, BenchConfig):
@@ -604,7 +607,7 @@ def run_bench(
             raise ValueError(
                 f"unknown methods {sorted(unknown)}; this bench has {[m.label() for m in cfg.methods]}"
             )
-    external = [(Path(p).stem, Edit.load(p)) for p in edits]
+    external = [(path, Edit.load(path), scale) for path, scale in map(parse_edit_spec, edits)]
 
     rows: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
@@ -612,28 +615,21 @@ def run_bench(
         prompts = task_prompts(cfg, task)
         conds = [(p.text, p.text) for p in prompts]
         unedited = gen.run("unedited", conds, cfg.seeds, desc=f"{task.name}: unedited")
-        candidates: list[tuple[str, str, Any, str | None, dict[str, Any], float | None]] = [
-            ("unedited", "none", None, "unedited", {}, None)
+        candidates: list[tuple[str, str, Any, str | None, dict[str, Any], float | None, float]] = [
+            ("unedited", "none", None, "unedited", {}, None, 1.0)
         ]
         for spec in selected:
             method, params = method_config(spec, bench_path)
             references = _method_images(spec, cfg, task, gen)
             edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0, references)
-            candidates.append((spec.label(), method, edit, key, params, seconds))
-        for label, edit in external:
-            candidates.append(
-                (
-                    label,
-                    edit.method,
-                    edit,
-                    f"{edit.method}-{edit_digest(edit)}",
-                    edit.params,
-                    None,
-                )
-            )
-        for label, method, edit, key, params, seconds in candidates:
+            candidates.append((spec.label(), method, edit, key, params, seconds, 1.0))
+        for path, edit, scale in external:
+            label = path.stem if scale == 1.0 else f"{path.stem}:{scale:g}"
+            key = f"{edit.method}-{edit_digest(edit, scale)}"
+            candidates.append((label, edit.method, edit, key, edit.params, None, scale))
+        for label, method, edit, key, params, seconds, scale in candidates:
             if edit is not None:
-                edit.apply(pipe)
+                edit.apply(pipe, scale=scale)
             try:
                 paths = (
                     unedited if edit is None else gen.run(key, conds, cfg.seeds, desc=f"{task.name}: {label}")

@@ -13,7 +13,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conceptsmith import registry
-from conceptsmith.edits import Edit, EditError, applied_edits, base_fingerprint, compose
+from conceptsmith.edits import (
+    Edit,
+    EditError,
+    applied,
+    applied_edits,
+    base_fingerprint,
+    check_scale,
+    compose,
+    parse_edit_spec,
+)
 from conceptsmith.models import fingerprint
 
 TO_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -137,6 +146,132 @@ def test_apply_refuses_other_base_missing_modules_wrong_shapes_and_double_apply(
         edit.apply(pipe)
     with pytest.raises(EditError, match="not applied to this pipe"):
         other.revert(pipe)
+
+
+# -- scale ---------------------------------------------------------------------------------------------
+
+
+def test_scaled_weights_edit_adds_scale_times_delta_and_reverts_bit_exactly(tiny_pipe):
+    pipe, _ = tiny_pipe
+    snapshot = _snapshot(pipe)
+    edit = _mixed_edit(pipe)
+    edit.apply(pipe, scale=0.5)
+    up, down = edit.tensors[f"{TO_V}.up"], edit.tensors[f"{TO_V}.down"]
+    assert torch.equal(_weight(pipe, TO_V), snapshot[f"{TO_V}.weight"] + 0.5 * (up @ down))
+    assert torch.equal(_weight(pipe, TO_K), snapshot[f"{TO_K}.weight"] + 0.5 * edit.tensors[f"{TO_K}.delta"])
+    assert applied(pipe) == [(edit, 0.5)]
+    edit.revert(pipe)
+    _assert_restored(pipe, snapshot)
+
+
+def test_out_of_order_revert_reapplies_later_edits_at_their_scale(tiny_pipe):
+    pipe, _ = tiny_pipe
+    snapshot = _snapshot(pipe)
+    first = _weights_edit(pipe, {TO_K: _low_rank(pipe, TO_K, 2, seed=4)})
+    second = _weights_edit(pipe, {TO_K: _low_rank(pipe, TO_K, 2, seed=5)})
+    first.apply(pipe, scale=0.25)
+    second.apply(pipe, scale=-2)
+    first.revert(pipe)
+    assert applied(pipe) == [(second, -2.0)]
+    up, down = second.tensors[f"{TO_K}.up"], second.tensors[f"{TO_K}.down"]
+    assert torch.equal(_weight(pipe, TO_K), snapshot[f"{TO_K}.weight"] + -2.0 * (up @ down))
+    second.revert(pipe)
+    _assert_restored(pipe, snapshot)
+
+
+def test_scaled_lora_edit_scales_the_adapters_update_and_reverts(tiny_pipe):
+    pipe, _ = tiny_pipe
+    snapshot = _snapshot(pipe)
+    up, down = _low_rank(pipe, TO_K, 2, seed=10)
+    lora = Edit.from_lora("lora", ["sks"], {}, base_fingerprint(pipe), "sd1", {f"{TO_K}.lora_A.weight": down, f"{TO_K}.lora_B.weight": up})
+    x = torch.randn(3, 32)
+    lora.apply(pipe, scale=0.5)
+    torch.testing.assert_close(_module_out(pipe, TO_K, x), _linear_out(snapshot, TO_K, 0.5 * up @ down, x))
+    assert torch.equal(lora.tensors[f"{TO_K}.lora_B.weight"], up)  # the edit itself is not changed
+    lora.revert(pipe)
+    _assert_restored(pipe, snapshot)
+
+
+def test_hooks_refuse_a_scale_and_bad_scales_are_refused(tiny_pipe):
+    pipe, _ = tiny_pipe
+    hook = _hook_edit(pipe)
+    with pytest.raises(EditError, match=r"inference-time hook \('test-scale-output'\).*apply it at scale 1 \(got 0.5\)"):
+        hook.apply(pipe, scale=0.5)
+    both = compose([_mixed_edit(pipe), hook])
+    with pytest.raises(EditError, match="contains an inference-time hook"):
+        both.apply(pipe, scale=2)
+    assert applied_edits(pipe) == []
+    hook.apply(pipe, scale=1)
+    hook.revert(pipe)
+    for bad in (float("nan"), float("inf"), True, "0.5", None):
+        with pytest.raises(EditError, match="must be a finite number"):
+            check_scale(bad)
+        with pytest.raises(EditError, match="must be a finite number"):
+            _mixed_edit(pipe).apply(pipe, scale=bad)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "scale"),
+    [
+        ("no-skull.safetensors", "no-skull.safetensors", 1.0),
+        ("no-skull.safetensors:0.5", "no-skull.safetensors", 0.5),
+        ("runs/a.safetensors:-1", "runs/a.safetensors", -1.0),
+        ("x.safetensors:1e-1", "x.safetensors", 0.1),
+        (r"C:\edits\a.safetensors", r"C:\edits\a.safetensors", 1.0),
+        (r"C:\edits\a.safetensors:2", r"C:\edits\a.safetensors", 2.0),
+        ("dir:with:colons/a.safetensors", "dir:with:colons/a.safetensors", 1.0),
+        (":0.5", ":0.5", 1.0),
+    ],
+)
+def test_edit_specs_parse_a_scale_only_when_the_suffix_is_a_number(spec, path, scale):
+    from pathlib import Path
+
+    assert parse_edit_spec(spec) == (Path(path), scale)
+
+
+def test_edit_spec_with_a_non_finite_scale_is_refused():
+    with pytest.raises(EditError, match=r"scale nan in 'a.safetensors:nan' must be a finite number"):
+        parse_edit_spec("a.safetensors:nan")
+
+
+def test_cli_generate_applies_an_edit_at_a_scale_and_records_it(tiny_pipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from conceptsmith.cli import app
+
+    pipe, _ = tiny_pipe
+    path = _weights_edit(pipe, {TO_K: _low_rank(pipe, TO_K, 2, seed=30), TO_V: _low_rank(pipe, TO_V, 2, seed=31)}).save(tmp_path / "e.safetensors")
+    base = ["generate", "-m", "builtin:tiny-test", "-p", "a red circle", "--seeds", "0"]
+    images = {}
+    for name, extra in (("full", ["-e", str(path)]), ("half", ["-e", f"{path}:0.5"]), ("zero", ["-e", f"{path}:0"]), ("plain", [])):
+        result = CliRunner().invoke(app, [*base, *extra, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(tmp_path / name / "000_a-red-circle_s0.png"), dtype=np.int16)
+    manifest = json.loads((tmp_path / "half" / "manifest.json").read_text())
+    assert manifest["edits"][0]["scale"] == 0.5 and manifest["edits"][0]["file"] == str(path)
+    assert np.array_equal(images["zero"], images["plain"])
+    assert np.abs(images["half"] - images["full"]).max() > 0 and np.abs(images["half"] - images["plain"]).max() > 0
+
+    hook = _hook_edit(pipe).save(tmp_path / "hook.safetensors")
+    refused = CliRunner().invoke(app, [*base, "-e", f"{hook}:0.5", "-o", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "error: " in refused.output and "apply it at scale 1" in refused.output
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_scores_an_edit_at_a_scale_as_its_own_row(tiny_pipe, tmp_path, evaluator_file):
+    from conceptsmith.evaluation.bench import load_bench_config, run_bench
+
+    pipe, _ = tiny_pipe
+    path = _weights_edit(pipe, {TO_K: _low_rank(pipe, TO_K, 2, seed=32)}).save(tmp_path / "e.safetensors")
+    smoke, _ = load_bench_config("shapes-smoke")
+    config = smoke.model_copy(update={"tasks": smoke.tasks[:1], "attacks": [], "seeds": [0], "methods": [], "neutral_prompts": []})
+    run = run_bench(config, tmp_path / "out", edits=[str(path), f"{path}:0.5"], model="builtin:tiny-test",
+                    evaluator=str(evaluator_file), progress=False, report=False)
+    rows = run.results["rows"]
+    assert [row["method"] for row in rows] == ["unedited", "e", "e:0.5"]
+    assert rows[1]["edit_key"] != rows[2]["edit_key"]
 
 
 def test_text_encoder_paths_resolve_with_or_without_the_text_model_level(tiny_pipe):
