@@ -1,9 +1,9 @@
-"""Public configurations of the Stable Diffusion families' UNets and text encoders.
+"""Public configurations of the Stable Diffusion families' denoisers and text encoders.
 
-The values of each model's ``unet/config.json`` and ``text_encoder*/config.json`` on the Hugging
-Face hub (diffusers / transformers keyword arguments), so that full-size architectures can be
-built with random or empty weights where no checkpoint can be downloaded: architecture tests on
-the meta device and the closed-form benchmark (``make bench``).
+The values of each model's ``unet/config.json`` (``transformer/config.json`` for SD3 and FLUX) and
+``text_encoder*/config.json`` on the Hugging Face hub (diffusers / transformers keyword arguments), so
+that full-size architectures can be built with random or empty weights where no checkpoint can be
+downloaded: architecture tests on the meta device and the closed-form benchmark (``make bench``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,35 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0
     projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 * 256 time ids
 )
 
+# ------------------------------------------------------------------ MMDiT configs (transformer/config.json)
+
+SD3_MEDIUM_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3-medium-diffusers (SD3Transformer2DModel)
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # CLIP-L + CLIP-G token states (768 + 1280, zero-padded) and T5-XXL's
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,  # CLIP-L + CLIP-G pooled
+    pos_embed_max_size=192,
+)
+
+FLUX1_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev (FluxTransformer2DModel)
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # T5-XXL token states
+    pooled_projection_dim=768,  # CLIP-L pooled
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
 # ------------------------------------------------------------------ text encoder configs
 
 _COMMON_TEXT = dict(
@@ -92,4 +121,17 @@ OPENCLIP_BIGG_TEXT = dict(  # OpenCLIP ViT-bigG/14: SDXL text_encoder_2 (with pr
     num_attention_heads=20,
     hidden_act="gelu",
     projection_dim=1280,
+)
+
+T5_XXL_TEXT = dict(  # google/t5-v1_1-xxl encoder: SD3 text_encoder_3, FLUX text_encoder_2 (T5EncoderModel)
+    vocab_size=32128,
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
 )

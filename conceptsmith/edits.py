@@ -349,8 +349,11 @@ class Edit:
         ranks: dict[str, dict[str, int]] = {}
         for module, terms in self._low_rank_terms().items():
             component, _, name = module.partition(".")
-            if component not in ("unet", "text_encoder", "text_encoder_2"):
-                raise EditError(f"Module '{module}' is outside the UNet and text encoders, which is all a LoRA file can hold.")
+            if component not in ("unet", "transformer", "text_encoder", "text_encoder_2"):
+                raise EditError(
+                    f"Module '{module}' is outside the denoiser (UNet or transformer) and text encoders, which is all a "
+                    "LoRA file can hold."
+                )
             up, down, errors[module] = _factorize_layer(terms, rank)
             if up.shape[1] == 0:
                 continue

@@ -19,7 +19,7 @@ import torch
 from conceptsmith import identity
 from conceptsmith.identity import Fingerprint
 
-Family = Literal["sd1", "sd2", "sdxl"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 
 #: Modules whose import registers further ``builtin:`` models (imported lazily on first lookup).
 BUILTIN_PROVIDERS: tuple[str, ...] = ("conceptsmith.world.pipeline",)
@@ -103,7 +103,16 @@ def load_pipeline(
 def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
     """ModelInfo of an already loaded pipeline."""
     from conceptsmith.attention import find_cross_attention
+    from conceptsmith.mmdit import is_mmdit, joint_attention
 
+    if is_mmdit(pipe):  # the text width the transformer reads, and its joint-attention blocks
+        return ModelInfo(
+            spec=spec,
+            family=detect_family(pipe),
+            text_embed_dim=int(pipe.transformer.config.joint_attention_dim),
+            cross_attention_layers=len(joint_attention(pipe.transformer)),
+            fingerprint=fingerprint(pipe),
+        )
     layers = find_cross_attention(pipe.unet)
     return ModelInfo(
         spec=spec,
@@ -115,7 +124,12 @@ def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
 
 
 def detect_family(pipe: object) -> Family:
-    """SDXL conditions on two encoders plus time ids; SD 2.x uses linear projections and 1024-d text."""
+    """SDXL conditions on two encoders plus time ids; SD 2.x uses linear projections and 1024-d text;
+    SD3 and FLUX are MMDiT pipelines (a ``transformer``, no UNet), told apart by the transformer's class."""
+    from conceptsmith.mmdit import is_mmdit, mmdit_family
+
+    if is_mmdit(pipe):
+        return mmdit_family(pipe.transformer)
     unet_config = pipe.unet.config
     if getattr(pipe, "text_encoder_2", None) is not None or unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
@@ -166,7 +180,9 @@ def _load_directory(path: Path, dtype: torch.dtype) -> object:
             f"'{path}' is a directory but not a diffusers pipeline (no model_index.json). "
             "Pass the folder written by pipe.save_pretrained(), or a single .safetensors checkpoint."
         )
-    return DiffusionPipeline.from_pretrained(path, safety_checker=None, **dtype_kwargs(dtype))
+    # only pipelines that have a safety checker take the keyword (SD3 / FLUX would warn that they ignore it)
+    unchecked = {"safety_checker": None} if '"safety_checker"' in (path / "model_index.json").read_text() else {}
+    return DiffusionPipeline.from_pretrained(path, **unchecked, **dtype_kwargs(dtype))
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> object:

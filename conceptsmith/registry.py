@@ -9,6 +9,7 @@ loading it registers).
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -27,6 +28,13 @@ EDITOR_GROUP = "conceptsmith.editors"
 METRIC_GROUP = "conceptsmith.metrics"
 ATTACK_GROUP = "conceptsmith.attacks"
 BUILTIN_PACKAGES: tuple[str, ...] = ("conceptsmith.erasure", "conceptsmith.customization", "conceptsmith.evaluation")
+
+
+#: Architecture families (:func:`conceptsmith.models.detect_family`): UNet pipelines, then MMDiT ones.
+UNET_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+MMDIT_FAMILIES: tuple[str, ...] = ("sd3", "flux")
+ALL_FAMILIES: tuple[str, ...] = UNET_FAMILIES + MMDIT_FAMILIES
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
 
 
 class RegistryError(KeyError):
@@ -56,12 +64,56 @@ class EditorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class UnsupportedArchitectureError(ValueError):
+    """The editor does not support the pipeline's architecture family."""
+
+
+def families_text(families: tuple[str, ...]) -> str:
+    """``("sd1", "sd2", "sdxl")`` -> ``"UNet pipelines (SD 1.x, 2.x, SDXL)"``; ``("sd3",)`` -> ``"SD3 pipelines"``."""
+    unet = set(UNET_FAMILIES) <= set(families)
+    names = [_FAMILY_NAMES.get(family, family) for family in families if not (unet and family in UNET_FAMILIES)]
+    if unet:
+        names.insert(0, "UNet pipelines (SD 1.x, 2.x, SDXL)")
+    elif names:
+        names[-1] += " pipelines"
+    else:
+        return "no architecture"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 class Editor(abc.ABC):
-    """An editing method: ``fit(pipe, request)`` returns an Edit and never mutates ``pipe``."""
+    """An editing method: ``fit(pipe, request)`` returns an Edit and never mutates ``pipe``.
+
+    ``supports`` names the architecture families the method works on (default: the UNet families);
+    every subclass's ``fit`` first checks the pipeline's family and refuses others with one line.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type[EditorConfig]] = EditorConfig
+    supports: ClassVar[tuple[str, ...]] = UNET_FAMILIES
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fit = cls.__dict__.get("fit")
+        if fit is None or getattr(fit, "checks_architecture", False):
+            return
+
+        @functools.wraps(fit)
+        def checked_fit(self: Editor, pipe: Any, request: EditRequest) -> Edit:
+            self.check_architecture(pipe)
+            return fit(self, pipe, request)
+
+        checked_fit.checks_architecture = True  # type: ignore[attr-defined]
+        cls.fit = checked_fit  # type: ignore[method-assign]
+
+    def check_architecture(self, pipe: Any) -> None:
+        """Raise :class:`UnsupportedArchitectureError` unless ``pipe``'s family is in ``supports``."""
+        from conceptsmith.models import detect_family
+
+        if detect_family(pipe) not in self.supports:
+            name = getattr(self, "name", type(self).__name__)
+            raise UnsupportedArchitectureError(f"{name} supports {families_text(self.supports)}; got {type(pipe).__name__}")
 
     def __init__(self, config: EditorConfig | dict[str, Any] | None = None) -> None:
         if config is None:

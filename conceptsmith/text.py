@@ -8,6 +8,13 @@
   first ``k`` rows of the full encoding, at a fraction of the cost (``max_length=k``). The ids are
   always produced by padding to 77 first, so SD 1.x (padded with EOS) and SD 2.x / SDXL's second
   tokenizer (padded with ``!``) are both handled.
+* MMDiT pipelines (SD3, FLUX) are encoded by their own ``encode_prompt`` (:func:`encode_mmdit`): the
+  transformer reads one joint token sequence (SD3: 77 CLIP rows, the two CLIP encoders' penultimate
+  states concatenated and zero-padded to T5's width, then T5 rows; FLUX: T5 rows) and a pooled CLIP
+  vector. T5 is not causal, so these are always encoded at the pipeline's full sequence length. A
+  :class:`TextSegment` (:func:`text_segments`) is the run of rows one tokenizer produced; passed where a
+  pipeline is expected, every function below treats it as a one-encoder pipeline whose conditioning is
+  that run (positions count from the segment's start).
 * :func:`phrase_positions` finds a concept phrase's tokens inside a prompt, and
   :func:`concept_token_embeddings` picks the rows a closed-form editor edits under a token policy:
 
@@ -20,6 +27,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,18 +36,23 @@ from typing import Literal, get_args
 
 import torch
 
+from conceptsmith.mmdit import is_mmdit, mmdit_family
+
 __all__ = [
     "TOKEN_POLICIES",
+    "TextSegment",
     "TokenPolicy",
     "TokenizedPrompts",
     "concept_token_embeddings",
     "concept_token_positions",
     "context_length",
+    "encode_mmdit",
     "encode_prompts",
     "encode_with_embeddings",
     "phrase_positions",
     "prefix_slot_ids",
     "text_encoders",
+    "text_segments",
     "tokenize",
 ]
 
@@ -197,7 +211,7 @@ def _device(module: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _resolve_length(max_length: int | str | None, tokenized: TokenizedPrompts, context: int) -> int:
+def _resolve_length(max_length: int | str | None, tokenized: TokenizedPrompts | None, context: int) -> int:
     if max_length is None:
         return context
     if max_length == "longest":
@@ -219,6 +233,16 @@ def _encode(
     convert: bool,
     warn: bool = True,
 ) -> torch.Tensor:
+    if isinstance(pipe, TextSegment):
+        tokenized = tokenize(pipe.tokenizer, prompts, warn=warn)
+        length = _resolve_length(max_length, tokenized, pipe.length)
+        states = encode_mmdit(pipe.pipe, prompts, clip_skip=clip_skip, batch_size=batch_size)[0]
+        return states[:, pipe.offset : pipe.offset + length]
+    if is_mmdit(pipe):
+        if max_length == "longest":
+            raise ValueError("max_length='longest' needs one tokenizer; for an MMDiT pipeline encode a TextSegment.")
+        states = encode_mmdit(pipe, prompts, clip_skip=clip_skip, batch_size=batch_size)[0]
+        return states if max_length is None else states[:, : _resolve_length(max_length, None, states.shape[1])]
     dual = _is_dual(pipe)
     outputs = []
     length = None
@@ -273,7 +297,9 @@ def encode_prompts(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Text embeddings ``[n, L, d]`` (float32, on the text encoder's device) exactly as ``pipe``
-    conditions its UNet on ``prompts`` (what ``pipe.encode_prompt`` returns as ``prompt_embeds``).
+    conditions its UNet on ``prompts`` (what ``pipe.encode_prompt`` returns as ``prompt_embeds``);
+    for an MMDiT pipeline the transformer's joint token sequence (:func:`encode_mmdit`), for a
+    :class:`TextSegment` its run of rows.
 
     ``max_length=None`` gives the full padded context (``L = 77``); an int ``k`` encodes only the
     first ``k`` positions of the padded ids (exact, since CLIP's text transformer is causal; only
@@ -287,6 +313,85 @@ def encode_prompts(
     return _encode(
         pipe, prompts, max_length=max_length, clip_skip=clip_skip, batch_size=batch_size, convert=True
     )
+
+
+# --------------------------------------------------------------------------------------------
+# MMDiT pipelines (SD3, FLUX): the joint token sequence and the pooled vector
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """Rows ``offset : offset + length`` of an MMDiT pipeline's ``prompt_embeds``: the tokens of one tokenizer.
+
+    ``tokenizer`` pads and truncates to ``length``, as the pipeline does; ``text_encoder`` is the encoder
+    that produces the rows (for SD3's CLIP run, the first of the two CLIP encoders).
+    """
+
+    pipe: object
+    name: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    offset: int
+    length: int
+
+
+def sequence_length(pipe: object) -> int:
+    """T5 tokens ``pipe.encode_prompt`` encodes by default (SD3: 256, FLUX: 512): the length edits are computed at."""
+    return int(inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default)
+
+
+def _segment(pipe: object, name: str, tokenizer: object, encoder: torch.nn.Module, offset: int, length: int) -> TextSegment:
+    tokenizer = copy.copy(tokenizer)  # the pipeline's tokenizer, padded to this run's length
+    tokenizer.model_max_length = length
+    return TextSegment(pipe, name, tokenizer, encoder, offset, length)
+
+
+def text_segments(pipe: object) -> list[TextSegment]:
+    """The runs of an MMDiT pipeline's joint token sequence, in order.
+
+    SD3: ``clip`` (77 rows) then ``t5`` (absent when the pipeline has no T5 encoder: its rows are zeros);
+    FLUX: ``t5``.
+    """
+    if not is_mmdit(pipe):
+        raise ValueError(f"{type(pipe).__name__} is not an MMDiT pipeline: its text conditioning is one CLIP token run.")
+    length = sequence_length(pipe)
+    if mmdit_family(pipe.transformer) == "flux":
+        return [_segment(pipe, "t5", pipe.tokenizer_2, pipe.text_encoder_2, 0, length)]
+    clip = context_length(pipe.tokenizer, pipe.text_encoder)
+    segments = [_segment(pipe, "clip", pipe.tokenizer, pipe.text_encoder, 0, clip)]
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        segments.append(_segment(pipe, "t5", pipe.tokenizer_3, pipe.text_encoder_3, clip, length))
+    return segments
+
+
+def encode_mmdit(
+    pipe: object, prompts: Sequence[str], *, clip_skip: int | None = None, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds [n, L, d], pooled [n, p])`` (float32) of an MMDiT pipeline, from its own
+    ``encode_prompt`` at its default sequence length, without classifier-free guidance's negatives.
+
+    SD3: ``L = 77 + 256``, ``d = 4096``, ``p = 2048``; FLUX: ``L = 512``, ``d = 4096``, ``p = 768``.
+    ``clip_skip`` (SD3 only) follows diffusers' meaning.
+    """
+    prompts = _check_prompts(prompts)
+    family = mmdit_family(pipe.transformer)
+    options: dict[str, object] = {"max_sequence_length": sequence_length(pipe)}
+    if clip_skip is not None:
+        if family != "sd3":
+            raise ValueError(f"clip_skip is not an option of {type(pipe).__name__}.encode_prompt; drop it.")
+        options["clip_skip"] = clip_skip
+    states, pooled = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            if family == "sd3":
+                embeds, _, vector, _ = pipe.encode_prompt(chunk, None, None, do_classifier_free_guidance=False, **options)
+            else:
+                embeds, vector, _ = pipe.encode_prompt(chunk, None, **options)
+            states.append(embeds.float())
+            pooled.append(vector.float())
+    return torch.cat(states), torch.cat(pooled)
 
 
 # --------------------------------------------------------------------------------------------

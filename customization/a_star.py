@@ -34,7 +34,14 @@ from conceptsmith.customization.t2i_zero import PromptTracker, check_phrases, ga
 from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.registry import Editor, EditorConfig, EditRequest, register_editor, register_hook
+from conceptsmith.registry import (
+    UNET_FAMILIES,
+    Editor,
+    EditorConfig,
+    EditRequest,
+    register_editor,
+    register_hook,
+)
 
 
 class AStarConfig(EditorConfig):
@@ -212,6 +219,7 @@ def install_a_star(edit: Edit, pipe: Any) -> Any:
 @register_editor("a-star", description="A-STAR: training-free composition by test-time attention segregation and retention")
 class AStar(Editor):
     Config = AStarConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.models import detect_family

@@ -27,7 +27,7 @@ from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 
 class CustomDiffusionConfig(SubjectTrainingConfig):
@@ -59,6 +59,7 @@ def target_modules(unet: Any, train: str) -> dict[str, Any]:
 @register_editor("custom-diffusion", description="Custom Diffusion: cross-attention K/V + a new modifier token per concept")
 class CustomDiffusion(Editor):
     Config = CustomDiffusionConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.customization.data import concept_specs, default_resolution, training_examples

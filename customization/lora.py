@@ -31,7 +31,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint, compose
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 
 class LoraTrainingConfig(SubjectTrainingConfig):
@@ -57,6 +57,7 @@ class LoraTrainingConfig(SubjectTrainingConfig):
 @register_editor("lora", description="DreamBooth LoRA (peft) on UNet attention, optional text encoder and learned token")
 class DreamBoothLora(Editor):
     Config = LoraTrainingConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.customization.data import concept_specs, default_resolution, training_examples

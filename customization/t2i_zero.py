@@ -36,7 +36,14 @@ from pydantic import Field
 
 from conceptsmith.attention import spatial_shape
 from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.registry import Editor, EditorConfig, EditRequest, register_editor, register_hook
+from conceptsmith.registry import (
+    UNET_FAMILIES,
+    Editor,
+    EditorConfig,
+    EditRequest,
+    register_editor,
+    register_hook,
+)
 
 # -- shared machinery (also used by A-STAR) -------------------------------------------------------------
 
@@ -360,6 +367,7 @@ def install_t2i_zero(edit: Edit, pipe: Any) -> _Handle:
 @register_editor("t2i-zero", description="Multi-Concept T2I-Zero: training-free composition by embedding correction + attention NMS")
 class T2IZero(Editor):
     Config = T2IZeroConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.models import detect_family

@@ -34,7 +34,7 @@ from torch import nn
 
 from conceptsmith.diffusion import TextConditioner
 from conceptsmith.edits import Edit, EditError, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor, register_hook
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor, register_hook
 from conceptsmith.trainable import shared_copy
 from conceptsmith.training import TrainingConfig
 
@@ -320,6 +320,7 @@ class TextualInversionConfig(TrainingConfig, ZoomOutOptions, CutMixOptions):
 @register_editor("textual-inversion", description="Textual inversion: learn new token vector(s) per concept, model frozen")
 class TextualInversion(Editor):
     Config = TextualInversionConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.customization.data import concept_specs, default_resolution, instance_examples

@@ -4,6 +4,11 @@ Request validation with actionable errors, the K/V projections an editor solves 
 pairing of concept tokens with guide tokens under each token policy, and turning a
 :class:`~conceptsmith.linalg.RidgeSolution` into a ``weights`` Edit. No method-specific math here:
 the solve itself is :func:`conceptsmith.linalg.solve_ridge`.
+
+The maps solved for come in groups that read the same text features (:class:`MapGroup`, one system
+each): a UNet's cross-attention K/V (the token embeddings); an MMDiT's ``context_embedder`` (the joint
+token sequence: each run of it, CLIP then T5 for SD3, is paired with the guide's same run) and its
+pooled-text map (the pooled embeddings; the token policy does not apply). See :mod:`conceptsmith.mmdit`.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ from safetensors.torch import load_file, save_file
 from conceptsmith.attention import kv_projections
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.linalg import RidgeSolution, SingularSystemError, solve_ridge
+from conceptsmith.mmdit import is_mmdit, text_maps
 from conceptsmith.models import detect_family
 from conceptsmith.registry import EditorConfig, EditRequest
 from conceptsmith.text import (
+    TextSegment,
     TokenPolicy,
     concept_token_embeddings,
     concept_token_positions,
+    encode_mmdit,
     encode_prompts,
     text_encoders,
+    text_segments,
     tokenize,
 )
 
@@ -175,10 +184,12 @@ class EditRows:
 
 def guide_rows(pipe: Any, guide: str, policy: TokenPolicy) -> dict[str, Any]:
     """The guide prompt's rows: ``word`` = its last word, at UCE's official index (real tokens - 2, which is
-    BOS for the empty guide), ``eos``; for policy ``all`` the whole padded encoding ``all`` and ``start``."""
+    BOS for the empty guide; a T5 run has no BOS, so there the empty guide's EOS), ``eos``; for policy ``all``
+    the whole padded encoding ``all`` and ``start``."""
     length = tokenize(pipe, [guide]).lengths[0]
+    word = max(length - 2, 0)
     states = encode_prompts(pipe, [guide], max_length=None if policy == "all" else length)[0]
-    return {"word": states[length - 2 : length - 1], "eos": states[length - 1 : length], "all": states, "start": length - 2}
+    return {"word": states[word : word + 1], "eos": states[length - 1 : length], "all": states, "start": word}
 
 
 def uce_rows(
@@ -246,7 +257,8 @@ def preserve_rows(pipe: Any, preserve: Sequence[str], policy: TokenPolicy, cache
     if cache is None or len(preserve) < PRESERVE_CACHE_MIN:
         return compute()
     key = hashlib.sha256(json.dumps([policy, list(preserve)]).encode()).hexdigest()[:16]
-    path = cache / "encodings" / f"preserve-{base_fingerprint(pipe)}-{key}.safetensors"
+    base = f"{base_fingerprint(pipe.pipe)}-{pipe.name}" if isinstance(pipe, TextSegment) else base_fingerprint(pipe)
+    path = cache / "encodings" / f"preserve-{base}-{key}.safetensors"
     if path.is_file():
         return load_file(str(path))["rows"]
     rows = compute()
@@ -255,6 +267,82 @@ def preserve_rows(pipe: Any, preserve: Sequence[str], policy: TokenPolicy, cache
     save_file({"rows": rows.contiguous()}, str(temporary), metadata={"policy": policy, "count": str(len(preserve))})
     os.replace(temporary, path)
     return rows
+
+
+# -- groups of maps reading the same features --------------------------------------------------------
+
+
+@dataclass
+class MapGroup:
+    """Maps that read the same text features (one closed-form system) with the rows to solve for."""
+
+    name: str
+    weights: dict[str, torch.Tensor]
+    rows: EditRows
+
+
+def map_weights(pipe: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The current weights a closed-form editor edits, by group: a UNet pipeline's ``{"cross_attention":
+    kv_weights(pipe)}``; an MMDiT pipeline's ``{"tokens": {"transformer.context_embedder": W}, "pooled": ...}``."""
+    if not is_mmdit(pipe):
+        return {"cross_attention": kv_weights(pipe)}
+    return {
+        group: {f"transformer.{name}": linear.weight.detach() for name, linear in maps.items()}
+        for group, maps in text_maps(pipe.transformer).items()
+    }
+
+
+def uce_groups(
+    pipe: Any,
+    prompts: Sequence[str],
+    phrases: Sequence[str],
+    guide: str,
+    preserve: Sequence[str],
+    policy: TokenPolicy,
+    cache: Path | None = None,
+) -> list[MapGroup]:
+    """:func:`uce_rows` for every group of :func:`map_weights`: an MMDiT's token rows are gathered run by run
+    (:func:`conceptsmith.text.text_segments`), its pooled rows map each prompt's pooled embedding to the guide's."""
+    weights = map_weights(pipe)
+    if not is_mmdit(pipe):
+        return [MapGroup("cross_attention", weights["cross_attention"], uce_rows(pipe, prompts, phrases, guide, preserve, policy, cache))]
+    runs = [uce_rows(segment, prompts, phrases, guide, preserve, policy, cache) for segment in text_segments(pipe)]
+    kept = [run.preserve for run in runs if run.preserve is not None]
+    tokens = EditRows(
+        torch.cat([run.inputs for run in runs]), torch.cat([run.targets for run in runs]), torch.cat(kept) if kept else None
+    )
+    return [MapGroup("tokens", weights["tokens"], tokens), MapGroup("pooled", weights["pooled"], pooled_rows(pipe, prompts, guide, preserve))]
+
+
+def pooled_rows(pipe: Any, prompts: Sequence[str], guide: str, preserve: Sequence[str]) -> EditRows:
+    """Each prompt's pooled embedding mapped to the guide's; the preserved prompts' pooled embeddings kept."""
+    pooled = encode_mmdit(pipe, [*prompts, guide, *preserve])[1]
+    n = len(prompts)
+    return EditRows(pooled[:n], pooled[n : n + 1].expand(n, -1).clone(), pooled[n + 1 :] if preserve else None)
+
+
+def full_rows(pipe: Any, group: MapGroup, prompts: Sequence[str], guide: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row the group's maps read for each prompt, paired position by position with the guide's:
+    all tokens of the padded encodings (the pooled group: one row per prompt)."""
+    if group.name == "pooled":
+        pooled = encode_mmdit(pipe, [*prompts, guide])[1]
+        return pooled[:-1], pooled[-1:].expand(len(prompts), -1).clone()
+    states = encode_prompts(pipe, list(prompts))
+    return states.reshape(-1, states.shape[-1]), encode_prompts(pipe, [guide])[0].repeat(len(prompts), 1)
+
+
+def group_metrics(solutions: Mapping[str, RidgeSolution]) -> dict[str, Any]:
+    """An Edit's ``closed_form`` metadata: one group's solver metrics, or the worst over groups plus each group's."""
+    if len(solutions) == 1:
+        return next(iter(solutions.values())).metrics()
+    metrics = {name: solution.metrics() for name, solution in solutions.items()}
+    return {
+        "rank": max(m["rank"] for m in metrics.values()),
+        "condition_number": max(m["condition_number"] for m in metrics.values()),
+        "max_edit_residual": max(m["max_edit_residual"] for m in metrics.values()),
+        "max_preserve_residual": max(m["max_preserve_residual"] for m in metrics.values()),
+        "groups": metrics,
+    }
 
 
 # -- sums of updates (multi-stage editors) ------------------------------------------------------------

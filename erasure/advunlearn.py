@@ -43,7 +43,7 @@ from pydantic import Field
 
 from conceptsmith.diffusion import Conditioning, predict
 from conceptsmith.edits import Edit
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainStep
 
@@ -160,6 +160,7 @@ class AdvUnlearnObjective:
 @register_editor("advunlearn", description="AdvUnlearn: adversarial (soft-prefix) ESD training of the text encoder + retain loss")
 class AdvUnlearn(Editor):
     Config = AdvUnlearnConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.trainable import frozen, pipe_components

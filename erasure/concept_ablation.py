@@ -31,7 +31,7 @@ from conceptsmith.erasure._trained import (
 from pydantic import Field
 
 from conceptsmith.edits import Edit
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError
 
 
@@ -58,6 +58,7 @@ def ablation_loss(
 @register_editor("concept-ablation", description="Concept Ablation: the concept's prediction pulled to the frozen model's for an anchor")
 class ConceptAblation(Editor):
     Config = ConceptAblationConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.diffusion import predict

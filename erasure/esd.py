@@ -25,7 +25,7 @@ from conceptsmith.erasure._trained import FrozenRunConfig, UnetTraining, concept
 from pydantic import Field
 
 from conceptsmith.edits import Edit
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 
 class ESDConfig(FrozenRunConfig):
@@ -44,6 +44,7 @@ def esd_target(eps_uncond: torch.Tensor, eps_concept: torch.Tensor, eta: float) 
 @register_editor("esd", description="ESD: fine-tune the UNet (LoRA or full) towards negatively guided frozen predictions")
 class ESD(Editor):
     Config = ESDConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.diffusion import predict

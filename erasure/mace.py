@@ -63,7 +63,7 @@ from torch import nn
 
 from conceptsmith.edits import Edit
 from conceptsmith.linalg import RidgeSolution
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError, TrainResult, TrainStep
 
 
@@ -266,6 +266,7 @@ def with_deltas(unet: nn.Module, deltas: Mapping[str, Delta]) -> nn.Module:
 @register_editor("mace", description="MACE: closed-form refinement + one attention-loss LoRA per concept + closed-form fusion")
 class MACE(Editor):
     Config = MACEConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.text import encode_prompts

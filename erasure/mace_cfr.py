@@ -55,7 +55,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
@@ -190,6 +190,7 @@ def match_surrounding(old_ids: list[int], new_ids: list[int], context: int) -> t
 @register_editor("mace-cfr", description="MACE closed-form refinement: remove the concept from surrounding tokens")
 class MaceCFR(Editor):
     Config = MaceCFRConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         config: MaceCFRConfig = self.config

@@ -44,7 +44,7 @@ from conceptsmith.erasure.uce import UCEConfig, default_guide, request_rows
 from pydantic import Field, model_validator
 
 from conceptsmith.edits import Edit
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 
 class RealEraConfig(UCEConfig):
@@ -90,6 +90,7 @@ def sample_band(rows: torch.Tensor, n: int, low: float, high: float, generator: 
 @register_editor("realera", description="RealEra: UCE plus erased neighbor embeddings and preserved beyond-concept ones")
 class RealEra(Editor):
     Config = RealEraConfig
+    supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         config: RealEraConfig = self.config

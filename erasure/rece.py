@@ -24,6 +24,11 @@ is 0.06 after one and two epochs.
 by position with the guide prompt's), as in the paper; ``edited`` only for the rows the UCE stage edited
 (paired with the same guide rows).
 
+SD3 / FLUX: the derivation needs only the edited linear maps, so it runs unchanged on the transformer's
+text maps (:mod:`conceptsmith.mmdit`), separately for each group that reads the same features: the
+``context_embedder`` on the joint token sequence (``all``: every row of it, SD3 333, FLUX 512) and the
+pooled-text map on the pooled embeddings (one row per prompt).
+
 ``score_fn(pipe, edit, epoch) -> float`` (constructor argument; higher = better erasure, e.g. an evaluator's
 1 - concept accuracy on validation images) is called after every epoch with the edit so far; with
 ``keep_best`` the best-scoring epoch is returned (the official loop does this with generated images).
@@ -41,23 +46,23 @@ import torch
 from conceptsmith.erasure._closed_form import (
     ClosedFormConfig,
     EditRows,
+    MapGroup,
     add_deltas,
     cache_root,
     check_request,
-    guide_rows,
-    kv_weights,
+    full_rows,
+    group_metrics,
     make_edit,
     solve,
     torch_dtype,
     updated_weights,
 )
-from conceptsmith.erasure.uce import UCEConfig, default_guide, request_rows
+from conceptsmith.erasure.uce import UCEConfig, default_guide, request_groups
 from pydantic import Field
 
 from conceptsmith.edits import Edit
 from conceptsmith.linalg import regenerating_embeddings
-from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.text import encode_prompts
+from conceptsmith.registry import ALL_FAMILIES, Editor, EditRequest, register_editor
 
 ScoreFn = Callable[[Any, Edit, int], float]
 
@@ -97,6 +102,7 @@ def keep_erased_rows(
 @register_editor("rece", description="RECE: UCE, then erase the embeddings that still regenerate the concept")
 class RECE(Editor):
     Config = RECEConfig
+    supports = ALL_FAMILIES
 
     def __init__(self, config: RECEConfig | dict[str, Any] | None = None, score_fn: ScoreFn | None = None) -> None:
         super().__init__(config)
@@ -107,50 +113,50 @@ class RECE(Editor):
         started = time.perf_counter()
         dtype = torch_dtype(config.solve_dtype)
         checked = check_request(pipe, request, default_guide(config.uce.concept_type))
-        rows, prompts = request_rows(pipe, checked, config.uce, self._preserve_cache())
-        if config.regen_tokens == "all":
-            concept_states = encode_prompts(pipe, prompts)
-            regen_inputs = concept_states.reshape(-1, concept_states.shape[-1])
-            guide_states = guide_rows(pipe, checked.guide, "all")["all"]
-            regen_targets = guide_states.repeat(len(prompts), 1)
-        else:
-            regen_inputs, regen_targets = rows.inputs, rows.targets
+        groups, prompts = request_groups(pipe, checked, config.uce, self._preserve_cache())
+        regen = {group.name: self._regeneration_rows(pipe, group, prompts, checked.guide) for group in groups}
 
         # 1. UCE
-        original = kv_weights(pipe)
-        first = solve(
-            original,
-            rows.inputs,
-            rows.targets,
-            edit_weights=config.uce.erase_scale,
-            preserve_inputs=rows.preserve,
-            preserve_weights=config.uce.preserve_scale,
-            lam=config.uce.lam,
-            dtype=torch_dtype(config.uce.solve_dtype),
-        )
-        deltas = dict(first.deltas)
-        stages = [{"stage": "uce", **first.metrics()}]
+        first = {
+            group.name: solve(
+                group.weights,
+                group.rows.inputs,
+                group.rows.targets,
+                edit_weights=config.uce.erase_scale,
+                preserve_inputs=group.rows.preserve,
+                preserve_weights=config.uce.preserve_scale,
+                lam=config.uce.lam,
+                dtype=torch_dtype(config.uce.solve_dtype),
+            )
+            for group in groups
+        }
+        deltas = {name: delta for solution in first.values() for name, delta in solution.deltas.items()}
+        stages = [{"stage": "uce", **group_metrics(first)}]
         params = {**config.model_dump(), "guide": checked.guide, "preserve": checked.preserve}
 
-        # 2. epochs of regenerating-embedding derivation + erasure at the current weights
+        # 2. epochs of regenerating-embedding derivation + erasure at the current weights, group by group
         candidates: list[tuple[int, dict, float | None]] = []
         for epoch in range(1, config.epochs + 1):
-            regenerated = regenerating_embeddings(original, deltas, regen_inputs, config.lam_reg, dtype=dtype)
-            current = updated_weights(original, deltas)
-            inputs, targets = regenerated, regen_targets
-            if config.keep_erased:
-                inputs, targets = keep_erased_rows(original, current, regenerated, regen_targets, rows)
-            step = solve(
-                current,
-                inputs,
-                targets,
-                preserve_inputs=rows.preserve,
-                preserve_weights=config.preserve_scale,
-                lam=config.lam,
-                dtype=dtype,
-            )
-            deltas = add_deltas(deltas, step.deltas)
-            stages.append({"stage": f"epoch {epoch}", **step.metrics()})
+            steps = {}
+            for group in groups:
+                original, (regen_inputs, regen_targets) = group.weights, regen[group.name]
+                regenerated = regenerating_embeddings(original, deltas, regen_inputs, config.lam_reg, dtype=dtype)
+                current = updated_weights(original, deltas)
+                inputs, targets = regenerated, regen_targets
+                if config.keep_erased:
+                    inputs, targets = keep_erased_rows(original, current, regenerated, regen_targets, group.rows)
+                steps[group.name] = solve(
+                    current,
+                    inputs,
+                    targets,
+                    preserve_inputs=group.rows.preserve,
+                    preserve_weights=config.preserve_scale,
+                    lam=config.lam,
+                    dtype=dtype,
+                )
+            for step in steps.values():
+                deltas = add_deltas(deltas, step.deltas)
+            stages.append({"stage": f"epoch {epoch}", **group_metrics(steps)})
             score = None
             if self.score_fn is not None:
                 candidate = self._edit(pipe, checked.concepts, params, deltas, stages, started, None)
@@ -164,6 +170,12 @@ class RECE(Editor):
             deltas = candidates[chosen - 1][1]
         selection = {"epochs_run": config.epochs, "epoch_returned": chosen, "scores": {str(e): s for e, s in scores.items()}}
         return self._edit(pipe, checked.concepts, params, deltas, stages[: chosen + 1], started, selection)
+
+    def _regeneration_rows(self, pipe: Any, group: MapGroup, prompts: list[str], guide: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows whose regenerating embeddings are derived (``regen_tokens``), with their guide targets."""
+        if self.config.regen_tokens == "all":
+            return full_rows(pipe, group, prompts, guide)
+        return group.rows.inputs, group.rows.targets
 
     def _preserve_cache(self) -> Path | None:
         """RECE's ``cache_dir`` (when set) overrides its UCE stage's."""

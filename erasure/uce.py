@@ -1,6 +1,8 @@
 """UCE — Unified Concept Editing (Gandikota et al., WACV 2024), erasure.
 
-Algorithm (one closed-form solve for every cross-attention K and V projection):
+Algorithm (one closed-form solve for every cross-attention K and V projection; on SD3 / FLUX for the
+transformer's text maps, ``context_embedder`` on the concept's token states and the pooled-text map on its
+pooled embedding, one solve each, see :mod:`conceptsmith.mmdit`):
 
 1. encode the concept tokens ``c_i`` (token policy below) and the guide tokens ``c_g``;
 2. targets ``v_i* = W_old c_g`` (the guide's K/V outputs), preserved tokens keep ``W_old p_j``;
@@ -40,19 +42,20 @@ from conceptsmith.erasure._closed_form import (
     CheckedRequest,
     ClosedFormConfig,
     EditRows,
+    MapGroup,
     cache_root,
     check_request,
     expand_prompts,
-    kv_weights,
+    group_metrics,
     make_edit,
     solve,
     torch_dtype,
-    uce_rows,
+    uce_groups,
 )
 from pydantic import Field
 
 from conceptsmith.edits import Edit, base_fingerprint
-from conceptsmith.registry import Editor, EditRequest, register_editor
+from conceptsmith.registry import ALL_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import TokenPolicy
 
 
@@ -77,44 +80,57 @@ def default_guide(concept_type: str) -> str:
     return "art" if concept_type == "art" else ""
 
 
-def request_rows(pipe: Any, checked: CheckedRequest, config: UCEConfig, cache: Path | None) -> tuple[EditRows, list[str]]:
-    """The UCE rows of a checked request under ``config``'s token policy and prompt expansion;
-    also returns the edited prompts (each concept, then its templates when expanded)."""
+def request_groups(
+    pipe: Any, checked: CheckedRequest, config: UCEConfig, cache: Path | None
+) -> tuple[list[MapGroup], list[str]]:
+    """The UCE rows of a checked request under ``config``'s token policy and prompt expansion, per group of
+    maps; also returns the edited prompts (each concept, then its templates when expanded)."""
     prompts, phrases = checked.concepts, checked.concepts
     if config.expand_prompts:
         prompts, phrases = expand_prompts(checked.concepts, config.concept_type)
     preserve = checked.preserve
     if config.expand_preserve and preserve:
         preserve = expand_prompts(preserve, config.concept_type)[0]
-    rows = uce_rows(pipe, prompts, phrases, checked.guide, preserve, config.token_policy, cache)
-    return rows, list(prompts)
+    groups = uce_groups(pipe, prompts, phrases, checked.guide, preserve, config.token_policy, cache)
+    return groups, list(prompts)
+
+
+def request_rows(pipe: Any, checked: CheckedRequest, config: UCEConfig, cache: Path | None) -> tuple[EditRows, list[str]]:
+    """:func:`request_groups` of a UNet pipeline: the cross-attention K/V rows (editors built on them alone)."""
+    groups, prompts = request_groups(pipe, checked, config, cache)
+    return groups[0].rows, prompts
 
 
 @register_editor("uce", description="Unified Concept Editing: closed-form K/V edit mapping concept tokens to a guide")
 class UCE(Editor):
     Config = UCEConfig
+    supports = ALL_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         config: UCEConfig = self.config
         started, started_cpu = time.perf_counter(), time.process_time()
         checked = check_request(pipe, request, default_guide(config.concept_type))
         fingerprint = base_fingerprint(pipe)
-        rows, _ = request_rows(pipe, checked, config, config.preserve_cache())
+        groups, _ = request_groups(pipe, checked, config, config.preserve_cache())
         encoded, encoded_cpu = time.perf_counter(), time.process_time()
-        solution = solve(
-            kv_weights(pipe),
-            rows.inputs,
-            rows.targets,
-            edit_weights=config.erase_scale,
-            preserve_inputs=rows.preserve,
-            preserve_weights=config.preserve_scale,
-            lam=config.lam,
-            dtype=torch_dtype(config.solve_dtype),
-        )
+        solutions = {
+            group.name: solve(
+                group.weights,
+                group.rows.inputs,
+                group.rows.targets,
+                edit_weights=config.erase_scale,
+                preserve_inputs=group.rows.preserve,
+                preserve_weights=config.preserve_scale,
+                lam=config.lam,
+                dtype=torch_dtype(config.solve_dtype),
+            )
+            for group in groups
+        }
+        deltas = {name: delta for solution in solutions.values() for name, delta in solution.deltas.items()}
         params = {**config.model_dump(), "guide": checked.guide, "preserve": checked.preserve}
         metadata = {
-            "closed_form": solution.metrics(),
+            "closed_form": group_metrics(solutions),
             "timing_s": {"encode": encoded - started, "solve": time.perf_counter() - encoded},
             "cpu_s": {"encode": encoded_cpu - started_cpu, "solve": time.process_time() - encoded_cpu},
         }
-        return make_edit(pipe, self.name, checked.concepts, params, solution.deltas, metadata, fingerprint)
+        return make_edit(pipe, self.name, checked.concepts, params, deltas, metadata, fingerprint)
