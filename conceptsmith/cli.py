@@ -20,8 +20,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="hub id, local dir, .safetensors file or builtin:<name>")]
-DTYPES = {"float32", "float16", "bfloat16"}
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="hub id, local dir, .safetensors file, builtin:<name> "
+                                           "or a model config (configs/models/NAME.yaml, or NAME)")]
+DeviceOption = Annotated[str | None, typer.Option(
+    help="cuda | cuda:N | mps | cpu (default: the config's, else cuda when available, else mps, else cpu)")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32 | float16 | bfloat16 (default: the config's, else float32)")]
 
 EDIT_HELP = "edit to apply, FILE or FILE:SCALE (e.g. no-skull.safetensors:0.5; repeatable, in order)"
 
@@ -41,18 +44,11 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"Unknown dtype '{name}'; allowed values: {', '.join(sorted(DTYPES))}.")
-    return getattr(torch, name)
-
-
-def _load(model: str, dtype: str = "float32", device: str = "cpu"):
+def _load(model: str, dtype: str | None = "float32", device: str | None = "cpu"):
+    """The pipeline and its ModelInfo; ``None`` takes the model config's dtype / device, else the defaults."""
     from conceptsmith.models import load_pipeline
 
-    pipe, info = load_pipeline(model, dtype=_torch_dtype(dtype), device=device)
+    pipe, info = load_pipeline(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, info
 
@@ -92,7 +88,8 @@ def generate(
     height: Annotated[int | None, typer.Option()] = None,
     width: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per forward pass")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16")] = "float32",
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out/generate"),
 ) -> None:
     """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json."""
@@ -102,7 +99,7 @@ def generate(
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = parse_seeds(seeds)
     edits = _load_edits(edit)
-    pipe, info = _load(model, dtype)
+    pipe, info = _load(model, dtype, device)
     for _, loaded, scale in edits:
         loaded.apply(pipe, scale=scale)
     settings = default_settings(pipe, num_inference_steps=steps, guidance_scale=guidance, height=height,
@@ -123,6 +120,8 @@ def generate(
         "base_fingerprint": info.fingerprint,
         "edits": [{"file": str(path), "scale": scale, "method": e.method, "concepts": e.concepts} for path, e, scale in edits],
         "settings": settings.pipeline_kwargs(),
+        "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
         "images": records,
     }
@@ -218,6 +217,8 @@ def erase(
         "--images", help="images of the concept (folder or file; one per concept) for methods that learn from them")] = [],  # noqa: B006
     config: Annotated[Path | None, typer.Option(help="YAML with `method:` and `params:` (configs/erase/*.yaml)")] = None,
     seed: Annotated[int, typer.Option(help="seed for any random choice of the method")] = 0,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("edit.safetensors"),
 ) -> None:
     """Erase concepts: fit an erasure method and write the Edit (the model itself is never modified)."""
@@ -234,7 +235,7 @@ def erase(
         if not path.exists():
             raise FileNotFoundError(f"--images '{path}' does not exist; pass a folder or an image file of the concept.")
     editor = _editor_from_options(method, config)
-    pipe, info = _load(model)
+    pipe, info = _load(model, dtype, device)
     request = EditRequest(concepts=concepts, guide=guide, preserve=preserve + _read_lines(preserve_file, "Preserve"),
                           images=list(images), seed=seed)
     started = time.perf_counter()
@@ -273,6 +274,8 @@ def customize(
     images: Annotated[list[Path], typer.Option("--images", help="reference image folder, one per token")] = [],  # noqa: B006
     config: Annotated[Path | None, typer.Option(help="YAML with `method:` and `params:` (configs/customize/*.yaml)")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("custom.safetensors"),
 ) -> None:
     """Teach the model new concepts from reference images and write the Edit."""
@@ -285,7 +288,7 @@ def customize(
     if len(images) != len(token):
         raise ValueError(f"Pass one --images folder per --token: got {len(token)} token(s) and {len(images)} folder(s).")
     editor = _editor_from_options(method, config)
-    pipe, info = _load(model)
+    pipe, info = _load(model, dtype, device)
     result = editor.fit(pipe, EditRequest(concepts=[], tokens=token, class_words=class_word, images=images, seed=seed))
     result.save(out)
     typer.echo(f"{editor.name}: learned {', '.join(token)} on {info.spec} [{info.fingerprint}] -> {out}")
@@ -330,11 +333,16 @@ def bench(
     cache: Annotated[str | None, typer.Option(help="image/edit cache directory")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="report directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    report: Annotated[bool, typer.Option(help="write report.md / report.html beside results.json")] = True,
 ) -> None:
-    """Run a benchmark: fit every method, generate, score, write results.json and a report."""
+    """Run a benchmark: fit every method, generate, score, write results.json and a report.
+    On several GPUs: accelerate launch --multi_gpu --num_processes N -m conceptsmith bench CONFIG."""
     from conceptsmith.evaluation.bench import bench_command
 
-    bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json)
+    bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json,
+                  device=device, dtype=dtype, report=report)
 
 
 @app.command()
@@ -347,11 +355,14 @@ def evaluate(
     cache: Annotated[str | None, typer.Option(help="image cache directory")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="report directory")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Score the unedited model and each saved edit on a benchmark's prompts."""
     from conceptsmith.evaluation.bench import evaluate_command
 
-    evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json)
+    evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json,
+                     device=device, dtype=dtype)
 
 
 @app.command()

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
+#: Device names a config or ``--device`` may give (``auto``: cuda when available, else mps, else cpu).
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+DtypeName = Literal["float32", "float16", "bfloat16"]
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message says where and how to fix it."""
@@ -26,12 +30,13 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    """``configs/models/*.yaml``: which pipeline to load and how."""
+    """``configs/models/*.yaml``: which pipeline to load and how (``load_pipeline`` takes the file or its name;
+    an explicit ``dtype`` / ``device`` argument or CLI option overrides the file's)."""
 
     spec: str = Field(min_length=1, description="hub id, local directory, .safetensors file or builtin:<name>")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "cpu"
-    single_file_config: str | None = None
+    dtype: DtypeName = "float32"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps")
+    single_file_config: str | None = Field(None, description="local diffusers directory with the architecture of a single file")
 
 
 class EditConfig(StrictModel):

@@ -69,29 +69,92 @@ def _import_providers() -> None:
                 raise
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """A model spec resolved for loading: what to load, in which precision, on which device."""
+
+    spec: str
+    dtype: torch.dtype
+    device: torch.device
+    single_file_config: str | None = None
+    config: str | None = None  # the model config file the spec came from, if any
+
+
+def resolve_model(
+    spec: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    single_file_config: str | None = None,
+) -> LoadSpec:
+    """``spec`` with its precision and device; a model config (a ``.yaml`` file, or a name under
+    ``configs/models/`` such as ``sd14``) gives its own ``spec``, ``dtype``, ``device`` and
+    ``single_file_config``, which explicit arguments override. Unset: float32 on
+    :func:`conceptsmith.devices.default_device`."""
+    from conceptsmith.config import ModelConfig, load_config
+    from conceptsmith.devices import DeviceError, resolve_device, resolve_dtype
+
+    spec = spec.strip()
+    path = _model_config_path(spec)
+    if path is None:
+        return LoadSpec(spec, resolve_dtype(dtype), resolve_device(device), single_file_config)
+    config = load_config(path, ModelConfig)
+    try:
+        resolved = resolve_device(config.device if device is None else device)
+    except DeviceError as err:
+        if device is not None:
+            raise
+        raise DeviceError(f"{path} sets device: {config.device}. {err}") from None
+    return LoadSpec(
+        config.spec.strip(),
+        resolve_dtype(config.dtype if dtype is None else dtype),
+        resolved,
+        single_file_config or config.single_file_config,
+        str(path),
+    )
+
+
+def _model_config_path(spec: str) -> Path | None:
+    """The model config ``spec`` names: a ``.yaml`` / ``.yml`` path, or the name of a shipped
+    ``configs/models/<name>.yaml`` (when no local file or folder of that name exists)."""
+    from conceptsmith.resources import shipped_config
+
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    if spec and not any(c in spec for c in "/\\:.") and not path.exists():
+        shipped = shipped_config(f"models/{spec}.yaml")
+        if shipped.is_file():
+            return shipped
+    return None
+
+
 def load_pipeline(
     spec: str,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
     single_file_config: str | None = None,
 ) -> tuple[object, ModelInfo]:
-    """Load ``spec`` and describe it.
+    """Load ``spec`` on ``device`` in ``dtype`` and describe it.
 
     ``spec`` is a hub id (``CompVis/stable-diffusion-v1-4``), a local diffusers directory, a
     single ``.safetensors`` checkpoint (``single_file_config`` may name a local diffusers
-    directory with the matching architecture, for offline use), or ``builtin:<name>``.
+    directory with the matching architecture, for offline use), ``builtin:<name>``, or a model
+    config (``configs/models/sd14.yaml`` or its name ``sd14``). ``dtype``: float32 | float16 |
+    bfloat16; ``device``: cpu | cuda | cuda:N | mps | auto; ``None`` takes the model config's
+    value, else float32 on :func:`conceptsmith.devices.default_device` (see :func:`resolve_model`).
     """
-    spec = spec.strip()
+    target = resolve_model(spec, dtype, device, single_file_config)
+    spec, dtype, device = target.spec, target.dtype, target.device
     if not spec:
         raise ModelLoadError("Empty model spec: pass a hub id, a local directory, a .safetensors file or builtin:<name>.")
     if spec.startswith("builtin:"):
-        pipe = _load_builtin(spec.removeprefix("builtin:"), dtype, device)
+        pipe = _load_builtin(spec.removeprefix("builtin:"), dtype, str(device))
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
             pipe = _load_directory(path, dtype)
         elif path.is_file():
-            pipe = _load_single_file(path, dtype, single_file_config)
+            pipe = _load_single_file(path, dtype, target.single_file_config)
         elif _looks_like_path(spec):
             raise ModelLoadError(f"Model path '{spec}' does not exist. Check the path, or pass a hub id or builtin:<name>.")
         else:

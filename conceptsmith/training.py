@@ -6,6 +6,12 @@
   autocast on CUDA and float32 on CPU/MPS; a precision the device lacks falls back to float32 with
   a warning. Trainable parameters stay float32 (master weights).
 * **gradient checkpointing** of the given models (diffusers and transformers APIs) on request;
+* **data parallel (DDP)** when several processes run it (``accelerate launch`` / ``torchrun``): the
+  trainable parameters are wrapped in ``DistributedDataParallel`` (``accelerator.prepare``), which
+  averages their gradients; the micro-steps of an optimizer step are dealt to the processes, so with
+  ``gradient_accumulation_steps`` a multiple of the number of processes a run equals the one-process
+  run (same seeds, same average); otherwise every process does all micro-steps with its own seeds (the
+  effective batch grows with the processes). Every process must call :func:`train` together;
 * **checkpoints and resume** as ``.safetensors`` (:mod:`conceptsmith.train_checkpoints`; never
   pickles): ``checkpoint_dir`` + ``checkpoint_every``, ``resume=True`` continues from the latest
   checkpoint of the same run;
@@ -17,11 +23,13 @@
 What to train comes from :mod:`conceptsmith.trainable` (peft LoRA or full weights on any modules of
 a shared copy, the frozen model's predictions from the same network); what to minimize from
 :mod:`conceptsmith.diffusion` (conditioning, the denoising loss, frozen-model trajectories).
-Training runs in one process on the device the models are on (no device placement, no DDP).
+Training runs on the device the models are on (no device placement): one GPU per process under a
+multi-process launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -100,6 +108,7 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     mixed_precision: str = "no"
+    processes: int = 1  # data-parallel processes that trained together
     checkpoint: str | None = None
     eval_start: float | None = None  # loss on fixed noise before training (see TrainingConfig.eval_batches)
     eval_end: float | None = None
@@ -113,6 +122,7 @@ class TrainResult:
             "resumed_from": self.resumed_from,
             "seconds": round(self.seconds, 3),
             "mixed_precision": self.mixed_precision,
+            "processes": self.processes,
             "loss_start": sum(first) / len(first) if first else None,
             "loss_end": sum(last) / len(last) if last else None,
             "eval_loss_start": self.eval_start,
@@ -128,12 +138,13 @@ class TrainResult:
 # -- the loop ------------------------------------------------------------------------------------------
 
 
-def resolve_mixed_precision(requested: str, device: torch.device) -> str:
-    """The autocast precision to use on ``device`` for the requested setting."""
+def resolve_mixed_precision(requested: str, device: torch.device, weights: torch.dtype | None = None) -> str:
+    """The autocast precision to use on ``device`` for the requested setting; ``auto`` follows a half-precision
+    model (``weights``: the frozen model's dtype), else bf16 where the GPU has it, else fp16."""
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
-            return "bf16" if bf16 else "fp16"
+            return "fp16" if weights == torch.float16 or not bf16 else "bf16"
         if requested == "bf16" and not bf16:
             warnings.warn("This GPU has no bf16 support; training with fp16 mixed precision instead.", stacklevel=3)
             return "fp16"
@@ -146,17 +157,52 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
 
 
 def _accelerator(mixed_precision: str, device: torch.device) -> Any:
+    """An ``Accelerator`` for this run; under a multi-process launch it joins the launch's process group (gloo
+    on CPUs, NCCL on GPUs) and DDP reports parameters a loss did not use instead of hanging."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    kwargs = dict(mixed_precision=mixed_precision, cpu=device.type == "cpu", device_placement=False)
+    kwargs = dict(
+        mixed_precision=mixed_precision,
+        cpu=device.type == "cpu",
+        device_placement=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     try:
         return Accelerator(**kwargs)
     except ValueError as err:  # accelerate keeps one global state; another precision needs a reset
         if "already been initialized" not in str(err):
             raise
-        AcceleratorState._reset_state(reset_partial_state=True)
+        AcceleratorState._reset_state()  # the process state (process group, device) stays
         return Accelerator(**kwargs)
+
+
+class _Objective(nn.Module):
+    """The loss function as a module that owns the trainable parameters, so that DDP can average their gradients."""
+
+    def __init__(self, named: Mapping[str, nn.Parameter], loss_fn: Callable[[TrainStep], Any]) -> None:
+        super().__init__()
+        self.trained = nn.ParameterList(named.values())  # the very parameter objects, not copies
+        self.loss_fn = loss_fn
+
+    def forward(self, step: TrainStep) -> Any:
+        return self.loss_fn(step)
+
+
+def _weights_dtype(models: Sequence[nn.Module]) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of ``models`` (the frozen model's precision)."""
+    for module in models:
+        for p in module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _process_mean(accelerator: Any, values: list[float], device: torch.device) -> list[float]:
+    """The mean of each value over the processes of a launch."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    return accelerator.reduce(tensor, reduction="mean").tolist()
 
 
 def _seed(seed: int, step: int, micro: int) -> int:
@@ -239,8 +285,11 @@ def train(
     groups = _groups(params, config.effective_lr())
     named = {name: p for group, _ in groups for name, p in group.items()}
     device = next(iter(named.values())).device
-    precision = resolve_mixed_precision(config.mixed_precision, device)
+    precision = resolve_mixed_precision(config.mixed_precision, device, _weights_dtype(models))
     accelerator = _accelerator(precision, device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accumulation = config.gradient_accumulation_steps
+    per_process = accumulation // world if accumulation % world == 0 else accumulation
     optimizer = torch.optim.AdamW(
         [{"params": list(group.values()), "lr": lr} for group, lr in groups],
         betas=(config.adam_beta1, config.adam_beta2),
@@ -251,7 +300,7 @@ def train(
     prepared = accelerator.prepare_optimizer(optimizer, device_placement=False)
     signature = signature(run_key, named, config)
 
-    result = TrainResult(losses=[], mixed_precision=precision)
+    result = TrainResult(losses=[], mixed_precision=precision, processes=world)
     start = 0
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if config.resume:
@@ -266,13 +315,15 @@ def train(
                     f"Checkpoint '{latest}' is at step {start}, beyond steps={config.steps}; raise steps or use another checkpoint_dir."
                 )
 
+    objective = _Objective(named, loss_fn)
+    model = accelerator.prepare_model(objective, device_placement=False) if world > 1 else objective  # DDP
     if evaluate is not None and config.eval_batches and start == 0:
         result.eval_start = evaluate(config.eval_batches)
     modes = [(m, m.training) for m in models]
-    for model in models:
-        model.train()
+    for module in models:
+        module.train()
         if config.gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(module)
     cuda_devices = [device] if device.type == "cuda" else []
     bar = tqdm(total=config.steps, initial=start, desc=description, unit="step", disable=not config.progress)
     try:
@@ -282,24 +333,29 @@ def train(
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
                 total, extras = 0.0, {}
-                for micro in range(config.gradient_accumulation_steps):
-                    value = _seed(seed, step, micro)
+                for micro in range(per_process):  # this process's share of the step's micro-steps
+                    value = _seed(seed, step, rank * per_process + micro)
                     torch.manual_seed(value)
                     generator = torch.Generator().manual_seed(value)
-                    with accelerator.autocast():
-                        out = loss_fn(TrainStep(step, micro, generator, device))
-                    loss = out if isinstance(out, torch.Tensor) else out["loss"]
-                    if not torch.isfinite(loss.detach()).all():
-                        raise TrainingError(
-                            f"The training loss became {float(loss.detach())} at step {step}; lower learning_rate (now "
-                            f"{config.effective_lr():g}) or use mixed_precision='no'."
-                        )
-                    accelerator.backward(loss / config.gradient_accumulation_steps, inputs=list(named.values()))
-                    total += float(loss.detach()) / config.gradient_accumulation_steps
+                    last = micro == per_process - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP: average once
+                        with accelerator.autocast():
+                            out = model(TrainStep(step, micro, generator, device))
+                        loss = out if isinstance(out, torch.Tensor) else out["loss"]
+                        accelerator.backward(loss / per_process, inputs=list(named.values()))
+                    total += float(loss.detach()) / per_process
                     if not isinstance(out, torch.Tensor):
                         for key, v in out.items():
                             if key != "loss":
-                                extras[key] = extras.get(key, 0.0) + float(torch.as_tensor(v).detach()) / config.gradient_accumulation_steps
+                                extras[key] = extras.get(key, 0.0) + float(torch.as_tensor(v).detach()) / per_process
+                if world > 1:  # the step's loss over every process's micro-steps, the same number on all
+                    total, *rest = _process_mean(accelerator, [total, *extras.values()], device)
+                    extras = dict(zip(extras, rest))
+                if not math.isfinite(total):
+                    raise TrainingError(
+                        f"The training loss became {total} at step {step}; lower learning_rate (now "
+                        f"{config.effective_lr():g}) or use mixed_precision='no'."
+                    )
                 if config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
                 prepared.step()
@@ -313,12 +369,19 @@ def train(
                 if folder is not None and (
                     done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
                 ):
-                    result.checkpoint = str(save_checkpoint(folder, done, named, optimizer, accelerator, signature, result))
-                    prune(folder, config.keep_checkpoints)
+                    written = [None]
+                    if accelerator.is_main_process:
+                        written = [str(save_checkpoint(folder, done, named, optimizer, accelerator, signature, result))]
+                        prune(folder, config.keep_checkpoints)
+                    if world > 1:  # the others wait for the file and learn its name
+                        from accelerate.utils import broadcast_object_list
+
+                        broadcast_object_list(written)
+                    result.checkpoint = written[0]
     finally:
         bar.close()
-        for model, mode in modes:
-            model.train(mode)
+        for module, mode in modes:
+            module.train(mode)
     if evaluate is not None and config.eval_batches:
         result.eval_end = evaluate(config.eval_batches)
     result.steps = config.steps

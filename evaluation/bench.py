@@ -17,12 +17,15 @@ method's edit:
   params are validated against the attack's ``Config`` when the YAML is loaded.
 
 Generation uses one CPU generator per image and fixed batches that do not depend on the number of
-processes, so an image depends only on (model, edit, prompt, seed, settings). Images are cached as
+processes, so an image depends only on (model, edit, prompt, seed, settings, dtype). Images are cached as
 PNG under ``<cache>/<base fingerprint>/<edit key>/``; fitted edits under ``<cache>/<base>/edits/``;
-a re-run only generates what is new. Under ``accelerate launch`` the batches are dealt round-robin
-to the processes; the main process fits/caches edits first, scores and writes the results::
+a re-run only generates what is new. The model runs on ``device`` in ``dtype`` (arguments, else the
+YAML's ``device:`` / ``dtype:``, else the model config's, else float32 on cuda / mps / cpu). Under
+``accelerate launch`` every process runs on its own device (``cuda:<local rank>``), the batches are dealt
+round-robin to the processes, every process takes part in fitting an edit (trained editors train
+data-parallel, :mod:`conceptsmith.training`) and the main process saves it, scores and writes the results::
 
-    accelerate launch --multi_gpu --num_processes 2 -m evaluation.bench shapes-smoke --out runs/smoke
+    accelerate launch --multi_gpu --num_processes 2 -m conceptsmith bench shapes-smoke --out runs/smoke
 
 (on a CPU-only machine ``--multi_gpu`` selects accelerate's torchrun launcher, which runs CPU
 processes with the gloo backend; ``--cpu`` alone starts a single process).
@@ -34,7 +37,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +47,7 @@ import torch
 from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
-from conceptsmith.config import StrictModel, load_config, read_yaml, validate
+from conceptsmith.config import DEVICE_PATTERN, DtypeName, StrictModel, load_config, read_yaml, validate
 from conceptsmith.resources import configs_root, shipped_config
 
 __all__ = [
@@ -138,6 +140,8 @@ class BenchConfig(StrictModel):
     description: str = ""
     model: str = Field(min_length=1)
     evaluator: str = Field(min_length=1)
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cuda | cuda:N | mps | cpu | auto (default: the model's)")
+    dtype: DtypeName | None = Field(None, description="float32 | float16 | bfloat16 (default: the model's)")
     seeds: list[int] = Field(min_length=1)
     templates: list[str] = Field(default_factory=lambda: ["a {}"], min_length=1)
     eval_templates: list[str] = Field(default_factory=lambda: ["a photo of a {}"], min_length=1)
@@ -249,7 +253,8 @@ class Generator:
         return kw
 
     def path(self, edit_key: str, condition_key: str, seed: int) -> Path:
-        settings = digest(self._kwargs())
+        precision = _precision(self.pipe)  # float32 images keep the keys they had before dtypes were chosen
+        settings = digest(self._kwargs()) if precision == "float32" else digest(self._kwargs(), precision)
         return self.cache / edit_key / f"{digest(condition_key, settings)}-{seed}.png"
 
     def run(
@@ -293,6 +298,28 @@ class Generator:
         bar.close()
         self.state.wait_for_everyone()
         return paths
+
+
+def _precision(pipe: Any) -> str:
+    """The dtype the pipeline's denoiser computes in (``float32``, ``float16``, ``bfloat16``)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    return str(denoiser.dtype).removeprefix("torch.") if denoiser is not None else "float32"
+
+
+def compute_once(state: Any, path: Path, compute: Callable[[], Any], save: Callable[[Any, Path], Any]) -> bool:
+    """Compute and save the artifact ``path`` holds unless it exists; returns whether it was computed.
+
+    Every process of a launch computes it together (trained editors train data-parallel, so all must take
+    part) and only the main process saves; every process has looked for the file before it is written and
+    finds it once this returns, so all go on to load the very same artifact."""
+    missing = not path.is_file()
+    state.wait_for_everyone()
+    if missing:
+        made = compute()
+        if state.is_main_process:
+            save(made, path)
+        state.wait_for_everyone()
+    return missing
 
 
 def _encode_kwargs(pipe: Any, prompt: str) -> dict[str, torch.Tensor]:
@@ -381,17 +408,18 @@ def fit_edit(
     )
     request_key = f"{method}-{digest(method, params, request.__dict__, __version__)}"
     path = cache / "edits" / f"{request_key}.safetensors"
-    seconds = None
-    with state.main_process_first():
-        if path.is_file():
-            edit = Edit.load(path)
-        else:
-            started = time.perf_counter()
-            edit = get_editor(method)(params).fit(pipe, request)
-            seconds = time.perf_counter() - started
-            edit.metadata.setdefault("train_seconds", round(seconds, 3))
-            if state.is_main_process:
-                edit.save(path)
+    timing: dict[str, float] = {}
+
+    def fit() -> Edit:
+        started = time.perf_counter()
+        edit = get_editor(method)(params).fit(pipe, request)
+        timing["seconds"] = time.perf_counter() - started
+        edit.metadata.setdefault("train_seconds", round(timing["seconds"], 3))
+        return edit
+
+    compute_once(state, path, fit, lambda edit, target: edit.save(target))
+    edit = Edit.load(path)  # the stored edit: every process and every re-run use the very same tensors
+    seconds = timing.get("seconds")
     return edit, f"{method}-{edit_digest(edit)}", seconds
 
 
@@ -557,17 +585,18 @@ def run_bench(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     report: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> BenchRun:
     """Run a benchmark; writes ``results.json`` (and the report) into ``out_dir`` on the main process.
 
     ``methods`` keeps only these method rows (by label or method name); ``edits`` adds saved Edit
-    files as rows (evaluated on every task); ``model`` / ``evaluator`` override the config's.
+    files as rows (evaluated on every task); ``model`` / ``evaluator`` / ``device`` / ``dtype`` override
+    the config's.
     """
-    from accelerate import PartialState
     from conceptsmith.evaluation.clip import load_evaluator
 
     from conceptsmith.edits import Edit, parse_edit_spec
-    from conceptsmith.models import load_pipeline
 
     if isinstance(config, BenchConfig):
         cfg, bench_path = config, None
@@ -583,16 +612,14 @@ def run_bench(
             BenchConfig,
             "overrides",
         )
-    state = PartialState(cpu=True)
     out_dir = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
     started = time.perf_counter()
 
-    pipe, info = load_pipeline(cfg.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, info, state = load_for_processes(cfg.model, device or cfg.device, dtype or cfg.dtype)
     cache = cache_root / info.fingerprint
     gen = Generator(pipe, cfg.generation, cache, state, progress=progress)
-    ev = load_evaluator(cfg.evaluator) if state.is_main_process else None
+    ev = load_evaluator(cfg.evaluator, device=pipe.device) if state.is_main_process else None
 
     selected = [
         m
@@ -696,6 +723,19 @@ def run_bench(
     return run
 
 
+def load_for_processes(model: str, device: str | None, dtype: str | None) -> tuple[Any, Any, Any]:
+    """(pipe, ModelInfo, accelerate state) of one benchmark process: the model on this process's device (its own
+    GPU under a multi-process launch) in ``dtype``; ``None`` takes the model config's, else the default."""
+    from conceptsmith.devices import process_state
+    from conceptsmith.models import load_pipeline, resolve_model
+
+    target = resolve_model(model, dtype, device)
+    state = process_state(target.device)
+    pipe, info = load_pipeline(target.spec, target.dtype, target.device, target.single_file_config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, info, state
+
+
 def _method_images(spec: MethodSpec, cfg: BenchConfig, task: TaskSpec, gen: Any) -> list[Path]:
     """The unedited model's images of the task's erase prompts that ``spec`` learns from (none unless it asks):
     one folder per erased concept, in the task's order, ``n_images`` in each (seeds from 1000)."""
@@ -785,9 +825,13 @@ def bench_command(
     evaluator: str | None = None,
     cache: str | None = None,
     as_json: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
     """``conceptsmith bench CONFIG [--methods a,b] --out DIR``: run a benchmark, print the table.
-    Dispatches on the config's ``kind``: customization benchmarks run :mod:`evaluation.custom_bench`."""
+    Dispatches on the config's ``kind``: customization benchmarks run :mod:`evaluation.custom_bench`.
+    Under ``accelerate launch -m conceptsmith bench ...`` the processes share the work."""
     if bench_kind(config) == "customization":
         from conceptsmith.evaluation.custom_bench import (
             load_custom_config,
@@ -806,6 +850,9 @@ def bench_command(
         model=model,
         evaluator=evaluator,
         cache_dir=cache,
+        device=device,
+        dtype=dtype,
+        report=report,
     )
     show(run, as_json)
     return run.results
@@ -819,6 +866,8 @@ def evaluate_command(
     evaluator: str | None = None,
     cache: str | None = None,
     as_json: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """``conceptsmith evaluate --model M [--edit E ...] --bench CONFIG [--json]``: score the unedited
     model and each saved edit on the benchmark's tasks (the config's own methods are not run)."""
@@ -831,6 +880,8 @@ def evaluate_command(
         model=model,
         evaluator=evaluator,
         cache_dir=cache,
+        device=device,
+        dtype=dtype,
     )
     _print_run(run, as_json)
     return run.results
@@ -849,40 +900,3 @@ def _print_run(run: BenchRun, as_json: bool) -> None:
     if "markdown" in run.report:
         print(f"report:  {run.report['html']}  (and {run.report['markdown'].name})")
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m evaluation.bench CONFIG --out DIR [--methods a,b] [--model M] [--evaluator E]``
-    (the entry point ``accelerate launch`` runs)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m evaluation.bench")
-    parser.add_argument("config")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--methods", default=None)
-    parser.add_argument("--edit", action="append", default=[])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--evaluator", default=None)
-    parser.add_argument("--cache", default=None)
-    parser.add_argument("--no-report", action="store_true")
-    parser.add_argument("--setup", default=None, help="module to import first (registers builtins)")
-    args = parser.parse_args(argv)
-    if args.setup:
-        import importlib
-
-        importlib.import_module(args.setup)
-    run = run_bench(
-        args.config,
-        args.out,
-        methods=args.methods.split(",") if args.methods else None,
-        edits=args.edit,
-        model=args.model,
-        evaluator=args.evaluator,
-        cache_dir=args.cache,
-        report=not args.no_report,
-    )
-    _print_run(run, as_json=False)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -67,9 +67,11 @@ from conceptsmith.evaluation.bench import (
     Generator,
     MethodSpec,
     TaskSpec,
+    compute_once,
     digest,
     edit_digest,
     fit_edit,
+    load_for_processes,
     load_images,
     method_config,
     resolve_bench_path,
@@ -78,7 +80,7 @@ from conceptsmith.evaluation.bench import (
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
-from conceptsmith.config import ConfigError, StrictModel, load_config, validate
+from conceptsmith.config import DEVICE_PATTERN, ConfigError, DtypeName, StrictModel, load_config, validate
 from conceptsmith.world.vocab import GENERATOR_SHAPES, NOVEL_OBJECTS
 
 __all__ = [
@@ -262,6 +264,8 @@ class CustomBenchConfig(StrictModel):
     description: str = ""
     model: str = Field(min_length=1)
     evaluator: str = Field(min_length=1)
+    device: str | None = Field(None, pattern=DEVICE_PATTERN, description="cuda | cuda:N | mps | cpu | auto (default: the model's)")
+    dtype: DtypeName | None = Field(None, description="float32 | float16 | bfloat16 (default: the model's)")
     seeds: list[int] = Field(min_length=1)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     training_seed: int = 0
@@ -644,10 +648,11 @@ class _Runner:
         path = self.cache / "edits" / f"{method}-{key}.safetensors"
         if path in self.memo:
             return self.memo[path]
-        if not path.is_file():
+
+        def fit() -> Any:
             tokens, words, folders = (list(x) for x in zip(*concepts, strict=True))
             with _applied(self.pipe, on):
-                edit = customize(
+                return customize(
                     self.pipe,
                     method,
                     tokens,
@@ -656,8 +661,8 @@ class _Runner:
                     params=self._runtime(method, params) | (runtime or {}),
                     seed=seed,
                 )
-            edit.save(path)
-            self.trained += 1
+
+        self.trained += compute_once(self.state, path, fit, lambda edit, target: edit.save(target))
         edit = Edit.load(path)  # the stored edit, so that a re-run sees the very same tensors
         self.memo[path] = (edit, f"{method}-{edit_digest(edit)}")
         return self.memo[path]
@@ -698,12 +703,14 @@ class _Runner:
         images = _files_digest(refs.train)
         key = f"{CEILING}-{digest(self.fingerprint, settings, concept.word(), images, self.cfg.training_seed, __version__)}"
         path = self.cache / "edits" / f"{key}.safetensors"
-        if not path.is_file():
-            states = invert_conditioning(
-                self.pipe, refs.train, concept.word(), config, self.cfg.training_seed
-            )
-            atomic_write(path, lambda tmp: save_file({"prompt_embeds": states.contiguous()}, str(tmp)))
-            self.trained += 1
+        self.trained += compute_once(
+            self.state,
+            path,
+            lambda: invert_conditioning(self.pipe, refs.train, concept.word(), config, self.cfg.training_seed),
+            lambda states, target: atomic_write(
+                target, lambda tmp: save_file({"prompt_embeds": states.contiguous()}, str(tmp))
+            ),
+        )
         states = load_file(str(path))["prompt_embeds"]
         return key, self._images(
             "single", concept.token, CEILING, key, [(key, lambda: {"prompt_embeds": states})]
@@ -1092,18 +1099,20 @@ def run_custom_bench(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     report: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> CustomBenchRun:
     """Run a customization benchmark; writes ``results.json`` (and the report) into ``out_dir``.
 
     ``methods`` keeps only these method rows / compositions (``relearn`` names the relearning task);
     the edits a kept composition needs are trained even when their method row is filtered out.
-    ``model`` / ``evaluator`` override the config's.
+    ``model`` / ``evaluator`` / ``device`` / ``dtype`` override the config's. Under ``accelerate launch`` the
+    processes share generation and train together (:func:`~conceptsmith.evaluation.bench.compute_once`); the
+    main process writes the results.
     """
-    from accelerate import PartialState
     from conceptsmith.evaluation.clip import load_evaluator
 
     from conceptsmith.io import write_json
-    from conceptsmith.models import load_pipeline
 
     if isinstance(config, CustomBenchConfig):
         cfg, bench_path = config, None
@@ -1117,11 +1126,9 @@ def run_custom_bench(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
-    state = PartialState(cpu=True)
-    pipe, info = load_pipeline(cfg.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, info, state = load_for_processes(cfg.model, device or cfg.device, dtype or cfg.dtype)
     gen = Generator(pipe, cfg.generation, cache_root / info.fingerprint, state, progress=progress)
-    ev = load_evaluator(cfg.evaluator)
+    ev = load_evaluator(cfg.evaluator, device=pipe.device)
     run = _Runner(cfg, bench_path, pipe, info.fingerprint, cache_root, gen, ev, state, progress)
 
     rows = _single_rows(run, labels) + _composition_rows(run, labels)
@@ -1147,10 +1154,12 @@ def run_custom_bench(
             "cached": gen.cached,
         },
     }
-    write_json(out_dir / "results.json", json.loads(json.dumps(results, default=float)))
-    done = CustomBenchRun(results, out_dir, run.trained, gen.generated, gen.cached)
-    if report:
-        done.report = write_custom_report(results, out_dir)
+    done = CustomBenchRun(results if state.is_main_process else {}, out_dir, run.trained, gen.generated, gen.cached)
+    if state.is_main_process:
+        write_json(out_dir / "results.json", json.loads(json.dumps(results, default=float)))
+        if report:
+            done.report = write_custom_report(results, out_dir)
+    state.wait_for_everyone()
     return done
 
 
@@ -1373,6 +1382,8 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
 # ============================================================================================
 def print_custom_run(run: CustomBenchRun, as_json: bool) -> None:
     """What ``conceptsmith bench`` prints for a customization benchmark: the summary table (or JSON)."""
+    if not run.results:  # not the main process
+        return
     if as_json:
         print(
             json.dumps({k: run.results[k] for k in ("bench", "model", "evaluator", "summary")}, default=float)

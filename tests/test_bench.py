@@ -120,29 +120,26 @@ def test_runner_results_report_and_cache_hit(smoke_run, evaluator_file):
     assert [r["metrics"] for r in again.results["rows"]] == [r["metrics"] for r in results["rows"]]
 
 
-def test_two_processes_match_one(smoke_run, evaluator_file, tmp_path):
-    setup = tmp_path / "cs_bench_setup.py"
-    setup.write_text(
-        "import sys, torch\ntorch.set_num_threads(1)\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\nimport conftest  # noqa: F401  registers builtin:tiny-test\n"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+def test_two_processes_through_the_cli_match_one(smoke_run, evaluator_file, tmp_path):
+    """``accelerate launch -m conceptsmith bench``: two CPU processes (torchrun + gloo) share the generation
+    and give the one-process run's numbers; the tiny model is passed as a saved pipeline directory."""
+    from conftest import build_tiny_pipe
+
+    model = tmp_path / "tiny-model"
+    build_tiny_pipe().save_pretrained(model)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "conceptsmith.evaluation.bench", "shapes-smoke", "--out", str(out), "--setup", "cs_bench_setup",
-        "--model", "builtin:tiny-test", "--evaluator", str(evaluator_file), "--no-report",
+        "-m", "conceptsmith", "bench", "shapes-smoke", "--out", str(out), "--model", str(model),
+        "--evaluator", str(evaluator_file), "--device", "cpu", "--no-report",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1  # the main process prints, the other does not
     two = json.loads((out / "results.json").read_text())
-    assert two["processes"] == 2
+    assert two["processes"] == 2 and two["model"]["fingerprint"] == smoke_run.results["model"]["fingerprint"]
     one = smoke_run.results
     assert [r["metrics"] for r in two["rows"]] == json.loads(json.dumps([r["metrics"] for r in one["rows"]]))
     assert [r["attacks"] for r in two["rows"]] == json.loads(json.dumps([r["attacks"] for r in one["rows"]]))

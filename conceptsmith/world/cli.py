@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from conceptsmith.cli import DeviceOption, DtypeOption, user_errors
+
 app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True)
 
 STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
@@ -152,6 +154,7 @@ def _evaluator_stage(resume: bool, threads: int) -> None:
 
 
 @app.command()
+@user_errors
 def check(
     json_only: bool = typer.Option(False, "--json", help="Print only the JSON object."),
     seeds: int = typer.Option(8, help="Seeds per prompt (>= 8 for the published numbers)."),
@@ -163,8 +166,11 @@ def check(
     strict: bool = typer.Option(False, help="Exit with code 1 if a bar is missed."),
     model: str = typer.Option("builtin:shapes", help="Generator to measure, e.g. a candidate pipeline directory "
                                        "(sampled with the shipped defaults unless its loader sets its own)."),
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Measure the evaluator on renders and the generator on held-out prompts; last line is JSON."""
+    from conceptsmith.models import resolve_model
     from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, load_generator, run_check
 
     metrics = GEN_METRICS if not only else tuple(m.strip() for m in only.split(",") if m.strip())
@@ -174,7 +180,8 @@ def check(
     if model_card and model != "builtin:shapes":
         raise typer.BadParameter("--model-card describes the shipped builtin:shapes; drop it or --model")
     say = (lambda message: None) if json_only else typer.echo
-    pipe = load_generator(model)
+    target = resolve_model(model, dtype, device)
+    pipe = load_generator(model).to(target.device, target.dtype)
     results = run_check(seeds=seeds, metrics=metrics, include_eval=not no_eval, pipe=pipe,
                         grid_path=None if json_only else grid, progress=not json_only, log=say)
     if model_card:
