@@ -388,19 +388,9 @@ def export(
     typer.echo(f"wrote {out} ({info.family}, base {info.fingerprint}, {len(edits)} edit(s) baked in)")
 
 
-@app.command("to-lora")
-@user_errors
-def to_lora(
-    edit: Annotated[Path, typer.Argument(help="a weights edit (.safetensors written by erase/merge)")],
-    rank: Annotated[int | None, typer.Option(help="truncate to this rank (default: exact)")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="LoRA file to write")] = Path("lora.safetensors"),
-) -> None:
-    """Convert a weight edit into a diffusers-format LoRA file (`pipe.load_lora_weights`)."""
-    from conceptsmith.edits import Edit
+from conceptsmith.cli_files import register as _register_file_commands  # noqa: E402  (import, export-lora, to-lora)
 
-    errors = Edit.load(edit).to_lora(out, rank=rank)
-    worst = max(errors.values(), default=0.0)
-    typer.echo(f"wrote {out}: {len(errors)} modules, max relative truncation error {worst:.2e}")
+_register_file_commands(app, user_errors, _load)
 
 
 def _mount_subcommands() -> None:

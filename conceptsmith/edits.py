@@ -332,56 +332,63 @@ class Edit:
 
     # -- export -------------------------------------------------------------------------------------
 
-    def to_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:
-        """Write the edit as a diffusers LoRA ``.safetensors`` file (``pipe.load_lora_weights(path)`` loads it).
+    def to_lora(
+        self,
+        path: str | Path,
+        rank: int | None = None,
+        layout: str = "diffusers",
+        unet_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> dict[str, float]:
+        """Write the edit as a LoRA ``.safetensors`` file in ``layout`` (:mod:`conceptsmith.lora_formats`):
+        ``diffusers`` (``pipe.load_lora_weights(path)``) or ``kohya`` (sd-scripts; WebUI, ComfyUI and diffusers read it).
 
         Dense deltas are factored by SVD (dropping only numerically zero singular values); ``rank`` caps
-        every module's rank. Returns each module's relative truncation error ``||D - D_r||_F / ||D||_F``,
-        also recorded in the file's metadata.
+        every module's rank. Learned tokens are written beside the LoRA as textual-inversion files
+        (:func:`conceptsmith.lora_formats.token_files`). Returns each module's relative truncation error
+        ``||D - D_r||_F / ||D||_F``, also recorded in the file's metadata; ``{}`` for an edit that only learned
+        tokens (then only their files are written). ``unet_shapes``: ``{key: shape}`` of the base UNet, for
+        kohya's SDXL block numbering (default: SDXL base's architecture).
         """
+        from conceptsmith.lora_formats import LAYOUTS, edit_tokens, lora_file, write_token_files
+
         path = Path(path)
         if path.suffix != ".safetensors":
             raise EditError(f"Cannot write LoRA '{path}': LoRA files are .safetensors; use a path ending in .safetensors.")
         if rank is not None and rank < 1:
             raise EditError(f"LoRA rank must be a positive integer, got {rank}.")
-        tensors: dict[str, torch.Tensor] = {}
+        if layout not in LAYOUTS:
+            raise EditError(f"Unknown LoRA format '{layout}'; choose one of {', '.join(LAYOUTS)}.")
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         errors: dict[str, float] = {}
-        ranks: dict[str, dict[str, int]] = {}
         for module, terms in self._low_rank_terms().items():
-            component, _, name = module.partition(".")
-            if component not in ("unet", "transformer", "text_encoder", "text_encoder_2"):
-                raise EditError(
-                    f"Module '{module}' is outside the denoiser (UNet or transformer) and text encoders, which is all a "
-                    "LoRA file can hold."
-                )
             up, down, errors[module] = _factorize_layer(terms, rank)
-            if up.shape[1] == 0:
-                continue
-            if component.startswith("text_encoder"):
-                name = name.removeprefix("text_model.")
-                key = f"{component}.text_model.{name}"  # the key layout LoRA loaders expect for CLIP text encoders
-            else:
-                key = module
-            tensors[f"{key}.lora_A.weight"] = down.float().contiguous()
-            tensors[f"{key}.lora_B.weight"] = up.float().contiguous()
-            ranks.setdefault(component, {})[name] = up.shape[1]
-        if not tensors:
+            if up.shape[1] > 0:
+                factors[module] = (up.float().contiguous(), down.float().contiguous())
+        tokens = edit_tokens(self)
+        if not factors and not tokens:
             raise EditError(f"The {self._label()} changes no weights; there is nothing to write as a LoRA.")
-        source = {
-            "method": self.method,
-            "concepts": self.concepts,
-            "base_fingerprint": self.base_fingerprint,
-            "family": self.family,
-            "rank": rank,
-            "truncation_error": errors,
-            "conceptsmith_version": __version__,
-        }
-        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(_adapter_metadata(ranks)), LORA_SOURCE_KEY: json.dumps(source)}
-        save_safetensors(path, tensors, metadata)
-        return errors
+        if factors:
+            tensors, header = lora_file(factors, layout, self.family, unet_shapes)
+            source = {
+                "method": self.method,
+                "concepts": self.concepts,
+                "base_fingerprint": str(self.base_fingerprint),
+                "family": self.family,
+                "rank": rank,
+                "truncation_error": errors,
+                "conceptsmith_version": __version__,
+            }
+            save_safetensors(path, tensors, {**header, LORA_SOURCE_KEY: json.dumps(source)})
+        write_token_files(tokens, path, layout)
+        return errors if factors else {}
 
     def _low_rank_terms(self) -> dict[str, list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
-        """Per module, the summands of its weight change: dense tensors or ``(up, down)`` pairs."""
+        """Per module, the summands of its weight change: dense tensors or ``(up, down)`` pairs (learned-token
+        parts change no weight: :meth:`to_lora` writes them as embedding files)."""
+        from conceptsmith.lora_formats import is_token_edit
+
+        if is_token_edit(self):
+            return {}
         if self.kind == "hook":
             raise EditError(f"The {self._label()} is an inference-time hook, not a weight change; it has no LoRA form.")
         terms: dict[str, list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -733,17 +740,6 @@ def _factorize(
     error = math.sqrt(float(s[keep:].square().sum()) / total) if total > 0 else 0.0
     root = s[:keep].sqrt()
     return left[:, :keep] * root, root[:, None] * right[:keep], error
-
-
-def _adapter_metadata(ranks: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """diffusers' ``lora_adapter_metadata``: a LoraConfig per component with alpha == rank (scale 1) everywhere."""
-    metadata: dict[str, Any] = {}
-    for component, module_ranks in ranks.items():
-        common = max(set(module_ranks.values()), key=list(module_ranks.values()).count)
-        pattern = {name: r for name, r in module_ranks.items() if r != common}
-        config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern, "target_modules": sorted(module_ranks)}
-        metadata.update({f"{component}.{key}": value for key, value in config.items()})
-    return metadata
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

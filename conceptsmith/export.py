@@ -209,7 +209,12 @@ def ldm_state_dict(pipe: Any, family: str | None = None) -> dict[str, torch.Tens
 
 def unet_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers ``UNet2DConditionModel`` state dict in the LDM ``UNetModel`` layout."""
-    keys = list(state)
+    return _rename_all(state, unet_ldm_renamer(list(state)), "UNet")
+
+
+def unet_ldm_renamer(keys: list[str]) -> Callable[[str], str | None]:
+    """``rename(diffusers_key) -> LDM key`` (None: no place in the LDM layout) for a UNet with these state-dict
+    keys, which fix the flat block numbering (kohya's SDXL LoRA names use it too)."""
     down_layers = _count(keys, "down_blocks", "resnets")
     up_layers = _count(keys, "up_blocks", "resnets")
     has_downsampler = _present(keys, "down_blocks", "downsamplers")
@@ -247,7 +252,7 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return f"middle_block.{2 * int(layer) + 1}.{rest}"
         return None
 
-    return _rename_all(state, rename, "UNet")
+    return rename
 
 
 def vae_to_ldm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,22 +15,20 @@ Algorithm (``fit``):
    token a ``composite`` of that and a ``custom-tokens`` edit.
 
 Exports: :func:`export_diffusers` (``pipe.load_lora_weights`` file + token files for
-``load_textual_inversion``) and :func:`export_kohya` (``lora_unet_*`` / ``lora_te*_`` keys with
-``lora_down`` / ``lora_up`` / ``alpha``, as kohya's sd-scripts and WebUI loaders read them).
+``load_textual_inversion``) and :func:`export_kohya` (sd-scripts / WebUI layout), both through
+:meth:`conceptsmith.edits.Edit.to_lora` and the key layouts of :mod:`conceptsmith.lora_formats`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
-from safetensors.torch import save_file
 
-from conceptsmith.edits import Edit, EditError, base_fingerprint, compose
+from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 
@@ -152,38 +150,14 @@ def lora_factors(edit: Edit) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
-_KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+def export_kohya(edit: Edit, path: str | Path, unet_shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """Write ``edit`` as a kohya (sd-scripts / WebUI) LoRA file, learned tokens beside it in A1111's layout.
 
-
-def export_kohya(edit: Edit, path: str | Path) -> Path:
-    """Write the LoRA of ``edit`` with kohya (sd-scripts / WebUI) keys; ``alpha`` = rank (scale 1).
-
-    UNet modules keep diffusers block names (``lora_unet_down_blocks_0_attentions_0_..._attn1_to_q``),
-    the SD 1.x/2.x kohya convention; text encoders are ``lora_te_`` (SDXL: ``lora_te1_`` / ``lora_te2_``)
-    followed by the ``text_model_encoder_layers_...`` path. diffusers' ``load_lora_weights`` reads it too.
+    The key layout is :mod:`conceptsmith.lora_formats`' (``lora_unet_*`` / ``lora_te*_``, SDXL UNet blocks in
+    the original numbering, ``ss_*`` header); ``unet_shapes`` as in :meth:`Edit.to_lora`.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise EditError(f"Cannot write '{path}': kohya LoRA files are .safetensors.")
-    factors = lora_factors(edit)
-    dual = any(module.startswith("text_encoder_2.") for module in factors) or edit.family == "sdxl"
-    tensors: dict[str, torch.Tensor] = {}
-    for module, (down, up) in factors.items():
-        component, _, name = module.partition(".")
-        if component not in _KOHYA_PREFIX:
-            raise EditError(f"Module '{module}' is not in a UNet or text encoder; kohya LoRA files cannot hold it.")
-        prefix = _KOHYA_PREFIX[component]
-        if component != "unet":
-            prefix = "lora_te1" if (dual and component == "text_encoder") else prefix
-            name = "text_model." + name.removeprefix("text_model.")
-        key = f"{prefix}_{name.replace('.', '_')}"
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    source = json.dumps({"method": edit.method, "concepts": edit.concepts, "base_fingerprint": edit.base_fingerprint, "family": edit.family})
-    save_file(tensors, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora", "conceptsmith_source": source})
-    return path
+    edit.to_lora(path, layout="kohya", unet_shapes=unet_shapes)
+    return Path(path)
 
 
 def export_diffusers(edit: Edit, folder: str | Path, rank: int | None = None) -> dict[str, Any]:
@@ -192,19 +166,9 @@ def export_diffusers(edit: Edit, folder: str | Path, rank: int | None = None) ->
 
     Returns ``{"lora": path | None, "tokens": [paths], "truncation_error": {...}}``.
     """
-    from conceptsmith.customization.textual_inversion import export_embeddings, token_parts
+    from conceptsmith.lora_formats import edit_tokens, token_files
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weight_parts = [p for p in (edit.parts or [edit]) if p.kind in ("weights", "lora")]
-    result: dict[str, Any] = {"lora": None, "tokens": [], "truncation_error": {}}
-    if weight_parts:
-        merged = weight_parts[0] if len(weight_parts) == 1 else compose(weight_parts)
-        path = folder / "pytorch_lora_weights.safetensors"
-        result["truncation_error"] = merged.to_lora(path, rank=rank)
-        result["lora"] = path
-    if token_parts(edit):
-        result["tokens"] = export_embeddings(edit, folder)
-    if result["lora"] is None and not result["tokens"]:
-        raise EditError(f"The '{edit.method}' edit has neither weights nor tokens to export (kind {edit.kind}).")
-    return result
+    path = Path(folder) / "pytorch_lora_weights.safetensors"
+    errors = edit.to_lora(path, rank=rank)
+    tokens = token_files(path, [token for token, _ in edit_tokens(edit)], "diffusers")
+    return {"lora": path if errors else None, "tokens": list(tokens.values()), "truncation_error": errors}
