@@ -19,6 +19,7 @@ that differs. Files of format 1 carry identity version 1 and are checked with th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -424,6 +425,26 @@ def applied_edits(pipe: Any) -> list[Edit]:
 def applied(pipe: Any) -> list[tuple[Edit, float]]:
     """``(edit, scale)`` of every edit currently applied to ``pipe``, in application order."""
     return [(record.edit, record.scale) for record in _stack(pipe)]
+
+
+def content_digest(edit: Edit, scale: float = 1.0) -> str:
+    """16 hex digits of SHA-256 over what ``edit`` does at ``scale``: kind, method, params, base, hook and every
+    tensor's bytes, parts included, and the scale (left out at 1, so an edit as computed keeps one key).
+    The key of caches of what an edited pipe generates."""
+    digest = hashlib.sha256()
+    if scale != 1.0:
+        digest.update(f"scale={scale!r}".encode())
+    queue = [edit]
+    while queue:
+        current = queue.pop(0)
+        fields = [current.kind, current.method, current.params, str(current.base_fingerprint), current.hook]
+        digest.update(json.dumps(fields, sort_keys=True).encode())
+        for name in sorted(current.tensors):
+            tensor = current.tensors[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        queue.extend(current.parts)
+    return digest.hexdigest()[:16]
 
 
 def check_scale(scale: Any, where: str = "") -> float:

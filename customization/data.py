@@ -262,9 +262,10 @@ def class_images(
 ) -> list[Image.Image]:
     """``count`` images of ``prompt`` from ``pipe`` itself (seeds ``seed .. seed + count - 1``).
 
-    With ``cache_dir``, images are stored under a key of (current weights, prompt, settings) and
-    reused by later runs; only the missing seeds are generated.
+    With ``cache_dir``, images are stored under a key of (current weights, applied edits, prompt, settings)
+    and reused by later runs; only the missing seeds are generated.
     """
+    from conceptsmith.edits import applied, content_digest
     from conceptsmith.generation import default_settings, generate
     from conceptsmith.models import fingerprint
 
@@ -275,7 +276,8 @@ def class_images(
     folder = None
     cached: dict[int, Image.Image] = {}
     if cache_dir is not None:
-        key = json.dumps({"model": fingerprint(pipe), "prompt": prompt, "settings": settings.pipeline_kwargs()}, sort_keys=True)
+        edits = [content_digest(edit, scale) for edit, scale in applied(pipe)]  # adapters and hooks are not weights
+        key = json.dumps({"model": fingerprint(pipe), "edits": edits, "prompt": prompt, "settings": settings.pipeline_kwargs()}, sort_keys=True)
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40] or "prompt"
         folder = Path(cache_dir) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
         for s in seeds:

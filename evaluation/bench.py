@@ -48,6 +48,7 @@ from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from conceptsmith.config import DEVICE_PATTERN, DtypeName, StrictModel, load_config, read_yaml, validate
+from conceptsmith.edits import content_digest as edit_digest  # the image-cache key of an applied edit
 from conceptsmith.resources import configs_root, shipped_config
 
 __all__ = [
@@ -358,26 +359,6 @@ def method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[
         raise ValueError(f"method row '{spec.label()}' names neither `method` nor `config`")
     params.update(spec.params)
     return method, params
-
-
-def edit_digest(edit: Any, scale: float = 1.0) -> str:
-    """Content fingerprint of an Edit applied at ``scale``: kind, method, params, base, every tensor's bytes and
-    the scale (left out at 1, so an edit as computed keeps one key)."""
-    h = hashlib.sha256()
-    if scale != 1.0:
-        h.update(f"scale={scale!r}".encode())
-    stack = [edit]
-    while stack:
-        e = stack.pop(0)
-        h.update(
-            json.dumps([e.kind, e.method, e.params, e.base_fingerprint, e.hook], sort_keys=True).encode()
-        )
-        for name in sorted(e.tensors):
-            t = e.tensors[name].detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
-        stack.extend(e.parts)
-    return h.hexdigest()[:16]
 
 
 def fit_edit(

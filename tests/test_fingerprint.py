@@ -260,3 +260,22 @@ def test_bench_cache_is_keyed_by_scheduler_and_vae(tmp_path, evaluator_file):
         assert run.generated > 0 and run.cached == 0  # nothing served from another model's folder
     folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(folders) == 3
+
+
+def test_class_image_cache_sees_an_applied_lora_edit_the_identity_ignores(tiny_pipe, tmp_path):
+    """An applied LoRA edit is an unfused adapter: the identity is the base's, so the class-image cache key
+    also names the applied edits (else the edited model would be served the base model's images)."""
+    from conceptsmith.customization.data import class_images
+
+    pipe, info = tiny_pipe
+    weight = _module(pipe, TO_K).weight
+    generator = torch.Generator().manual_seed(5)
+    state = {f"{TO_K}.lora_A.weight": torch.randn(2, weight.shape[1], generator=generator),
+             f"{TO_K}.lora_B.weight": torch.randn(weight.shape[0], 2, generator=generator)}
+    lora = Edit.from_lora("lora", ["sks"], {}, info.fingerprint, "sd1", state)
+    class_images(pipe, "a photo of a dog", 1, size=16, cache_dir=tmp_path, progress=False)
+    lora.apply(pipe)
+    assert fingerprint(pipe) == info.fingerprint
+    class_images(pipe, "a photo of a dog", 1, size=16, cache_dir=tmp_path, progress=False)
+    lora.revert(pipe)
+    assert len(list(tmp_path.iterdir())) == 2
