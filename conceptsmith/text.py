@@ -112,6 +112,11 @@ def _is_tokenizer(obj: object) -> bool:
 def _first_tokenizer(pipe_or_tokenizer: object) -> object:
     if _is_tokenizer(pipe_or_tokenizer):
         return pipe_or_tokenizer
+    if is_mmdit(pipe_or_tokenizer):  # token positions are per run: CLIP's and T5's differ
+        raise ValueError(
+            f"{type(pipe_or_tokenizer).__name__} tokenizes a prompt once per run of its joint text sequence; "
+            "pass one of conceptsmith.text.text_segments(pipe) instead of the pipeline."
+        )
     return text_encoders(pipe_or_tokenizer)[0][0]
 
 
@@ -526,7 +531,7 @@ def concept_token_embeddings(
     """
     prompts = _check_prompts(prompts)
     phrase_list = _as_phrases(prompts, phrases, policy)
-    tokenizer = text_encoders(pipe)[0][0]
+    tokenizer = _first_tokenizer(pipe)
     converted = _convert(pipe, prompts, tokenizer)
     if policy != "all":
         phrase_list = [_convert(pipe, [p], tokenizer)[0] for p in phrase_list]

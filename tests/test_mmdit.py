@@ -290,3 +290,11 @@ def test_cli_refuses_a_unet_method_on_flux_and_erases_with_uce(flux_dir, tmp_pat
     edit = Edit.load(out)
     assert edit.family == "flux" and set(edit.module_shapes) == MAPS
     assert "closed_form.max_edit_residual" in done.stdout
+
+
+def test_token_positions_need_a_run_of_the_joint_sequence():
+    pipe = tiny("flux")  # its first tokenizer is CLIP's, but the T5 run is what the transformer reads first
+    with pytest.raises(ValueError, match="text_segments"):
+        concept_token_embeddings(pipe, ["van gogh"], "van gogh")
+    with pytest.raises(ValueError, match="text_segments"):
+        tokenize(pipe, ["van gogh"])
