@@ -27,6 +27,7 @@ Textual-inversion files (one token each):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -165,19 +166,25 @@ def _sgm_renamer(unet_shapes: Mapping[str, Sequence[int]] | None, weight_shapes:
 
     given = unet_shapes is not None
     if unet_shapes is None:
-        from accelerate import init_empty_weights
-        from diffusers import UNet2DConditionModel
-
-        from conceptsmith.architectures import SDXL_UNET
-
-        with init_empty_weights():
-            unet_shapes = {key: tuple(value.shape) for key, value in UNet2DConditionModel(**SDXL_UNET).state_dict().items()}
+        unet_shapes = _sdxl_base_unet_shapes()
     for module, shape in weight_shapes.items():
         component, _, name = module.partition(".")
         if component == "unet" and tuple(unet_shapes.get(f"{name}.weight", ())) != tuple(shape):
             where = "the given UNet" if given else "SDXL base's UNet (pass the edit's base model to number the blocks of another one)"
             raise LoraFormatError(f"UNet module '{name}' with weight shape {list(shape)} is not in {where}.")
     return unet_ldm_renamer(list(unet_shapes))
+
+
+@functools.cache
+def _sdxl_base_unet_shapes() -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of SDXL base's UNet, built on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from conceptsmith.architectures import SDXL_UNET
+
+    with init_empty_weights():
+        return {key: tuple(value.shape) for key, value in UNet2DConditionModel(**SDXL_UNET).state_dict().items()}
 
 
 # -- reading LoRA files -------------------------------------------------------------------------------
