@@ -84,3 +84,49 @@ def test_unreadable_single_file_names_the_fix(tiny_pipe, tmp_path):
     save_file({"some.tensor": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.safetensors.*--single-file-config"):
         load_pipeline(str(tmp_path / "model.safetensors"))
+
+
+# ------------------------------------------------------------------ model configs, dtype and device
+
+
+def test_model_config_file_gives_spec_dtype_and_device_which_arguments_override(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("spec: builtin:tiny-test\ndtype: bfloat16\ndevice: cpu\n")
+    pipe, info = load_pipeline(str(config))
+    assert info.spec == "builtin:tiny-test" and pipe.unet.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    pipe, _ = load_pipeline(str(config), dtype="float32")
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    pipe, _ = load_pipeline("builtin:tiny-test", dtype=torch.float16, device="cpu")
+    assert pipe.unet.dtype == torch.float16
+
+
+def test_shipped_model_configs_by_name():
+    from conceptsmith.models import resolve_model
+
+    shapes = resolve_model("shapes")
+    assert shapes.spec == "builtin:shapes" and shapes.config.endswith("models/shapes.yaml")
+    assert shapes.dtype == torch.float32 and shapes.device == torch.device("cpu")
+    sd14 = resolve_model("configs/models/sd14.yaml", device="cpu")
+    assert sd14.spec == "CompVis/stable-diffusion-v1-4" and sd14.dtype == torch.float16
+    assert resolve_model("sd14", dtype="bfloat16", device="cpu").dtype == torch.bfloat16
+    plain = resolve_model("CompVis/stable-diffusion-v1-4", device="cpu")
+    assert plain.config is None and plain.dtype == torch.float32
+
+
+def test_a_local_folder_named_like_a_model_config_is_the_folder(tmp_path, monkeypatch):
+    from conceptsmith.models import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    assert resolve_model("shapes", device="cpu").config is None
+
+
+def test_bad_model_configs_name_the_file_and_key(tmp_path):
+    from conceptsmith.config import ConfigError
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("spec: builtin:tiny-test\ndevice: gpu\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid ModelConfig:\n  key 'device'"):
+        load_pipeline(str(config))
+    with pytest.raises(ConfigError, match=r"missing\.yaml' does not exist"):
+        load_pipeline(str(tmp_path / "missing.yaml"))
