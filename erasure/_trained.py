@@ -153,16 +153,11 @@ class TextEncoderTraining:
     and through the frozen encoder (:meth:`frozen_encode`: adapters off / original weights), and the Edit.
     The UNet and VAE are the pipe's own, frozen by the caller (:func:`conceptsmith.trainable.frozen`)."""
 
-    def __init__(self, pipe: Any, config: TrainedEraserConfig, seed: int, method: str) -> None:
+    def __init__(self, pipe: Any, config: TrainedEraserConfig, seed: int) -> None:
         from conceptsmith.diffusion import TextConditioner
         from conceptsmith.trainable import TrainableModules
 
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise TrainingError(
-                f"{method} trains the single text encoder of SD 1.x/2.x pipelines; this pipeline has two (SDXL): "
-                "use a UNet eraser such as esd instead."
-            )
-        self.pipe = pipe
+        self.pipe = pipe  # SD 1.x / 2.x (the editors' `supports`): one text encoder
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # LoRA init
             self.trainable = TrainableModules(

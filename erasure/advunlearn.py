@@ -43,7 +43,7 @@ from pydantic import Field
 
 from conceptsmith.diffusion import Conditioning, predict
 from conceptsmith.edits import Edit
-from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
+from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainStep
 
@@ -160,7 +160,7 @@ class AdvUnlearnObjective:
 @register_editor("advunlearn", description="AdvUnlearn: adversarial (soft-prefix) ESD training of the text encoder + retain loss")
 class AdvUnlearn(Editor):
     Config = AdvUnlearnConfig
-    supports = UNET_FAMILIES
+    supports = ("sd1", "sd2")  # one text encoder: SDXL has two
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.trainable import frozen, pipe_components
@@ -170,7 +170,7 @@ class AdvUnlearn(Editor):
         started = time.perf_counter()
         prompts = concept_prompts(request, config.templates, "advunlearn")
         with frozen(*pipe_components(pipe)):
-            run = TextEncoderTraining(pipe, config, request.seed, "advunlearn")
+            run = TextEncoderTraining(pipe, config, request.seed)
             objective = AdvUnlearnObjective(run, config, prompts, request.seed)
             result = train(run.trainable.named_parameters(), objective, config, seed=request.seed,
                            evaluate=fixed_draw_evaluator(objective.fixed_loss), models=[run.trainable.module], run_key=f"advunlearn:{prompts}:{config.retain_prompts}",

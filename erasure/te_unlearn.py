@@ -39,7 +39,7 @@ from pydantic import Field
 
 from conceptsmith.diffusion import DenoisingObjective, denoising_loss
 from conceptsmith.edits import Edit
-from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
+from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.training import TrainingError, TrainStep
 
 GENERATED_SEED = 1000  # first seed of the images drawn with generate_images (plus the request's seed)
@@ -135,7 +135,7 @@ def preserved_prompts(request: EditRequest, config: TEUnlearnConfig) -> list[str
 @register_editor("te-unlearn", description="Few-shot unlearning: gradient ascent on concept images, text encoder only")
 class TEUnlearn(Editor):
     Config = TEUnlearnConfig
-    supports = UNET_FAMILIES
+    supports = ("sd1", "sd2")  # one text encoder: SDXL has two
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
         from conceptsmith.customization.data import Examples, default_resolution
@@ -149,7 +149,7 @@ class TEUnlearn(Editor):
         prompts = concept_prompts(request, config.templates, "te-unlearn")
         concepts = [c.strip() for c in request.concepts]
         with frozen(*pipe_components(pipe)):
-            run = TextEncoderTraining(pipe, config, request.seed, "te-unlearn")
+            run = TextEncoderTraining(pipe, config, request.seed)
             images, sources = concept_images(pipe, request, config)
             size = default_resolution(pipe)
             examples = Examples.concat([

@@ -27,7 +27,7 @@ from conceptsmith.diffusion import (
 )
 from conceptsmith.edits import Edit
 from conceptsmith.models import fingerprint
-from conceptsmith.registry import EditRequest, get_editor
+from conceptsmith.registry import EditRequest, UnsupportedArchitectureError, get_editor
 from conceptsmith.text import encode_prompts, encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainingError, TrainStep, train
 
@@ -165,7 +165,7 @@ def test_te_unlearn_errors(tiny_pipe, tiny_sdxl_pipe, refs, tmp_path):
         editor(FAST).fit(pipe, EditRequest(concepts=["square"], images=[tmp_path / "missing"]))
     with pytest.raises(TrainingError, match="preserved concepts"):
         editor({**FAST, "preserve_weight": 1.0}).fit(pipe, EditRequest(concepts=["square"], images=[refs]))
-    with pytest.raises(TrainingError, match="SDXL"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"^te-unlearn supports SD 1\.x and SD 2\.x pipelines; got StableDiffusionXLPipeline$"):
         editor(FAST).fit(tiny_sdxl_pipe[0], EditRequest(concepts=["square"], images=[refs]))
     with pytest.raises(ValidationError, match="learning_rat"):
         editor({"learning_rat": 1e-3})
@@ -254,7 +254,7 @@ def test_advunlearn_edit_round_trips_and_leaves_the_pipe(tiny_pipe, tmp_path):
 
 def test_advunlearn_errors(tiny_pipe, tiny_sdxl_pipe):
     editor = get_editor("advunlearn")
-    with pytest.raises(TrainingError, match="SDXL"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"^advunlearn supports SD 1\.x and SD 2\.x pipelines; got StableDiffusionXLPipeline$"):
         editor(ADV_FAST).fit(tiny_sdxl_pipe[0], EditRequest(concepts=["square"]))
     with pytest.raises(TrainingError, match="concept"):
         editor(ADV_FAST).fit(tiny_pipe[0], EditRequest(concepts=[" "]))

@@ -20,7 +20,13 @@ from conceptsmith.edits import Edit
 from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.mmdit import POOLED_MAP, TOKEN_MAP
 from conceptsmith.models import describe, detect_family
-from conceptsmith.registry import EditRequest, UnsupportedArchitectureError, get_editor, list_editors
+from conceptsmith.registry import (
+    EditRequest,
+    UnsupportedArchitectureError,
+    families_text,
+    get_editor,
+    list_editors,
+)
 from conceptsmith.text import concept_token_embeddings, text_segments, tokenize
 from conceptsmith.world.tokenizer import clip_tokenizer
 
@@ -256,18 +262,30 @@ def test_lora_export_loads_with_diffusers(family, tmp_path):
             assert torch.equal(fused[name], before[name]), name
 
 
+#: The architecture support matrix of the built-in editors (README: "Architectures").
+SUPPORTS = {
+    **dict.fromkeys(("uce", "rece"), {"sd1", "sd2", "sdxl", "sd3", "flux"}),
+    **dict.fromkeys(("te-unlearn", "advunlearn"), {"sd1", "sd2"}),  # they train the one CLIP text encoder
+    **dict.fromkeys(
+        ("realera", "mace-cfr", "mace", "esd", "concept-ablation", "custom-diffusion", "lora", "textual-inversion",
+         "t2i-zero", "a-star"),
+        {"sd1", "sd2", "sdxl"},
+    ),
+}
+
+
 def test_every_editor_declares_its_architectures_and_the_others_refuse_mmdit():
     pipe = tiny("flux")
     builtin = {name: get_editor(name) for name in list_editors()}
     builtin = {n: cls for n, cls in builtin.items() if cls.__module__.startswith(("conceptsmith.erasure", "conceptsmith.customization"))}
     assert all("supports" in vars(cls) for cls in builtin.values()), "every editor sets `supports`"
-    mmdit = {name for name, cls in builtin.items() if {"sd3", "flux"} <= set(cls.supports)}
-    assert mmdit == {"uce", "rece"}
-    for name in sorted(set(builtin) - mmdit):
-        assert set(builtin[name].supports) == {"sd1", "sd2", "sdxl"}
+    assert {name: set(cls.supports) for name, cls in builtin.items()} == SUPPORTS
+    for name in sorted(n for n, families in SUPPORTS.items() if "flux" not in families):
         with pytest.raises(UnsupportedArchitectureError) as raised:
             builtin[name]().fit(pipe, EditRequest(concepts=["cat"], tokens=["<cat>"]))
-        assert str(raised.value) == f"{name} supports UNet pipelines (SD 1.x, 2.x, SDXL); got FluxPipeline"
+        assert str(raised.value) == f"{name} supports {families_text(builtin[name].supports)}; got FluxPipeline"
+    assert families_text(builtin["esd"].supports) == "UNet pipelines (SD 1.x, 2.x, SDXL)"
+    assert families_text(builtin["te-unlearn"].supports) == "SD 1.x and SD 2.x pipelines"
 
 
 @pytest.fixture(scope="module")
