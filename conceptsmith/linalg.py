@@ -153,6 +153,7 @@ def solve_ridge(
     lam = float(lam)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam}.")
+    weights = _float64_capable(weights, dtype)
     names = list(weights)
     d_in = _common_d_in(weights)
     device = weights[names[0]].device
@@ -332,6 +333,7 @@ def solve_constrained(
     inconsistent (more independent rows than ``d_in`` allows) it is their least-squares fit. The
     update has rank <= ``rank(G)``; ``edit_residual`` is the relative constraint violation.
     """
+    weights = _float64_capable(weights, dtype)
     names = list(weights)
     d_in = _common_d_in(weights)
     device = weights[names[0]].device
@@ -398,6 +400,7 @@ def regenerating_embeddings(
     """
     if lam <= 0:
         raise ValueError(f"lam must be > 0 for the regenerating embedding (RECE's lam_reg), got {lam}.")
+    weights = _float64_capable(weights, dtype)
     names = list(weights)
     d_in = _common_d_in(weights)
     device = weights[names[0]].device
@@ -423,6 +426,14 @@ def regenerating_embeddings(
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def _float64_capable(weights: Mapping[str, Tensor], dtype: torch.dtype) -> Mapping[str, Tensor]:
+    """``weights`` where a ``dtype`` solve can run: Apple's MPS has no float64, so float64 solves of MPS weights
+    run on CPU copies (the deltas come back on the CPU; applying an edit moves them to the weights' device)."""
+    if dtype == torch.float64 and any(w.device.type == "mps" for w in weights.values()):
+        return {name: w.cpu() for name, w in weights.items()}
+    return weights
 
 
 def _common_d_in(weights: Mapping[str, Tensor]) -> int:

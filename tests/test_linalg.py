@@ -223,3 +223,16 @@ def test_constrained_merge_solve_matches_the_kkt_system_and_meets_every_constrai
     assert again.metrics()["constraint_rank"] == k and again.metrics()["solver"] == "constrained-pinv"
     with pytest.raises(SingularSystemError, match="not positive definite"):
         solve_constrained(weights, c, v, preserve_gram=torch.zeros(d, d, dtype=torch.float64), lam=0.0)
+
+
+def test_float64_solves_of_mps_weights_run_on_cpu_copies() -> None:
+    from types import SimpleNamespace
+
+    from conceptsmith.linalg import _float64_capable
+
+    on_cpu = torch.ones(2, 3)
+    mps_like = SimpleNamespace(device=torch.device("mps"), cpu=lambda: on_cpu)  # MPS has no float64
+    assert _float64_capable({"k": mps_like}, torch.float64)["k"] is on_cpu
+    assert _float64_capable({"k": mps_like}, torch.float32)["k"] is mps_like  # float32 solves stay on the device
+    weights = {"k": on_cpu}
+    assert _float64_capable(weights, torch.float64) is weights
