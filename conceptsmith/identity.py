@@ -19,13 +19,15 @@ tensors are skipped; a fused adapter changed the weights and does count); rows a
 token-embedding table gained for added tokens (only the tokenizer's base vocabulary rows count).
 Tokenizers, feature extractors and other non-module components do not count either.
 
-Nothing is cached: every call reads every weight (cost on SD 1.5: ``bench/closed_form.py --only
-fingerprint``). Tensors are hashed in ``torch.get_num_threads()`` threads (hashing and casting
+Nothing is cached across calls: every call reads every weight (cost on SD 1.5: ``bench/closed_form.py
+--only fingerprint``), except inside :func:`remembered`, which an editor's ``fit`` runs in (fit never changes
+the pipe's weights, so the identity is read once per fit). Tensors are hashed in ``torch.get_num_threads()`` threads (hashing and casting
 release the GIL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -90,8 +92,36 @@ class Fingerprint(str):
         return cls(value, data["version"], tables["components"], tables["modules"])
 
 
+_REMEMBERED: dict[int, Fingerprint | None] = {}  # id(pipe) -> identity, only inside `remembered(pipe)`
+
+
+@contextlib.contextmanager
+def remembered(pipe: Any) -> Iterator[None]:
+    """Inside this block :func:`fingerprint` reads ``pipe``'s weights once; for code that leaves them as they
+    were (an editor's ``fit``). Blocks nest; the identity is forgotten when the outermost one ends."""
+    key = id(pipe)
+    if key in _REMEMBERED:
+        yield
+        return
+    _REMEMBERED[key] = None
+    try:
+        yield
+    finally:
+        del _REMEMBERED[key]
+
+
 def fingerprint(pipe: Any) -> Fingerprint:
     """The base identity of ``pipe``'s current weights and scheduler (see the module docstring)."""
+    known = _REMEMBERED.get(id(pipe))
+    if known is not None:
+        return known
+    identity = _read_fingerprint(pipe)
+    if id(pipe) in _REMEMBERED:
+        _REMEMBERED[id(pipe)] = identity
+    return identity
+
+
+def _read_fingerprint(pipe: Any) -> Fingerprint:
     entries: list[tuple[str, str, torch.Tensor]] = []  # (component, tensor name, tensor)
     components: dict[str, str] = {}
     for component, value in _components(pipe):

@@ -101,8 +101,11 @@ class Editor(abc.ABC):
 
         @functools.wraps(fit)
         def checked_fit(self: Editor, pipe: Any, request: EditRequest) -> Edit:
+            from conceptsmith.identity import remembered
+
             self.check_architecture(pipe)
-            return fit(self, pipe, request)
+            with remembered(pipe):  # fit leaves the weights as they were: read the base identity once
+                return fit(self, pipe, request)
 
         checked_fit.checks_architecture = True  # type: ignore[attr-defined]
         cls.fit = checked_fit  # type: ignore[method-assign]

@@ -279,3 +279,18 @@ def test_class_image_cache_sees_an_applied_lora_edit_the_identity_ignores(tiny_p
     class_images(pipe, "a photo of a dog", 1, size=16, cache_dir=tmp_path, progress=False)
     lora.revert(pipe)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_an_editors_fit_reads_the_base_identity_once(tiny_pipe, monkeypatch):
+    import conceptsmith.identity as identity
+    from conceptsmith.registry import EditRequest, get_editor
+
+    pipe, _ = tiny_pipe
+    reads = []
+    read = identity._read_fingerprint
+    monkeypatch.setattr(identity, "_read_fingerprint", lambda pipe: reads.append(1) or read(pipe))
+    edit = get_editor("uce")({}).fit(pipe, EditRequest(concepts=["cat"], preserve=["dog"]))
+    assert len(reads) == 1
+    assert edit.base_fingerprint == fingerprint(pipe)  # outside a fit every call reads the weights again
+    fingerprint(pipe)
+    assert len(reads) == 3
