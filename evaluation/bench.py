@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from conceptsmith.evaluation.judges import JudgeSpec, judge_images, judge_settings, load_judges
+from conceptsmith.evaluation.quality import QualitySpec
 from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
@@ -153,6 +155,8 @@ class BenchConfig(StrictModel):
     tasks: list[TaskSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
+    judges: list[JudgeSpec] = Field(default_factory=list, description="detectors that judge named concepts' images")
+    quality: QualitySpec = Field(default_factory=QualitySpec, description="FID / KID from local Inception weights")
 
     def class_list(self) -> list[str]:
         if self.classes:
@@ -186,6 +190,10 @@ def load_bench_config(path_or_name: str | Path) -> tuple[BenchConfig, Path | Non
         missing = [c for c in [*task.erase, *task.preserve] if c not in names]
         if missing:
             raise ValueError(f"{path}: task '{task.name}': concepts {missing} are not in `classes`")
+    targets = {c for task in cfg.tasks for c in [*task.erase, *task.preserve]}
+    for spec in cfg.judges:
+        if not set(spec.concepts) <= targets:
+            raise ValueError(f"{path}: judge '{spec.name}': concepts {sorted(set(spec.concepts) - targets)} are no task's concepts")
     return cfg, path
 
 
@@ -422,6 +430,8 @@ def _score_row(
     prompts: list[Prompt],
     images: dict[tuple[str, int], Path],
     unedited: dict[tuple[str, int], Path],
+    judges: Sequence[Any] = (),
+    inception: Any = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from conceptsmith.evaluation.metrics import (
         ACCURACY_MODES,
@@ -451,6 +461,8 @@ def _score_row(
         per_image.append(row)
 
     metrics: dict[str, Any] = {}
+    if judges:
+        metrics["judges"] = judge_images(judges, pil, per_image)
     for name, set_name in (
         ("acc_e", "erase"),
         ("acc_g", "synonym"),
@@ -475,6 +487,7 @@ def _score_row(
         metrics["paired_specificity"] = paired_specificity(evaluator, edited_imgs, base_imgs)
         if len(spec_keys) >= 2:
             metrics["fd_clip"] = fd_clip(evaluator, edited_imgs, base_imgs)
+            metrics.update(cfg.quality.compute(edited_imgs, base_imgs, features=inception))
     pres = [(p.text, s) for p in prompts if p.set == "preserve" for s in cfg.seeds]
     if pres:
         score = evaluator.clip_score(load_images([images[k] for k in pres]), [k[0] for k in pres])
@@ -601,6 +614,8 @@ def run_bench(
     cache = cache_root / info.fingerprint
     gen = Generator(pipe, cfg.generation, cache, state, progress=progress)
     ev = load_evaluator(cfg.evaluator, device=pipe.device) if state.is_main_process else None
+    judges = load_judges(cfg.judges) if state.is_main_process else []
+    inception = cfg.quality.features(pipe.device) if state.is_main_process else None
 
     selected = [
         m
@@ -642,7 +657,9 @@ def run_bench(
                 paths = (
                     unedited if edit is None else gen.run(key, conds, cfg.seeds, desc=f"{task.name}: {label}")
                 )
-                scored = _score_row(ev, cfg, prompts, paths, unedited) if state.is_main_process else None
+                scored = (
+                    _score_row(ev, cfg, prompts, paths, unedited, judges, inception) if state.is_main_process else None
+                )
                 attack_results = (
                     _run_attacks(cfg, task, pipe, edit, key, gen, ev, unedited, state, _plain_hits(scored))
                     if edit is not None and cfg.attacks
@@ -677,6 +694,8 @@ def run_bench(
         "config": cfg.model_dump(),
         "model": {"spec": info.spec, "family": info.family, "fingerprint": info.fingerprint},
         "evaluator": ev.describe(),
+        "judges": judge_settings(judges),
+        "quality": cfg.quality.settings(),
         "accuracy_headline": cfg.accuracy,
         "conventions": {
             "argmax": "share of images whose top-1 zero-shot class is the target",

@@ -41,6 +41,7 @@ __all__ = [
     "image_key",
     "load_evaluator",
     "register_evaluator",
+    "uint8_images",
 ]
 
 #: Template used when a caller gives none (the MACE CIFAR-10 scorer's single template).
@@ -93,6 +94,11 @@ def _split_images(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
+def uint8_images(images: ImageLike | Sequence[ImageLike]) -> list[np.ndarray]:
+    """Every image of ``images`` (one image, a batch or a list) as contiguous uint8 RGB, HxWx3."""
+    return [_to_uint8_hwc(im) for im in _split_images(images)]
+
+
 def image_key(pixels: np.ndarray) -> str:
     """Cache key of one image: a hash over its shape and uint8 RGB bytes."""
     h = hashlib.blake2b(digest_size=20)
@@ -141,6 +147,17 @@ class ClipScore:
     scale: float
     clamp_min: float | None
     evaluator: str
+
+    @classmethod
+    def from_cosines(
+        cls, cosines: torch.Tensor, evaluator: str, *, scale: float = 100.0, clamp_min: float | None = 0.0
+    ) -> ClipScore:
+        """Score image-text cosines [n] with the convention ``max(scale * cos, clamp_min)``, averaged."""
+        s = scale * torch.as_tensor(cosines).detach().double().cpu().reshape(-1)
+        if clamp_min is not None:
+            s = s.clamp_min(clamp_min)
+        mean = float(s.mean()) if s.numel() else math.nan
+        return cls(tuple(float(v) for v in s), mean, scale, clamp_min, evaluator)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -220,7 +237,7 @@ class Evaluator:
     @torch.no_grad()
     def embed_images(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """L2-normalized float32 image embeddings, [n, D] (CPU). Cached by pixel hash."""
-        pixels = [_to_uint8_hwc(im) for im in _split_images(images)]
+        pixels = uint8_images(images)
         keys = [image_key(p) for p in pixels]
         todo: dict[str, np.ndarray] = {}
         for k, p in zip(keys, pixels, strict=True):
@@ -309,12 +326,7 @@ class Evaluator:
         clamp_min: float | None = 0.0,
     ) -> ClipScore:
         """CLIP score of image i against text i; default torchmetrics convention ``max(100*cos, 0)``."""
-        s = scale * self.cosine(images, texts).double()
-        if clamp_min is not None:
-            s = s.clamp_min(clamp_min)
-        values = tuple(float(v) for v in s)
-        mean = float(s.mean()) if values else math.nan
-        return ClipScore(per_image=values, mean=mean, scale=scale, clamp_min=clamp_min, evaluator=self.spec)
+        return ClipScore.from_cosines(self.cosine(images, texts), self.spec, scale=scale, clamp_min=clamp_min)
 
     def image_similarity(
         self,
