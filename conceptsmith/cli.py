@@ -92,9 +92,13 @@ def generate(
     dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")] = Path("out/generate"),
 ) -> None:
-    """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json."""
-    from conceptsmith.generation import default_settings, image_grid, parse_seeds
-    from conceptsmith.generation import generate as run_generation
+    """Generate prompts x seeds: one PNG per image, a grid.png and a manifest.json.
+
+    Each image is written as soon as it is made and the manifest after every batch; a rerun with the same
+    arguments into the same --out keeps the images already there (checked by their SHA-256) and makes the rest."""
+    from conceptsmith.edits import content_digest
+    from conceptsmith.generation import default_settings, generate_to_folder, image_grid, parse_seeds
+    from conceptsmith.io import save_image
 
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = parse_seeds(seeds)
@@ -104,28 +108,25 @@ def generate(
         loaded.apply(pipe, scale=scale)
     settings = default_settings(pipe, num_inference_steps=steps, guidance_scale=guidance, height=height,
                                 width=width, batch_size=batch_size)
-    results = run_generation(pipe, prompts, seed_list, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for index, (text, seed, image) in enumerate(results):
-        name = f"{index // len(seed_list):03d}_{_slug(text)}_s{seed}.png"
-        image.save(out / name)
-        records.append({"prompt": text, "seed": seed, "file": name})
-    grid = image_grid([image for _, _, image in results], columns=len(seed_list),
-                      labels=[f"{text} | {seed}" for text, seed, _ in results])
-    grid.save(out / "grid.png")
-    manifest = {
+    header = {
         "model": info.spec,
         "family": info.family,
         "base_fingerprint": info.fingerprint,
-        "edits": [{"file": str(path), "scale": scale, "method": e.method, "concepts": e.concepts} for path, e, scale in edits],
+        "edits": [{"file": str(path), "scale": scale, "method": e.method, "concepts": e.concepts,
+                   "digest": content_digest(e, scale)} for path, e, scale in edits],
         "settings": settings.pipeline_kwargs(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
-        "images": records,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    jobs = [(text, seed, f"{index:03d}_{_slug(text)}_s{seed}.png") for index, text in enumerate(prompts) for seed in seed_list]
+    run = generate_to_folder(pipe, jobs, out, header, settings)
+    records = run.records
+    grid = image_grid([image for _, _, image in run.images], columns=len(seed_list),
+                      labels=[f"{text} | {seed}" for text, seed, _ in run.images])
+    save_image(out / "grid.png", grid)
+    if run.reused:
+        typer.echo(f"kept {run.reused} images already in {out} (same arguments)")
     typer.echo(f"wrote {len(records)} images, grid.png and manifest.json to {out}")
 
 

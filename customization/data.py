@@ -266,7 +266,8 @@ def class_images(
     and reused by later runs; only the missing seeds are generated.
     """
     from conceptsmith.edits import applied, content_digest
-    from conceptsmith.generation import default_settings, generate
+    from conceptsmith.generation import default_settings, iter_images
+    from conceptsmith.io import save_image
     from conceptsmith.models import fingerprint
 
     if count < 1:
@@ -289,13 +290,10 @@ def class_images(
                     path.unlink()  # a broken cache entry (interrupted write): generate it again
     missing = [s for s in seeds if s not in cached]
     if missing:
-        for _, s, image in generate(pipe, [prompt], missing, settings, progress=progress):
+        for _, s, image in iter_images(pipe, [(prompt, s) for s in missing], settings, progress=progress):
             cached[s] = image
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                temporary = folder / f".{s}.png.tmp"
-                image.save(temporary, format="PNG")
-                temporary.replace(folder / f"{s}.png")
+            if folder is not None:  # each image as soon as its batch is done: a stopped run keeps them
+                save_image(folder / f"{s}.png", image, format="PNG")
     return [cached[s] for s in seeds]
 
 

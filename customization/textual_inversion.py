@@ -29,11 +29,11 @@ import torch
 from conceptsmith.customization import CustomizationError
 from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from pydantic import Field
-from safetensors.torch import save_file
 from torch import nn
 
 from conceptsmith.diffusion import TextConditioner
 from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.io import save_safetensors
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor, register_hook
 from conceptsmith.trainable import shared_copy
 from conceptsmith.training import TrainingConfig
@@ -295,7 +295,7 @@ def export_embeddings(edit: Edit, folder: str | Path) -> list[Path]:
                 tensors = {"clip_l": entries["text_encoder"][index][1], "clip_g": entries["text_encoder_2"][index][1]}
             else:
                 tensors = {token: entries["text_encoder"][index][1]}
-            save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt", "token": token})
+            save_safetensors(path, {k: v.float() for k, v in tensors.items()}, {"format": "pt", "token": token})
             written.append(path)
     return written
 

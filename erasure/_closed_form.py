@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conceptsmith.attention import kv_projections
 from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.io import save_safetensors
 from conceptsmith.linalg import RidgeSolution, SingularSystemError, solve_ridge
 from conceptsmith.mmdit import is_mmdit, text_maps
 from conceptsmith.models import detect_family
@@ -262,10 +263,7 @@ def preserve_rows(pipe: Any, preserve: Sequence[str], policy: TokenPolicy, cache
     if path.is_file():
         return load_file(str(path))["rows"]
     rows = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"rows": rows.contiguous()}, str(temporary), metadata={"policy": policy, "count": str(len(preserve))})
-    os.replace(temporary, path)
+    save_safetensors(path, {"rows": rows}, {"policy": policy, "count": str(len(preserve))})
     return rows
 
 

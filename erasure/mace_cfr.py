@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -52,9 +51,9 @@ from conceptsmith.erasure._closed_form import (
 from conceptsmith.erasure.uce import default_guide
 from pydantic import Field
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.io import save_safetensors
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
 
@@ -158,10 +157,7 @@ def load_or_build_prior(pipe: Any, captions: list[str], cache_dir: str | None) -
                 return Prior(handle.get_tensor("gram"), info["n_captions"], info["n_tokens"], path, True)
     gram, tokens = build_prior(pipe, captions)
     info = {"fingerprint": fingerprint, "corpus_sha256_16": corpus_hash, "n_captions": len(captions), "n_tokens": tokens}
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    save_file({"gram": gram.contiguous()}, str(temporary), metadata={"conceptsmith_prior": json.dumps(info)})
-    os.replace(temporary, path)
+    save_safetensors(path, {"gram": gram}, {"conceptsmith_prior": json.dumps(info)})
     return Prior(gram, len(captions), tokens, path, False)
 
 

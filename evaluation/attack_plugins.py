@@ -44,6 +44,7 @@ from conceptsmith.evaluation.training_attacks import (
 )
 from pydantic import Field
 
+from conceptsmith.io import write_text
 from conceptsmith.registry import Attack, AttackConfig, register_attack
 
 if TYPE_CHECKING:
@@ -96,8 +97,7 @@ class AttackContext:
                 return json.loads(path.read_text())
             data = compute()
             if self.state.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(data))
+                write_text(path, json.dumps(data))
             return data
 
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from conceptsmith.config import DEVICE_PATTERN, DtypeName, StrictModel, load_config, read_yaml, validate
 from conceptsmith.edits import content_digest as edit_digest  # the image-cache key of an applied edit
+from conceptsmith.io import append_jsonl, copy_file, read_jsonl, save_image, write_json
 from conceptsmith.resources import configs_root, shipped_config
 
 __all__ = [
@@ -232,10 +231,7 @@ def digest(*parts: Any) -> str:
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image(path, image, format="PNG")
 
 
 @dataclass
@@ -313,6 +309,19 @@ def _precision(pipe: Any) -> str:
     """The dtype the pipeline's denoiser computes in (``float32``, ``float16``, ``bfloat16``)."""
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     return str(denoiser.dtype).removeprefix("torch.") if denoiser is not None else "float32"
+
+
+#: A run's finished rows, one JSON line each (row key, row, its image records); removed once results.json is written.
+ROWS_JOURNAL = "rows.jsonl"
+
+
+def _finished_rows(journal: Path) -> dict[str, dict[str, Any]]:
+    """The rows a stopped run into the same folder finished, by row key (a digest of the config, the model and
+    the row's task, label and edit); none when there is no readable journal."""
+    try:
+        return {entry["key"]: entry for entry in read_jsonl(journal)}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 def compute_once(state: Any, path: Path, compute: Callable[[], Any], save: Callable[[Any, Path], Any]) -> bool:
@@ -590,6 +599,7 @@ def run_bench(
     """
     from conceptsmith.evaluation.clip import load_evaluator
 
+    from conceptsmith import __version__
     from conceptsmith.edits import Edit, parse_edit_spec
 
     if isinstance(config, BenchConfig):
@@ -634,6 +644,8 @@ def run_bench(
 
     rows: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
+    journal = out_dir / ROWS_JOURNAL  # every finished row at once: the rerun of a stopped run reuses them
+    finished = _finished_rows(journal)
     for task in cfg.tasks:
         prompts = task_prompts(cfg, task)
         conds = [(p.text, p.text) for p in prompts]
@@ -651,6 +663,11 @@ def run_bench(
             key = f"{edit.method}-{edit_digest(edit, scale)}"
             candidates.append((label, edit.method, edit, key, edit.params, None, scale))
         for label, method, edit, key, params, seconds, scale in candidates:
+            row_key = digest(cfg.model_dump(), info.fingerprint, _precision(pipe), __version__, task.name, label, key, scale)
+            if row_key in finished:
+                rows.append(finished[row_key]["row"])
+                images += finished[row_key]["images"]
+                continue
             if edit is not None:
                 edit.apply(pipe, scale=scale)
             try:
@@ -682,8 +699,10 @@ def run_bench(
                 "metrics": metrics,
                 "attacks": attack_results,
             }
+            made = {"row": row, "images": [{"task": task.name, "method": label, **im} for im in per_image]}
+            append_jsonl(journal, {"key": row_key, **made}, default=float)
             rows.append(row)
-            images += [{"task": task.name, "method": label, **im} for im in per_image]
+            images += made["images"]
 
     if not state.is_main_process:
         state.wait_for_everyone()
@@ -710,10 +729,8 @@ def run_bench(
         "images": images,
         "run": {"seconds": time.perf_counter() - started},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    os.replace(tmp, out_dir / "results.json")
+    write_json(out_dir / "results.json", results, default=float)
+    journal.unlink(missing_ok=True)  # results.json holds every row now
     run = BenchRun(results, out_dir, gen.generated, gen.cached)
     if report:
         from conceptsmith.evaluation.report import write_report
@@ -754,7 +771,7 @@ def _method_images(spec: MethodSpec, cfg: BenchConfig, task: TaskSpec, gen: Any)
             for i, path in enumerate(chosen):
                 target = folder / f"{i:03d}.png"
                 if not target.is_file():
-                    shutil.copyfile(path, target)
+                    copy_file(path, target)
         gen.state.wait_for_everyone()
         folders.append(folder)
     return folders

@@ -1280,6 +1280,7 @@ def _tile(path: str | Path) -> Image.Image:
 def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> Path:
     """Rows: the references, then every method; each row its first ``columns`` images, seed-major."""
     from conceptsmith.generation import image_grid
+    from conceptsmith.io import save_image
 
     tokens = [group] if group in results["references"] else group.split("+")
     known = [t for t in tokens if t in results["references"]]  # none for a known-pairs group
@@ -1299,9 +1300,7 @@ def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> P
         labels += [name] + [""] * (width - 1)
     slug = re.sub(r"[^a-zA-Z0-9]+", "-", group).strip("-").lower() or "group"
     path = out / "grids" / f"{slug}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(tiles, columns=width, labels=labels).save(path)
-    return path
+    return save_image(path, image_grid(tiles, columns=width, labels=labels))
 
 
 def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -172,12 +172,12 @@ def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path
     seen: list = []
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))  # a dir not there yet
     monkeypatch.setattr(unet_train, "train_unet", lambda cfg, **kwargs: seen.append(cfg))
-    result = runner.invoke(world_app, ["train", "--stages", "unet"])
+    result = runner.invoke(world_app, ["train", "--stages", "unet", "--out", str(tmp_path / "w")])
     assert result.exit_code == 0, result.output
     assert seen[-1] == unet_train.UNetTrainConfig(threads=os.cpu_count())  # alone, the stage takes every core
     assert "total wall" in result.output and "unet" in result.output
     result = runner.invoke(world_app, ["train", "--stages", "unet", "--unet-steps", "10", "--no-unet-attention-16",
-                                       "--unet-offset-noise", "0", "--threads", "1"])
+                                       "--unet-offset-noise", "0", "--threads", "1", "--out", str(tmp_path / "w")])
     assert result.exit_code == 0, result.output
     assert (seen[-1].steps, seen[-1].attention_16, seen[-1].offset_noise, seen[-1].threads) == (10, False, 0.0, 1)
     assert seen[-1].two_object_share == unet_train.UNetTrainConfig().two_object_share
@@ -196,13 +196,14 @@ def test_world_train_budget_hours_gives_the_unet_what_the_clock_has_left(monkeyp
     deadlines: list = []
     monkeypatch.setattr(unet_train, "train_unet", lambda cfg, deadline=None, **kwargs: deadlines.append(deadline))
     before = time.time()
-    result = runner.invoke(world_app, ["train", "--stages", "unet"])  # --budget-hours defaults to 2.5
+    result = runner.invoke(world_app, ["train", "--stages", "unet", "-o", str(tmp_path / "w")])  # --budget-hours: 2.5
     assert result.exit_code == 0, result.output
     assert before + 1.5 * 3600 - 60 <= deadlines[-1] <= time.time() + 1.5 * 3600
     assert "budget left" in (tmp_path / "cache" / "world" / "train.log").read_text()
-    off = runner.invoke(world_app, ["train", "--stages", "unet", "--budget-hours", "0"])
+    off = runner.invoke(world_app, ["train", "--stages", "unet", "--budget-hours", "0", "-o", str(tmp_path / "w")])
     assert off.exit_code == 0 and deadlines[-1] is None
-    refused = runner.invoke(world_app, ["train", "--stages", "unet,evaluator", "--jobs", "1", "--budget-hours", "2"])
+    refused = runner.invoke(world_app, ["train", "--stages", "unet,evaluator", "--jobs", "1", "--budget-hours", "2",
+                                        "-o", str(tmp_path / "w")])
     assert refused.exit_code == 2 and "--jobs 2" in refused.output
 
 
@@ -229,18 +230,18 @@ def test_world_train_runs_the_evaluator_beside_the_generator(monkeypatch, tmp_pa
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(world_cli.os, "cpu_count", lambda: 2)
     child = _FakeProcess(alive_polls=1)
-    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log: child)
+    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log, out: child)
     threads_seen: list = []
 
     def fake_unet(cfg, threads_now=None, **kwargs):
         threads_seen.extend([cfg.threads, threads_now(), threads_now()])
 
     monkeypatch.setattr(unet_train, "train_unet", fake_unet)
-    result = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator"])
+    result = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator", "-o", str(tmp_path / "w")])
     assert result.exit_code == 0, result.output
     assert threads_seen == [1, 1, 2] and child.joined
-    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log: _FakeProcess(0, exitcode=3))
-    failed = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator"])
+    monkeypatch.setattr(world_cli, "_start_evaluator_process", lambda resume, log, out: _FakeProcess(0, exitcode=3))
+    failed = runner.invoke(world_cli.app, ["train", "--stages", "unet,evaluator", "-o", str(tmp_path / "w")])
     assert failed.exit_code == 1 and "exit code 3" in failed.output
 
 

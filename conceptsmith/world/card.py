@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from conceptsmith.io import write_text
 from conceptsmith.world.pipeline import DEFAULTS, PIPE_DIR
 
 
@@ -105,5 +106,5 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
             lines.append(f"| {key} | {value} | | |")
     lines += ["", "Raw: `" + json.dumps(results) + "`", ""]
     path = pipe_dir / "MODEL_CARD.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

@@ -310,6 +310,7 @@ def run_check(
 ) -> dict[str, float]:
     """Measure the metrics; returns ``{metric: value}`` (plus ``seeds``/``images`` bookkeeping)."""
     from conceptsmith.generation import default_settings, generate, image_grid
+    from conceptsmith.io import save_image
 
     log = log or (lambda message: None)
     if pipe is None:
@@ -336,8 +337,7 @@ def run_check(
             picks = [(j, ims) for j, ims in zip(jobs, per_job)]
             first = [ims[0] for _, ims in picks]
             labels = [f"{j.metric}:{j.prompt.split(' of ', 1)[-1]}" for j, _ in picks]
-            Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
-            image_grid(first, columns=8, labels=labels).save(grid_path)
+            save_image(grid_path, image_grid(first, columns=8, labels=labels))
             log(f"sample grid (seed 0 of every prompt): {grid_path}")
         results["images"] = len(out)
     if "two_object" in metrics:

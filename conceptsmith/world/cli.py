@@ -16,10 +16,20 @@ from conceptsmith.cli import DeviceOption, DtypeOption, user_errors
 app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True)
 
 STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
+#: Written into every ``world train --out`` folder: a later run may resume there without --overwrite.
+MARKER = "world-train.json"
+#: What the UNet stage reads from the generator folder; taken from the shipped pipeline when an earlier stage
+#: did not write it.
+UNET_INPUTS = ("tokenizer", "text_encoder", "vae")
 
 
 @app.command()
+@user_errors
 def train(
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the trained weights: shapes-sd/ (generator "
+                             "pipeline) and shapes-clip/ (evaluator). Never the shipped weights; an existing non-empty "
+                             "folder only if an earlier `world train` made it (resume) or with --overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty --out folder."),
     stages: str = typer.Option(",".join(STAGES), help=f"Comma-separated stages to run, in order: {', '.join(STAGES)}."),
     seed: int = typer.Option(0, help="Seed of the generator's data pool, VAE and UNet."),
     unet_steps: int | None = typer.Option(None, help="UNet optimizer steps (schedule length). "
@@ -54,10 +64,11 @@ def train(
 
     UNet options left unset take the shipped recipe's values (``unet_train.UNetTrainConfig``). Every stage is
     seeded, checkpoints to ~/.cache/conceptsmith/world (or $CONCEPTSMITH_CACHE/world) and resumes; the generator is
-    written to conceptsmith/world/weights/shapes-sd (save_pretrained), the evaluator to weights/shapes-clip. Wall
-    time per stage is summed over resumed runs and printed at the end; the log is world/train.log in the cache."""
+    written to OUT/shapes-sd (save_pretrained), the evaluator to OUT/shapes-clip, each part replaced whole when it
+    is written; the shipped weights are only read (the UNet stage takes the tokenizer, text encoder and VAE from
+    them when no earlier stage wrote OUT's). Wall time per stage is summed over resumed runs and printed at the end;
+    the log is world/train.log in the cache."""
     from conceptsmith.world import stage_clock, unet_train, vae_train
-    from conceptsmith.world.pipeline import PIPE_DIR
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
@@ -68,12 +79,14 @@ def train(
     if budget_hours and "unet" in chosen and "evaluator" in chosen and jobs < 2:
         raise typer.BadParameter("--budget-hours fits the UNet's schedule to the budget, so the evaluator must not "
                                  "train after it: use --jobs 2 (the default) or train the evaluator separately")
+    pipe_dir = prepare_out(out, overwrite) / "shapes-sd"
     if not resume:
         stage_clock.reset()
     logfile = vae_train.cache_dir() / "train.log"
     log = lambda message: vae_train.log(message, logfile)  # noqa: E731
+    log(f"writing to {out}")
     cores = os.cpu_count() or 1
-    sibling = _start_evaluator_process(resume, log) if jobs > 1 and "evaluator" in chosen and len(chosen) > 1 else None
+    sibling = _start_evaluator_process(resume, log, out) if jobs > 1 and "evaluator" in chosen and len(chosen) > 1 else None
     if sibling:
         chosen.remove("evaluator")
     per_process = threads or (max(1, cores // 2) if sibling else cores)
@@ -93,15 +106,17 @@ def train(
 
             kwargs = {"stop_at": text_tower_stop} if text_tower_stop else {}
             with stage_clock.timed("text-tower"):
-                clip_train.train_text_tower(out_dir=PIPE_DIR, resume=resume, threads=per_process, **kwargs)
+                clip_train.train_text_tower(out_dir=pipe_dir, resume=resume, threads=per_process, **kwargs)
         if "vae" in chosen:
             log("stage vae: autoencoder")
             with stage_clock.timed("vae"):
-                vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=per_process), resume=resume,
-                                    logfile=logfile)
-                vae_train.finetune_decoder(seed=seed, threads=per_process, resume=resume, logfile=logfile)
+                vae_train.train_vae(vae_train.VAETrainConfig(seed=seed, threads=per_process), pipe_dir / "vae",
+                                    resume=resume, logfile=logfile)
+                vae_train.finetune_decoder(pipe_dir / "vae", seed=seed, threads=per_process, resume=resume,
+                                           logfile=logfile)
         if "unet" in chosen:
             log("stage unet: denoiser")
+            _inputs_from_shipped(pipe_dir, log)
             # once the evaluator's process is done, its core goes to the UNet
             threads_now = (lambda: per_process if sibling.is_alive() else (threads or cores)) if sibling else None
             deadline = None
@@ -111,11 +126,11 @@ def train(
                 log(f"UNet: {left / 60:.1f} min of the {budget_hours:g} h budget left; the schedule ends by then "
                     f"(at most {unet_cfg.steps} steps; --budget-hours 0 runs them all)")
             with stage_clock.timed("unet"):
-                unet_train.train_unet(unet_cfg, resume=resume, logfile=logfile, threads_now=threads_now,
+                unet_train.train_unet(unet_cfg, pipe_dir=pipe_dir, resume=resume, logfile=logfile, threads_now=threads_now,
                                       deadline=deadline)
         if "evaluator" in chosen:
             log("stage evaluator: open_clip shapes-clip")
-            _evaluator_stage(resume, per_process)
+            _evaluator_stage(resume, per_process, out)
         if sibling:
             log("waiting for the evaluator's process")
             sibling.join()
@@ -124,33 +139,65 @@ def train(
                            f"{vae_train.cache_dir() / 'evaluator.log'}", err=True)
                 raise typer.Exit(1)
     typer.echo("training clock (summed over resumed runs):\n" + stage_clock.report(budget_hours or 2.5))
-    typer.echo("done. Measure it with: conceptsmith world check")
+    typer.echo(f"done: {out}. Measure the generator with: conceptsmith world check --model {pipe_dir}")
 
 
-def _start_evaluator_process(resume: bool, log) -> multiprocessing.Process:
+def prepare_out(out: Path, overwrite: bool) -> Path:
+    """Check ``world train --out`` and mark it as a training folder: never the shipped weights; an existing
+    non-empty folder only when an earlier ``world train`` made it (a resumed run) or with ``overwrite``."""
+    from conceptsmith.io import write_json
+    from conceptsmith.world.pipeline import refuse_shipped
+
+    refuse_shipped(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out '{out}' is a file: pass a folder (a new one, e.g. out/shapes-world).")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise ValueError(f"--out '{out}' is a non-empty folder that `world train` did not make: pass a new or empty "
+                         "folder, or add --overwrite to write the trained weights into it.")
+    if not (out / MARKER).is_file():
+        write_json(out / MARKER, {"written_by": "conceptsmith world train", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "layout": {"shapes-sd": "generator pipeline", "shapes-clip": "evaluator"}})
+    return out
+
+
+def _inputs_from_shipped(pipe_dir: Path, log) -> None:
+    """Copy the parts the UNet stage reads that no earlier stage wrote into ``pipe_dir`` from the shipped pipeline."""
+    import shutil
+
+    from conceptsmith.io import atomic_directory
+    from conceptsmith.world.pipeline import PIPE_DIR
+
+    for part in UNET_INPUTS:
+        if not (pipe_dir / part).is_dir():
+            log(f"stage unet: no {part} in {pipe_dir}; using the shipped one ({PIPE_DIR / part})")
+            with atomic_directory(pipe_dir / part) as temporary:
+                shutil.copytree(PIPE_DIR / part, temporary, dirs_exist_ok=True)
+
+
+def _start_evaluator_process(resume: bool, log, out: Path) -> multiprocessing.Process:
     """The evaluator stage in a spawned child process with one thread; its output goes to world/evaluator.log."""
     from conceptsmith.world import vae_train
 
     logfile = vae_train.cache_dir() / "evaluator.log"
     log(f"stage evaluator: in a second process, output in {logfile}")
-    process = multiprocessing.get_context("spawn").Process(target=_evaluator_job, args=(resume, str(logfile)),
+    process = multiprocessing.get_context("spawn").Process(target=_evaluator_job, args=(resume, str(logfile), out),
                                                             name="shapes-clip")
     process.start()
     return process
 
 
-def _evaluator_job(resume: bool, logfile: str) -> None:
-    with open(logfile, "a") as out:
-        sys.stdout = sys.stderr = out
-        _evaluator_stage(resume, threads=1)
+def _evaluator_job(resume: bool, logfile: str, out: Path) -> None:
+    with open(logfile, "a") as log:  # an append-only log: what a killed run printed stays
+        sys.stdout = sys.stderr = log
+        _evaluator_stage(resume, 1, out)
 
 
-def _evaluator_stage(resume: bool, threads: int) -> None:
+def _evaluator_stage(resume: bool, threads: int, out: Path) -> None:
     """The evaluator stage, timed; in ``world train``'s own process or in the second one."""
     from conceptsmith.world import clip_train, stage_clock
 
     with stage_clock.timed("evaluator"):
-        clip_train.train_evaluator(resume=resume, threads=threads)
+        clip_train.train_evaluator(out, resume=resume, threads=threads)
 
 
 @app.command()

@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conceptsmith.io import atomic_directory, save_numpy, save_torch, write_text
+
 from . import render as R
 from . import vocab as V
 
@@ -108,10 +110,8 @@ def rendered_dataset(n: int, seed: int, split: str, workers: int = 2) -> tuple[n
         parts = [_render_chunk(j) for j in tqdm(jobs, desc=f"render {split}")]
     imgs = np.concatenate([p[0] for p in parts])
     labs = [lab for p in parts for lab in p[1]]
-    tmp = img_path.with_suffix(".tmp.npy")
-    np.save(tmp, imgs)
-    os.replace(tmp, img_path)
-    lab_path.write_text(json.dumps(labs))
+    save_numpy(img_path, imgs)
+    write_text(lab_path, json.dumps(labs))
     return imgs, labs
 
 
@@ -286,10 +286,8 @@ def _contrastive_train(
         run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
         bar.set_postfix(loss=f"{run_loss:.3f}", T=f"{scale.item():.1f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == end:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                        "steps": steps, "seed": seed}, tmp)
-            os.replace(tmp, ckpt)
+            save_torch(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                              "steps": steps, "seed": seed})
     print(f"[{name}] {end - start} steps in {time.time() - t0:.0f}s, loss {run_loss}")
     model.eval()
     return model
@@ -304,9 +302,13 @@ def _hf_encoder():
     return lambda c: tok(c, add_special_tokens=False).input_ids
 
 
-def train_text_tower(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None, seed: int | None = None,
+def train_text_tower(out_dir: str | Path, steps: int | None = None, seed: int | None = None,
                      resume: bool = True, threads: int = 2, **overrides: Any) -> Path:
-    """Stage (a): contrastive training; saves ``out_dir/text_encoder`` (fp16) and ``out_dir/tokenizer``."""
+    """Stage (a): contrastive training; saves ``out_dir/text_encoder`` (fp16) and ``out_dir/tokenizer`` (a
+    generator pipeline folder such as ``<world train --out>/shapes-sd``; never the shipped weights)."""
+    from .pipeline import refuse_shipped
+
+    refuse_shipped(out_dir)
     cfg = dict(TEXT_TOWER_DEFAULTS, **overrides)
     steps = steps or cfg["steps"]
     seed = cfg["seed"] if seed is None else seed
@@ -333,10 +335,11 @@ def train_text_tower(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None
                                    steps=cont_steps, batch=cfg["batch"], lr=cfg["continue_lr"], seed=seed + 1 + k,
                                    resume=resume, group_size=cfg["group_size"],
                                    binding_groups=cfg["binding_groups"], threads=threads)
-    torch.save(model.state_dict(), cache_dir() / f"text-tower-s{seed}-full.pt")
+    save_torch(cache_dir() / f"text-tower-s{seed}-full.pt", model.state_dict())
     out = Path(out_dir)
     text = model.text.eval().requires_grad_(False)
-    copy.deepcopy(text).to(torch.float16).save_pretrained(out / "text_encoder")
+    with atomic_directory(out / "text_encoder") as temporary:
+        copy.deepcopy(text).to(torch.float16).save_pretrained(temporary)
     from .tokenizer import save_clip_tokenizer
 
     save_clip_tokenizer(out / "tokenizer")
@@ -375,13 +378,16 @@ def _register_config() -> None:
         open_clip.add_model_config(CLIP_CONFIG)
 
 
-def train_evaluator(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None, seed: int | None = None,
+def train_evaluator(out_dir: str | Path, steps: int | None = None, seed: int | None = None,
                     resume: bool = True, threads: int = 2, **overrides: Any) -> Path:
     """Stage (b): the open_clip evaluator; saves ``out_dir/shapes-clip/{open_clip_config.json,
-    open_clip_model.safetensors}`` (weights in float16)."""
+    open_clip_model.safetensors}`` (weights in float16; never into the shipped weights)."""
     import open_clip
     from safetensors.torch import save_file
 
+    from .pipeline import refuse_shipped
+
+    refuse_shipped(out_dir)
     cfg = dict(EVALUATOR_DEFAULTS, **overrides)
     steps = steps or cfg["steps"]
     seed = cfg["seed"] if seed is None else seed
@@ -411,15 +417,15 @@ def train_evaluator(out_dir: str | Path = WEIGHTS_DIR, steps: int | None = None,
                                    std=OPENAI_STD, steps=cont_steps, batch=cfg["batch"], lr=cfg["continue_lr"],
                                    seed=seed + 1 + k, resume=resume, group_size=cfg["group_size"], threads=threads)
     out = Path(out_dir) / EVALUATOR_NAME
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
     config = {
         "model_cfg": _model_cfg(),
         "preprocess_cfg": {"size": 64, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
                            "interpolation": "bicubic", "resize_mode": "shortest"},
     }
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_directory(out) as temporary:  # weights and config are replaced together
+        save_file(state, str(temporary / "open_clip_model.safetensors"))
+        (temporary / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -563,7 +569,7 @@ if __name__ == "__main__":  # pragma: no cover - manual entry point; the CLI wir
     ap.add_argument("stage", choices=["text-tower", "evaluator", "eval-text-tower", "eval-evaluator"])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--out", default=str(WEIGHTS_DIR))
+    ap.add_argument("--out", required=True, help="a new folder (never the shipped weights)")
     ap.add_argument("--no-resume", action="store_true")
     a = ap.parse_args()
     if a.stage == "text-tower":

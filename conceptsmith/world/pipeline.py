@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-PIPE_DIR = Path(__file__).resolve().parent / "weights" / "shapes-sd"
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+PIPE_DIR = SHIPPED_DIR / "shapes-sd"
 
 #: Generation defaults of ShapesWorld (``conceptsmith.generation.default_settings`` reads them).
 #: Steps are chosen so one image with classifier-free guidance takes <= 1 s on 2 CPU threads.
@@ -33,16 +34,32 @@ def inference_scheduler():
     return DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
 
 
+def refuse_shipped(path: str | Path) -> Path:
+    """``path`` (resolved), unless it is or lies inside the shipped weights folder: training never writes there."""
+    resolved = Path(path).resolve()
+    if resolved == SHIPPED_DIR or SHIPPED_DIR in resolved.parents:
+        raise ValueError(
+            f"'{path}' is inside the shipped ShapesWorld weights ({SHIPPED_DIR}), which training never overwrites: "
+            "write to a new folder (e.g. --out out/shapes-world) and copy the result over by hand to replace them."
+        )
+    return resolved
+
+
 def save_pipeline(out_dir: Path, *, unet, vae, text_encoder, tokenizer, scheduler=None) -> Path:
-    """Assemble a StableDiffusionPipeline and write it with ``save_pretrained`` (fp16 weights)."""
+    """Assemble a StableDiffusionPipeline and write it with ``save_pretrained`` (fp16 weights), replacing
+    ``out_dir`` as a whole (:func:`conceptsmith.io.atomic_directory`)."""
     from diffusers import StableDiffusionPipeline
 
+    from conceptsmith.io import atomic_directory
+
+    refuse_shipped(out_dir)
     parts = {name: copy.deepcopy(m).to(torch.float16).eval() for name, m in
              dict(unet=unet, vae=vae, text_encoder=text_encoder).items()}
     pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=scheduler or inference_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    with atomic_directory(out_dir) as temporary:
+        pipe.save_pretrained(temporary, safe_serialization=True)
     return out_dir
 
 

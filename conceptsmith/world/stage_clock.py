@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from conceptsmith.io import write_text
 from conceptsmith.world.vae_train import cache_dir
 
 WALL = "wall"  # the span of a whole `world train` invocation (stages may overlap inside it)
@@ -32,9 +33,7 @@ def reset() -> None:
 
 
 def _write(path: Path, key: str, seconds: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1)}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"key": key, "seconds": round(seconds, 1)}))
 
 
 @contextmanager

@@ -63,7 +63,11 @@ build_clip_tokenizer = clip_tokenizer
 
 
 def save_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Path:
-    """Write the SD 1.x-style tokenizer with ``save_pretrained`` (``CLIPTokenizer.from_pretrained`` loads it)."""
+    """Write the SD 1.x-style tokenizer with ``save_pretrained`` (``CLIPTokenizer.from_pretrained`` loads it),
+    replacing ``out_dir`` as a whole."""
+    from conceptsmith.io import atomic_directory
+
     out = Path(out_dir)
-    clip_tokenizer(model_max_length=model_max_length).save_pretrained(out)
+    with atomic_directory(out) as temporary:
+        clip_tokenizer(model_max_length=model_max_length).save_pretrained(temporary)
     return out

@@ -12,8 +12,8 @@ with the TRAINING templates, so one image is seen under many phrasings.
 
 Checkpoints (model, EMA, optimizer, step) go to ``~/.cache/conceptsmith/world`` every few minutes;
 a restarted run resumes from the last one and continues the same data stream (the batch of step
-``s`` depends only on (seed, s)). Every checkpoint also exports the EMA UNet into the shipped
-pipeline directory, so an interrupted run still leaves usable weights.
+``s`` depends only on (seed, s)). Every checkpoint also exports the EMA UNet into the output
+pipeline directory (never the shipped one), so an interrupted run still leaves usable weights.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptsmith.world.vae_train import _atomic_save, cache_dir, log, render_pool, to_tensor, weights_dir
+from conceptsmith.io import atomic_directory, save_torch, write_text
+from conceptsmith.world.vae_train import cache_dir, log, render_pool, to_tensor, weights_dir
 
 
 def unet_config(cross_attention_dim: int, attention_16: bool = True) -> dict:
@@ -131,7 +132,7 @@ def encode_pool(vae, images: np.ndarray, key: str, logfile: str | Path | None = 
         out[start : start + batch] = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         if (start // batch) % 20 == 0:
             log(f"encoded {start + len(x)}/{len(images)} latents ({time.time() - t0:.0f}s)", logfile)
-    _atomic_save(out, path)
+    save_torch(path, out)
     return out
 
 
@@ -219,10 +220,11 @@ def fit_schedule(step: int, seconds_per_step: float, seconds_left: float, cap: i
     return max(step + 1, min(cap, step + affordable))
 
 
-def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None, logfile: str | Path | None = None,
+def train_unet(cfg: UNetTrainConfig | None, pipe_dir: Path, logfile: str | Path | None = None,
                progress: bool = True, resume: bool = True, threads_now: Callable[[], int] | None = None,
                deadline: float | None = None):
-    """Train (or resume) the UNet; exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end.
+    """Train (or resume) the UNet on ``pipe_dir``'s tokenizer, text encoder and VAE; writes the pipeline there and
+    exports the EMA UNet to ``pipe_dir/unet`` at every checkpoint and at the end (never into the shipped weights).
 
     ``threads_now``, if given, is asked every 50 steps how many torch threads to use from then on (``world train``
     hands the UNet the evaluator's core once that process is done). ``deadline`` (a ``time.time()``), if given,
@@ -232,10 +234,12 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     from tqdm.auto import tqdm
 
     from conceptsmith.world import render as R
+    from conceptsmith.world.pipeline import refuse_shipped
 
+    refuse_shipped(pipe_dir)
     cfg = cfg or UNetTrainConfig()
     torch.set_num_threads(cfg.threads)
-    pipe_dir = Path(pipe_dir) if pipe_dir else weights_dir() / "shapes-sd"
+    pipe_dir = Path(pipe_dir)
     tokenizer, text_encoder = load_text_side(pipe_dir)
     vae = AutoencoderKL.from_pretrained(pipe_dir / "vae", torch_dtype=torch.float32).eval()
     vae = vae.to(torch.float16).to(torch.float32)  # exactly the values shipped (fp16 storage)
@@ -284,13 +288,13 @@ def train_unet(cfg: UNetTrainConfig | None = None, pipe_dir: Path | None = None,
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
 
     def save(final: bool = False) -> None:
-        _atomic_save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "elapsed": elapsed, "planned_steps": total, "config": json.dumps(asdict(cfg))}, ckpt)
+        save_torch(ckpt, {"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                          "elapsed": elapsed, "planned_steps": total, "config": json.dumps(asdict(cfg))})
         export_unet(ema, pipe_dir)
         meta = dict(config=asdict(cfg), step=step, train_minutes=round(elapsed / 60, 1), params=n_params,
                     final=final, text_encoder_digest=te_key, vae_digest=key,
                     **({"planned_steps": total, "fitted_to_deadline": True} if deadline else {}))
-        (cache_dir() / f"unet_progress_s{cfg.seed}.json").write_text(json.dumps(meta, indent=1))
+        write_text(cache_dir() / f"unet_progress_s{cfg.seed}.json", json.dumps(meta, indent=1))
         log(f"checkpoint at step {step} ({elapsed / 60:.1f} min) -> {ckpt}; EMA UNet exported to {pipe_dir / 'unet'}", logfile)
 
     unet.train()
@@ -365,20 +369,15 @@ def _note_history(seed: int, note: str) -> None:
     path = cache_dir() / f"unet_history_s{seed}.json"
     data = json.loads(path.read_text()) if path.exists() else {"notes": []}
     data["notes"].append(f"{time.strftime('%H:%M')} {note}")
-    path.write_text(json.dumps(data, indent=1))
+    write_text(path, json.dumps(data, indent=1))
 
 
 def export_unet(unet, pipe_dir: Path) -> None:
-    """Write the (EMA) UNet into the pipeline dir in fp16 (loads into fp32 with torch_dtype=float32)."""
+    """Write the (EMA) UNet into the pipeline dir in fp16 (loads into fp32 with torch_dtype=float32), replacing
+    ``unet/`` as a whole."""
+    from conceptsmith.world.pipeline import refuse_shipped
+
     half = copy.deepcopy(unet).to(torch.float16)
-    half.save_pretrained(Path(pipe_dir) / "unet")
+    with atomic_directory(refuse_shipped(pipe_dir) / "unet") as temporary:
+        half.save_pretrained(temporary)
 
-
-if __name__ == "__main__":
-    import sys
-
-    overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    base = UNetTrainConfig()
-    kwargs = {k: type(getattr(base, k))(v) if not isinstance(getattr(base, k), bool) else v in ("1", "true", "True")
-              for k, v in overrides.items()}
-    train_unet(UNetTrainConfig(**kwargs))

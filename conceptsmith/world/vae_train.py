@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptsmith.io import atomic_directory, save_numpy, save_torch, write_text
+
 VAE_CONFIG: dict = dict(
     in_channels=3,
     out_channels=3,
@@ -80,10 +82,8 @@ def render_pool(n: int, seed: int, *, progress: bool = True, logfile: str | Path
             labs = json.loads(lab_file.read_text())
         else:
             imgs, _, labs = R.dataset(POOL_CHUNK, seed, start=c * POOL_CHUNK, split="generator", templates="train")
-            tmp = img_file.with_suffix(".tmp.npy")
-            np.save(tmp, imgs)
-            os.replace(tmp, img_file)
-            lab_file.write_text(json.dumps(labs))
+            save_numpy(img_file, imgs)
+            write_text(lab_file, json.dumps(labs))
             log(f"rendered pool chunk {c + 1}/{n_chunks}", logfile)
         images.append(imgs)
         labels.extend(labs)
@@ -127,14 +127,18 @@ def _resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, resu
     return int(state["step"])
 
 
-def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, logfile: str | Path | None = None,
+def train_vae(cfg: VAETrainConfig | None, out_dir: Path, logfile: str | Path | None = None,
               progress: bool = True, resume: bool = True):
-    """Train (or resume) the autoencoder; writes ``out_dir`` (default weights/shapes-sd/vae) with save_pretrained."""
+    """Train (or resume) the autoencoder; writes ``out_dir`` (e.g. ``<world train --out>/shapes-sd/vae``) with
+    save_pretrained, never the shipped weights."""
     from tqdm.auto import tqdm
 
+    from conceptsmith.world.pipeline import refuse_shipped
+
+    refuse_shipped(out_dir)
     cfg = cfg or VAETrainConfig()
     torch.set_num_threads(cfg.threads)
-    out_dir = Path(out_dir) if out_dir else weights_dir() / "shapes-sd" / "vae"
+    out_dir = Path(out_dir)
     images, _ = render_pool(cfg.pool_size, cfg.seed, progress=progress, logfile=logfile)
     torch.manual_seed(cfg.seed)
     vae = build_vae()
@@ -172,7 +176,7 @@ def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, lo
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log(f"VAE step {step}/{cfg.steps} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s", logfile)
         if time.time() - last_ckpt > cfg.checkpoint_every_s or step == cfg.steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            save_torch(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
             last_ckpt = time.time()
     bar.close()
     vae.eval()
@@ -183,17 +187,18 @@ def train_vae(cfg: VAETrainConfig | None = None, out_dir: Path | None = None, lo
         psnr = 10 * math.log10(4.0 / mse)
         std = post.mode().std().item()
     vae.register_to_config(scaling_factor=float(1.0 / std))
-    vae.save_pretrained(out_dir)
+    with atomic_directory(out_dir) as temporary:
+        vae.save_pretrained(temporary)
     stats = dict(config=asdict(cfg), heldout_psnr_db=round(psnr, 2), latent_std=round(std, 4),
                  scaling_factor=round(1.0 / std, 5), steps=step)
-    (cache_dir() / f"vae_stats_s{cfg.seed}.json").write_text(json.dumps(stats, indent=1))
+    write_text(cache_dir() / f"vae_stats_s{cfg.seed}.json", json.dumps(stats, indent=1))
     log(f"VAE done: held-out PSNR {psnr:.2f} dB, latent std {std:.4f} -> scaling_factor {1 / std:.4f}; saved {out_dir}", logfile)
     return vae, stats
 
 
-def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 0, crop: int = 64,
-                     vae_dir: Path | None = None, threads: int = 1, logfile: str | Path | None = None,
-                     progress: bool = True, resume: bool = True):
+def finetune_decoder(vae_dir: Path, steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+                     crop: int = 64, threads: int = 1, logfile: str | Path | None = None, progress: bool = True,
+                     resume: bool = True):
     """Improve the decoder with the encoder frozen: the latent space (and every latent the UNet was
     trained on) stays bit-identical, only the pixels decoded from it get better. Decodes posterior
     means, which is what the sampler's final latents approximate.
@@ -205,8 +210,11 @@ def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, 
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
+    from conceptsmith.world.pipeline import refuse_shipped
+
+    refuse_shipped(vae_dir)
     torch.set_num_threads(threads)
-    vae_dir = Path(vae_dir) if vae_dir else weights_dir() / "shapes-sd" / "vae"
+    vae_dir = Path(vae_dir)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
     vae.requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
@@ -240,27 +248,18 @@ def finetune_decoder(steps: int = 2000, batch_size: int = 32, lr: float = 5e-4, 
         if step % 50 == 0:
             log(f"decoder step {step}/{steps} loss {loss.item():.4f}", logfile)
         if time.time() - last > 120 or step == steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            save_torch(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
             last = time.time()
     bar.close()
     vae.eval()
     with torch.no_grad():
         rec = vae.decode(vae.encode(held).latent_dist.mean).sample
         psnr = 10 * math.log10(4.0 / (rec - held).pow(2).mean().item())
-    vae.to(torch.float16).save_pretrained(vae_dir)  # shipped in fp16 like every ShapesWorld component
+    with atomic_directory(vae_dir) as temporary:
+        vae.to(torch.float16).save_pretrained(temporary)  # stored in fp16 like every ShapesWorld component
     stats_path = cache_dir() / f"vae_stats_s{seed}.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
     stats.update(decoder_finetune=dict(steps=step, batch_size=batch_size, lr=lr, crop=crop), heldout_psnr_db=round(psnr, 2))
-    stats_path.write_text(json.dumps(stats, indent=1))
+    write_text(stats_path, json.dumps(stats, indent=1))
     log(f"decoder fine-tune done: held-out PSNR {psnr:.2f} dB; saved {vae_dir}", logfile)
     return vae
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-if __name__ == "__main__":
-    train_vae()
