@@ -29,6 +29,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from conceptsmith.evaluation.clip import ClipScore, image_key, uint8_images
 from conceptsmith.evaluation.metrics import fd_clip
@@ -152,7 +153,7 @@ class InceptionFeatures:
             items = list(todo.items())
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                x = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for _, p in chunk]).to(self.device)
+                x = torch.from_numpy(np.stack([p for _, p in chunk])).permute(0, 3, 1, 2).to(self.device)
                 feats = _inception(str(self.path), self.device)(x).double().cpu()
                 for (k, _), f in zip(chunk, feats, strict=True):
                     self._cache[k] = f
@@ -182,9 +183,9 @@ def fid(
     features: InceptionFeatures | None = None,
 ) -> dict[str, Any]:
     """torchmetrics' ``FrechetInceptionDistance`` on 2048-d Inception features (>= 2 images per side)."""
+    net = _features(features, inception_weights, device)  # refuses before anything is imported or loaded
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    net = _features(features, inception_weights, device)
     metric = FrechetInceptionDistance(feature=_Precomputed())
     metric.update(net(reference), real=True)
     metric.update(net(generated), real=False)
@@ -205,9 +206,9 @@ def kid(
 ) -> dict[str, Any]:
     """torchmetrics' ``KernelInceptionDistance``: mean and std over ``subsets`` random subsets of
     ``min(subset_size, n_generated, n_reference)`` images each, drawn from a CPU generator seeded with ``seed``."""
+    net = _features(features, inception_weights, device)  # refuses before anything is imported or loaded
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    net = _features(features, inception_weights, device)
     size = min(subset_size, len(generated), len(reference))
     if size < 2:
         raise ValueError(f"KID needs at least 2 images on each side, got {len(generated)} and {len(reference)}")
@@ -241,8 +242,10 @@ def inception_settings(weights: str | Path | None = None) -> dict[str, Any]:
         "inception_weights": str(path),
         "sha256": digest.hexdigest(),
         "features": f"{_FEATURE_DIM}-d pool features of torch-fidelity {version('torch-fidelity')} InceptionV3 (FID network)",
-        "fid": f"torchmetrics {version('torchmetrics')} FrechetInceptionDistance",
-        "kid": f"torchmetrics {version('torchmetrics')} KernelInceptionDistance (degree 3, coef 1)",
+        "implementations": {
+            "fid": f"torchmetrics {version('torchmetrics')} FrechetInceptionDistance",
+            "kid": f"torchmetrics {version('torchmetrics')} KernelInceptionDistance (degree 3, coef 1)",
+        },
     }
 
 
@@ -308,10 +311,10 @@ def quality(
 ) -> dict[str, Any]:
     """``images`` (generated from ``prompts``) against ``reference`` images: ``clip_score`` (with its
     convention and evaluator), ``fd_clip``, and ``fid`` / ``kid`` when asked (local weights only)."""
-    weights = None if inception_weights is None else str(inception_weights)
-    spec = QualitySpec(fid=fid, kid=kid, inception_weights=weights)
+    features = InceptionFeatures(inception_weights, evaluator.device) if (fid or kid) else None
+    spec = QualitySpec(fid=fid, kid=kid, inception_weights=None if features is None else str(features.path))
     return {
         "clip_score": clip_score(evaluator, images, prompts).to_dict(),
         "fd_clip": fd_clip(evaluator, images, reference),
-        **spec.compute(images, reference, device=evaluator.device),
+        **spec.compute(images, reference, features=features),
     }
