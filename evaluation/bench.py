@@ -38,12 +38,14 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from conceptsmith.evaluation.judges import JudgeSpec, judge_images, judge_settings, load_judges
 from conceptsmith.evaluation.quality import QualitySpec
+from conceptsmith.evaluation.report_parts import run_record
 from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
@@ -57,6 +59,7 @@ __all__ = [
     "BenchConfig",
     "GenerationConfig",
     "MethodSpec",
+    "SweepSpec",
     "TaskSpec",
     "bench_kind",
     "digest",
@@ -134,6 +137,13 @@ class AttackSpec(StrictModel):
         return self
 
 
+class SweepSpec(StrictModel):
+    """Run every method once per value of one of its params (the efficacy-specificity trade-off)."""
+
+    param: str = Field(min_length=1, description="a parameter of every method's editor, e.g. erase_scale")
+    values: list[Any] = Field(min_length=2, description="the values tried, in this order")
+
+
 class BenchConfig(StrictModel):
     kind: Literal["erasure"] = Field(
         "erasure", description="erasure (this runner) | customization (evaluation.custom_bench)"
@@ -154,6 +164,7 @@ class BenchConfig(StrictModel):
     tasks: list[TaskSpec] = Field(min_length=1)
     methods: list[MethodSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
+    sweep: SweepSpec | None = Field(None, description="each method once per value of one param; rows tagged")
     judges: list[JudgeSpec] = Field(default_factory=list, description="detectors that judge named concepts' images")
     quality: QualitySpec = Field(default_factory=QualitySpec, description="FID / KID from local Inception weights")
 
@@ -387,9 +398,9 @@ def fit_edit(
     task: TaskSpec,
     seed: int,
     images: Sequence[Path] = (),
-) -> tuple[Any, str, float | None]:
+) -> tuple[Any, str, float | None, Path]:
     """Fit (or load from the cache) the edit of ``method`` for ``task``; returns (edit, image-cache
-    key, seconds spent fitting or None when loaded). The image-cache key is the edit's content digest.
+    key, seconds spent fitting or None when loaded, the edit's file). The image-cache key is the edit's content digest.
     ``images`` are the request's images (methods that learn from images of the concept); the fitting
     time is kept in the edit's ``metadata["train_seconds"]`` unless the method recorded its own."""
     from conceptsmith import __version__
@@ -418,7 +429,7 @@ def fit_edit(
     compute_once(state, path, fit, lambda edit, target: edit.save(target))
     edit = Edit.load(path)  # the stored edit: every process and every re-run use the very same tensors
     seconds = timing.get("seconds")
-    return edit, f"{method}-{edit_digest(edit)}", seconds
+    return edit, f"{method}-{edit_digest(edit)}", seconds, path
 
 
 # ============================================================================================
@@ -525,8 +536,10 @@ def _run_attacks(
     unedited: dict[tuple[str, int], Path],
     state: Any,
     plain: dict[tuple[str, int], bool] | None,
-) -> dict[str, Any]:
-    """Run every configured attack plugin on the applied ``edit``; returns per-attack success rates.
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run every configured attack plugin on the applied ``edit``; returns per-attack success rates and
+    (main process) a record per attack image: attack, condition, its prompt (text conditions), the erase
+    prompt it attacks (``source``, when the plugin names it), target, seed, path and the judge's prediction.
     ``plain`` (main process): was the edited model's image of each (erase prompt, seed) classified
     as its concept."""
     from conceptsmith.evaluation.attack_plugins import AttackContext, score_attack
@@ -549,6 +562,7 @@ def _run_attacks(
         progress=gen.progress,
     )
     results: dict[str, Any] = {}
+    images: list[dict[str, Any]] = []
     classes = cfg.class_list()
     for spec in cfg.attacks:
         plan = get_attack(spec.kind)(spec.params).plan(ctx)
@@ -561,8 +575,15 @@ def _run_attacks(
             continue
         keys = [(k, s) for k, _ in conditions for s in cfg.seeds]
         cls = evaluator.classify(load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
-        results[spec.kind] = score_attack(plan, [classes[int(p)] for p in cls.pred], cfg.seeds, plain)
-    return results
+        preds = [classes[int(p)] for p in cls.pred]
+        results[spec.kind] = score_attack(plan, preds, cfg.seeds, plain)
+        jobs = [(c, s) for c in plan.conditions for s in cfg.seeds]
+        images += [
+            {"attack": spec.kind, "condition": c.key, "prompt": c.condition if isinstance(c.condition, str) else None,
+             "source": c.source, "target": c.target, "seed": s, "path": str(paths[(c.key, s)]), "pred": pred}
+            for (c, s), pred in zip(jobs, preds, strict=True)
+        ]  # fmt: skip
+    return results, images
 
 
 # ============================================================================================
@@ -618,7 +639,8 @@ def run_bench(
         )
     out_dir = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
+    _check_sweep(cfg, bench_path)
 
     pipe, info, state = load_for_processes(cfg.model, device or cfg.device, dtype or cfg.dtype)
     cache = cache_root / info.fingerprint
@@ -644,29 +666,35 @@ def run_bench(
 
     rows: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
+    attack_images: list[dict[str, Any]] = []
+    edit_files: dict[str, str] = {}  # image-cache key -> the edit's file
     journal = out_dir / ROWS_JOURNAL  # every finished row at once: the rerun of a stopped run reuses them
     finished = _finished_rows(journal)
     for task in cfg.tasks:
         prompts = task_prompts(cfg, task)
         conds = [(p.text, p.text) for p in prompts]
         unedited = gen.run("unedited", conds, cfg.seeds, desc=f"{task.name}: unedited")
-        candidates: list[tuple[str, str, Any, str | None, dict[str, Any], float | None, float]] = [
-            ("unedited", "none", None, "unedited", {}, None, 1.0)
+        candidates: list[tuple[str, str, Any, str | None, dict[str, Any], float | None, float, dict[str, Any]]] = [
+            ("unedited", "none", None, "unedited", {}, None, 1.0, {})
         ]
         for spec in selected:
             method, params = method_config(spec, bench_path)
             references = _method_images(spec, cfg, task, gen)
-            edit, key, seconds = fit_edit(pipe, cache, state, method, params, task, 0, references)
-            candidates.append((spec.label(), method, edit, key, params, seconds, 1.0))
+            for label, point, tag in _sweep_points(spec.label(), params, cfg.sweep):
+                edit, key, seconds, file = fit_edit(pipe, cache, state, method, point, task, 0, references)
+                edit_files[key] = str(file)
+                candidates.append((label, method, edit, key, point, seconds, 1.0, tag))
         for path, edit, scale in external:
             label = path.stem if scale == 1.0 else f"{path.stem}:{scale:g}"
             key = f"{edit.method}-{edit_digest(edit, scale)}"
-            candidates.append((label, edit.method, edit, key, edit.params, None, scale))
-        for label, method, edit, key, params, seconds, scale in candidates:
+            edit_files[key] = str(path)
+            candidates.append((label, edit.method, edit, key, edit.params, None, scale, {}))
+        for label, method, edit, key, params, seconds, scale, tag in candidates:
             row_key = digest(cfg.model_dump(), info.fingerprint, _precision(pipe), __version__, task.name, label, key, scale)
             if row_key in finished:
                 rows.append(finished[row_key]["row"])
                 images += finished[row_key]["images"]
+                attack_images += finished[row_key]["attack_images"]
                 continue
             if edit is not None:
                 edit.apply(pipe, scale=scale)
@@ -677,10 +705,10 @@ def run_bench(
                 scored = (
                     _score_row(ev, cfg, prompts, paths, unedited, judges, inception) if state.is_main_process else None
                 )
-                attack_results = (
+                attack_results, attacked = (
                     _run_attacks(cfg, task, pipe, edit, key, gen, ev, unedited, state, _plain_hits(scored))
                     if edit is not None and cfg.attacks
-                    else {}
+                    else ({}, [])
                 )
             finally:
                 if edit is not None:
@@ -698,11 +726,17 @@ def run_bench(
                 "train_seconds": None if edit is None else edit.metadata.get("train_seconds"),
                 "metrics": metrics,
                 "attacks": attack_results,
+                **tag,
             }
-            made = {"row": row, "images": [{"task": task.name, "method": label, **im} for im in per_image]}
+            made = {
+                "row": row,
+                "images": [{"task": task.name, "method": label, **im} for im in per_image],
+                "attack_images": [{"task": task.name, "method": label, **im} for im in attacked],
+            }
             append_jsonl(journal, {"key": row_key, **made}, default=float)
             rows.append(row)
             images += made["images"]
+            attack_images += made["attack_images"]
 
     if not state.is_main_process:
         state.wait_for_everyone()
@@ -727,7 +761,9 @@ def run_bench(
         "summary_by_task": {t.name: summarize_rows([r for r in rows if r["task"] == t.name], cfg.accuracy) for t in cfg.tasks},
         "rows": rows,
         "images": images,
-        "run": {"seconds": time.perf_counter() - started},
+        "attack_images": attack_images,
+        "edit_files": edit_files,
+        "run": run_record(started_at, time.perf_counter() - started, cache),
     }
     write_json(out_dir / "results.json", results, default=float)
     journal.unlink(missing_ok=True)  # results.json holds every row now
@@ -738,6 +774,36 @@ def run_bench(
         run.report = write_report(results, out_dir)
     state.wait_for_everyone()
     return run
+
+
+def _check_sweep(cfg: BenchConfig, bench_path: Path | None) -> None:
+    """A sweep's param must be a parameter of every method's editor (checked before any model is loaded)."""
+    from conceptsmith.registry import get_editor
+
+    if cfg.sweep is None:
+        return
+    for spec in cfg.methods:
+        method, _ = method_config(spec, bench_path)
+        fields = get_editor(method).Config.model_fields
+        if cfg.sweep.param not in fields:
+            raise ValueError(
+                f"sweep param '{cfg.sweep.param}' is not a parameter of method '{spec.label()}' ({method}); "
+                f"use one of {sorted(fields)} or drop the method"
+            )
+
+
+def _sweep_points(
+    label: str, params: dict[str, Any], sweep: SweepSpec | None
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(row label, params, row tag) of each run of a method: one per sweep value (label ``"uce erase_scale=2"``,
+    tag ``{"sweep": {"method", "param", "value"}}``), or the method as configured when there is no sweep."""
+    if sweep is None:
+        return [(label, params, {})]
+    return [
+        (f"{label} {sweep.param}={value}", {**params, sweep.param: value},
+         {"sweep": {"method": label, "param": sweep.param, "value": value}})
+        for value in sweep.values
+    ]  # fmt: skip
 
 
 def load_for_processes(model: str, device: str | None, dtype: str | None) -> tuple[Any, Any, Any]:

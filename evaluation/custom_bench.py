@@ -48,15 +48,14 @@ process (training is not sharded)::
 from __future__ import annotations
 
 import hashlib
-import html
 import itertools
 import json
 import math
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -77,6 +76,8 @@ from conceptsmith.evaluation.bench import (
     resolve_bench_path,
     resolve_path,
 )
+from conceptsmith.evaluation.custom_report import summary_table, write_custom_report
+from conceptsmith.evaluation.report_parts import run_record
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
@@ -563,6 +564,7 @@ class _Runner:
     refs: dict[str, References] = field(default_factory=dict)
     images: list[dict[str, Any]] = field(default_factory=list)
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    edit_files: dict[str, str] = field(default_factory=dict)  # image-cache key -> the saved edit
 
     @property
     def cache(self) -> Path:
@@ -665,6 +667,7 @@ class _Runner:
         self.trained += compute_once(self.state, path, fit, lambda edit, target: edit.save(target))
         edit = Edit.load(path)  # the stored edit, so that a re-run sees the very same tensors
         self.memo[path] = (edit, f"{method}-{edit_digest(edit)}")
+        self.edit_files[self.memo[path][1]] = str(path)
         return self.memo[path]
 
     def customize_steps(
@@ -719,10 +722,11 @@ class _Runner:
     def erase(self, spec: MethodSpec, concept: str, preserve: list[str]) -> tuple[Any, str]:
         method, params = resolve_method(spec, self.bench_path, "relearn.erase")
         task = TaskSpec(name=f"erase-{concept}", erase=[concept], preserve=preserve)
-        edit, key, seconds = fit_edit(
+        edit, key, seconds, path = fit_edit(
             self.pipe, self.cache, self.state, method, params, task, self.cfg.training_seed
         )
         self.trained += int(seconds is not None)
+        self.edit_files[key] = str(path)
         return edit, key
 
     # ---- generation ---------------------------------------------------------------------------
@@ -1123,7 +1127,7 @@ def run_custom_bench(
     if overrides:
         cfg = validate({**cfg.model_dump(), **overrides}, CustomBenchConfig, "overrides")
     labels = _selected(cfg, methods)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(timezone.utc)
     out_dir = Path(out_dir)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
     pipe, info, state = load_for_processes(cfg.model, device or cfg.device, dtype or cfg.dtype)
@@ -1147,12 +1151,9 @@ def run_custom_bench(
         "summary": summarize(rows, cfg.relearn.concept if cfg.relearn else None, cfg.prompt_sets),
         "rows": rows,
         "images": run.images,
-        "run": {
-            "seconds": time.perf_counter() - started,
-            "trained": run.trained,
-            "generated": gen.generated,
-            "cached": gen.cached,
-        },
+        "edit_files": run.edit_files,
+        "run": run_record(started_at, time.perf_counter() - started, run.cache)
+        | {"trained": run.trained, "generated": gen.generated, "cached": gen.cached},
     }
     done = CustomBenchRun(results if state.is_main_process else {}, out_dir, run.trained, gen.generated, gen.cached)
     if state.is_main_process:
@@ -1161,219 +1162,6 @@ def run_custom_bench(
             done.report = write_custom_report(results, out_dir)
     state.wait_for_everyone()
     return done
-
-
-# ============================================================================================
-# report
-# ============================================================================================
-_TABLE = ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel", "both_present")
-
-
-def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = []
-    for name, metrics in summary.items():
-        if name == "relearn":
-            continue
-        cells = [metrics.get(k) for k in _TABLE]
-        rows.append([name, *("–" if v is None else f"{v:.3f}" for v in cells)])
-    return ["name", *_TABLE], rows
-
-
-def _relearn_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """relearn_rate of the unedited model, each erased model and each checkpoint, and steps_to_50: one row per
-    erasure method."""
-    relearn = summary.get("relearn")
-    if not relearn:
-        return None
-    steps = list(dict.fromkeys(n for entry in relearn.values() for n in entry["by_steps"]))
-    header = ["erasure", "unedited", "erased (0 steps)", *(f"+{n} steps" for n in steps), "steps to 50%"]
-    rows = []
-    for name, entry in relearn.items():
-        rates = [entry["unedited"], entry["erased"], *(entry["by_steps"].get(n) for n in steps)]
-        reached = entry["steps_to_50"]
-        rows.append(
-            [
-                name,
-                *("–" if v is None else f"{v:.3f}" for v in rates),
-                f"> {max(map(int, entry['by_steps']))}" if reached is None else f"{reached:.0f}",
-            ]
-        )
-    return header, rows
-
-
-def _relearn_title(summary: dict[str, Any]) -> str:
-    concept = next(iter(summary["relearn"].values()))["concept"]
-    return (
-        f"relearn_rate of '{concept}': erase, then customize the erased model on its renders with a new token"
-    )
-
-
-def _prompt_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """both_present per composition prompt (``{a}``/``{b}`` left as placeholders) and per prompt set (their
-    means), one row per composition."""
-    named = {
-        name: {**m["both_present_by_prompt"], **{f"set: {k}": v for k, v in m.get("both_present_by_set", {}).items()}}
-        for name, m in summary.items()
-        if "both_present_by_prompt" in m
-    }
-    if not named:
-        return None
-    columns = list(next(iter(named.values())))
-    return ["name", *columns], [[name, *(f"{by[c]:.3f}" for c in columns)] for name, by in named.items()]
-
-
-def _seed_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
-    """both_present of every training run of the compositions measured over several training seeds."""
-    named = {
-        name: m["both_present_by_training_seed"]
-        for name, m in summary.items()
-        if "both_present_by_training_seed" in m
-    }
-    if not named:
-        return None
-    width = max(len(by) for by in named.values())
-    header = ["name", *(f"run {i + 1}" for i in range(width)), "mean"]
-    rows = [
-        [
-            name,
-            *(f"{v:.3f} (seed {s})" for s, v in by.items()),
-            *[""] * (width - len(by)),
-            f"{summary[name]['both_present']:.3f}",
-        ]
-        for name, by in named.items()
-    ]
-    return header, rows
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *["| " + " | ".join(r) + " |" for r in rows],
-    ]
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def summary_table(results: dict[str, Any]) -> str:
-    """A fixed-width summary table for terminals."""
-    tables = (_table(results["summary"]), _relearn_table(results["summary"]))
-    return "\n\n".join(_fixed_width(*table) for table in tables if table and table[1])
-
-
-def _fixed_width(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines)
-
-
-def _tile(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB").resize((96, 96), Image.NEAREST)
-
-
-def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> Path:
-    """Rows: the references, then every method; each row its first ``columns`` images, seed-major."""
-    from conceptsmith.generation import image_grid
-    from conceptsmith.io import save_image
-
-    tokens = [group] if group in results["references"] else group.split("+")
-    known = [t for t in tokens if t in results["references"]]  # none for a known-pairs group
-    refs = [p for t in known for p in results["references"][t]["train"][: columns // len(tokens)]]
-    mine = [im for im in results["images"] if im["group"] == group]
-    seeds = list(dict.fromkeys(im["seed"] for im in mine))
-    rows = [("references", refs)] if refs else []
-    for method in dict.fromkeys(im["method"] for im in mine):
-        ordered = sorted(
-            (im for im in mine if im["method"] == method), key=lambda im: seeds.index(im["seed"])
-        )
-        rows.append((method, [im["path"] for im in ordered[:columns]]))
-    width = max(len(paths) for _, paths in rows)
-    tiles, labels = [], []
-    for name, paths in rows:
-        tiles += [_tile(p) for p in paths] + [Image.new("RGB", (96, 96), "white")] * (width - len(paths))
-        labels += [name] + [""] * (width - 1)
-    slug = re.sub(r"[^a-zA-Z0-9]+", "-", group).strip("-").lower() or "group"
-    path = out / "grids" / f"{slug}.png"
-    return save_image(path, image_grid(tiles, columns=width, labels=labels))
-
-
-def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``report.md`` and ``report.html`` (summary table + one image grid per concept / pair /
-    relearning task) in ``out_dir``; reads only the ``results.json`` structure."""
-    from conceptsmith.io import write_text
-
-    out = Path(out_dir)
-    header, rows = _table(results["summary"])
-    groups = list(dict.fromkeys(im["group"] for im in results["images"]))
-    grids = {g: _grid(results, g, out) for g in groups}
-    facts = [
-        ("model", f"{results['model']['spec']} (base {results['model']['fingerprint']})"),
-        ("evaluator", str(results["evaluator"].get("spec"))),
-        ("seeds", ", ".join(str(s) for s in results["config"]["seeds"])),
-        ("both_present rule", results["presence"]),
-        *results["conventions"].items(),
-    ]
-    md = [f"# Customization benchmark `{results['bench']}`", "", results["description"], ""]
-    md += [f"* **{k}**: {v}" for k, v in facts]
-    md += ["", *_md_table(header, rows)] if rows else []
-    by_prompt = _prompt_table(results["summary"])
-    if by_prompt:
-        md += [
-            "",
-            f"**both_present by composition prompt** (rule: {results['presence']})",
-            "",
-            *_md_table(*by_prompt),
-        ]
-    by_seed = _seed_table(results["summary"])
-    if by_seed:
-        md += ["", "**both_present by training seed** (one training run each)", "", *_md_table(*by_seed)]
-    relearn = _relearn_table(results["summary"])
-    if relearn:
-        md += ["", f"**{_relearn_title(results['summary'])}**", "", *_md_table(*relearn)]
-    for g, path in grids.items():
-        md += [
-            "",
-            f"## {g}",
-            "",
-            f"![{g}: references, then one row per method]({path.relative_to(out).as_posix()})",
-        ]
-    e = html.escape
-    body = [
-        f"<h1>Customization benchmark <code>{e(results['bench'])}</code></h1>",
-        f"<p>{e(results['description'])}</p>",
-    ]
-    body += [
-        "<ul>",
-        *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
-        "</ul>",
-        *([_html_table(header, rows)] if rows else []),
-    ]
-    if by_prompt:
-        body += [
-            f"<h3>both_present by composition prompt (rule: {e(results['presence'])})</h3>",
-            _html_table(*by_prompt),
-        ]
-    if by_seed:
-        body += ["<h3>both_present by training seed (one training run each)</h3>", _html_table(*by_seed)]
-    if relearn:
-        body += [f"<h3>{e(_relearn_title(results['summary']))}</h3>", _html_table(*relearn)]
-    for g, path in grids.items():
-        src, alt = e(path.relative_to(out).as_posix()), e(f"{g}: references, then one row per method")
-        body.append(f'<h2>{e(g)}</h2><figure><img src="{src}" alt="{alt}"></figure>')
-    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc}"
-    head = f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head>"
-    page = f"{head}<body>{''.join(body)}</body></html>\n"
-    paths = {
-        "markdown": write_text(out / "report.md", "\n".join(md) + "\n"),
-        "html": write_text(out / "report.html", page),
-    }
-    return paths | {f"grid:{g}": p for g, p in grids.items()}
 
 
 # ============================================================================================
