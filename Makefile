@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test lint demo bench
+.PHONY: install test lint demo bench chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,19 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Headless Chromium renders the HTML reports in tests/test_report_html.py. Installed with apt only where that needs
+# no prompt (root); elsewhere the test fails and says how to install it.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+chromium:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "note: tests/test_report_html.py needs Chromium: sudo apt-get install -y chromium"; \
+	fi
+endif
 
 test: install
 	$(PY) -m pytest -q
