@@ -122,6 +122,7 @@ class AttackSpec(StrictModel):
     def _check_attack(self) -> AttackSpec:
         """A known attack with valid params, so that a typo fails before anything is generated."""
         import conceptsmith.evaluation.attack_plugins  # noqa: F401  (registers the built-in attacks)
+
         from conceptsmith.config import format_validation_error
         from conceptsmith.registry import RegistryError, get_attack
 
