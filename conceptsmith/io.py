@@ -10,7 +10,8 @@ one file system. A reader sees the old file or the new one, never a mix.
   (an exception, ``KeyboardInterrupt``). A process killed outright (SIGKILL, power loss) leaves its
   temporary behind: the next write to the same target removes it once its process is gone or it is
   older than :data:`STALE_AFTER_S`.
-* A replaced file keeps its permission bits; a new one gets the usual ``0o666`` minus the umask.
+* A replaced file keeps its permission bits (not its owner); a new one gets the usual ``0o666`` minus the
+  umask. A target that is a symbolic link stays one: the file it points to is replaced.
 """
 
 from __future__ import annotations
@@ -163,13 +164,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             except BaseException:
                 os.replace(backup, path)
                 raise
-            shutil.rmtree(backup, ignore_errors=True)
+            _remove(backup)
         else:
             os.replace(temporary, path)
         _fsync(path.parent)
     finally:
         if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+            _remove(temporary)
 
 
 def save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

@@ -85,7 +85,8 @@ def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0)
         f"- VAE decoder fine-tune (encoder frozen, latents unchanged): {json.dumps(vae_stats.get('decoder_finetune'))}",
         f"- Evaluator `builtin:shapes-clip` (open_clip config `clip_config/shapes-clip.json`): {json.dumps(EVALUATOR_DEFAULTS)}; "
         "continue_steps are further warm-restart cosine cycles from the previous weights",
-        "- Reproduce: `conceptsmith world train` (stages data, text-tower, vae, unet, evaluator; seeded, "
+        "- Reproduce: `conceptsmith world train --out DIR` (writes DIR/shapes-sd and DIR/shapes-clip; stages data, "
+        "text-tower, vae, unet, evaluator; seeded, "
         "checkpointed in ~/.cache/conceptsmith/world, resumable) runs this recipe with the UNet trained from scratch "
         "on the final text tower; the shipped UNet took the longer path listed in the notes above "
         "(`--unet-init` reproduces its fine-tuning step).",
