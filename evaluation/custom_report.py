@@ -260,7 +260,7 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
     body = [
         f"<h1>Customization benchmark <code>{e(results['bench'])}</code></h1>",
         f"<p>{e(results['description'])}</p>",
-        metadata_html(results, out, _edit_rows(results)),
+        metadata_html(results, out, _edit_rows(results), "the metrics below are its judgement"),
         "<h2>Protocol</h2><ul>",
         *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
         "</ul>",

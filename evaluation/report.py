@@ -152,8 +152,8 @@ def _sweep_plot(results: dict[str, Any], out: Path) -> tuple[Path, str] | None:
         xs = [summary[label][spec] for _, _, label in entries]
         ys = [1.0 - summary[label]["acc_e"] for _, _, label in entries]
         ax.plot(xs, ys, marker="o", color=f"C{i}", label=method)
-        for (_, value, _), x, y in zip(entries, xs, ys, strict=True):
-            ax.annotate(f"{sweep['param']}={value}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for j, ((_, value, _), x, y) in enumerate(zip(entries, xs, ys, strict=True)):  # stacked: points may coincide
+            ax.annotate(f"{sweep['param']}={value}", (x, y), textcoords="offset points", xytext=(4, 4 - 9 * j), fontsize=7)
     base = summary.get("unedited", {})
     if "acc_e" in base:
         x = base.get(spec, 1.0 if spec == "acc_s_rel" else None)

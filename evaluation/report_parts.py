@@ -122,9 +122,14 @@ def link(path: str | Path, results: dict[str, Any], out: Path) -> str:
     return Path(target).as_posix()
 
 
-def metadata_html(results: dict[str, Any], out: Path, edit_rows: Sequence[tuple[str, str]]) -> str:
-    """The run-metadata block: command, date, duration, versions, base model and fingerprint, judge, links to
-    ``results.json`` and to the edit files (``edit_rows``: (row label, edit file) pairs)."""
+def metadata_html(
+    results: dict[str, Any],
+    out: Path,
+    edit_rows: Sequence[tuple[str, str]],
+    judged: str = "the image labels below are its predictions",
+) -> str:
+    """The run-metadata block: command, date, duration, versions, base model and fingerprint, the judge (and what
+    it ``judged``), links to ``results.json`` and to the edit files (``edit_rows``: (row label, edit file) pairs)."""
     e = html.escape
     run, model = results.get("run", {}), results.get("model", {})
     versions = run.get("versions") or {}
@@ -139,8 +144,7 @@ def metadata_html(results: dict[str, Any], out: Path, edit_rows: Sequence[tuple[
             f"<code>{e(str(model.get('spec')))}</code> ({e(str(model.get('family')))}), fingerprint "
             f"<code class='fingerprint'>{e(str(model.get('fingerprint')))}</code>",
         ),
-        ("judge", f"<code>{e(judge_name(results))}</code>: a zero-shot classifier; the image labels below are "
-                  "its predictions, not ground truth"),
+        ("judge", f"<code>{e(judge_name(results))}</code>: a zero-shot classifier; {e(judged)}, not ground truth"),
     ]
     results_json = out / "results.json"
     facts.append(("results", '<a href="results.json">results.json</a>' if results_json.is_file() else "not written"))
