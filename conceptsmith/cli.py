@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from conceptsmith import validate
+from conceptsmith.cli_errors import OneLineErrors, user_errors
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="conceptsmith",
     help="Erase, compose and benchmark concepts in diffusers text-to-image pipelines.",
     no_args_is_help=True,
@@ -26,22 +28,9 @@ DeviceOption = Annotated[str | None, typer.Option(
     help="cuda | cuda:N | mps | cpu (default: the config's, else cuda when available, else mps, else cpu)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32 | float16 | bfloat16 (default: the config's, else float32)")]
 
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
+
 EDIT_HELP = "edit to apply, FILE or FILE:SCALE (e.g. no-skull.safetensors:0.5; repeatable, in order)"
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the library's user-facing errors into one red line on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=2) from None
-
-    return run
 
 
 def _load(model: str, dtype: str | None = "float32", device: str | None = "cpu"):
@@ -54,10 +43,17 @@ def _load(model: str, dtype: str | None = "float32", device: str | None = "cpu")
 
 
 def _load_edits(specs: list[str]) -> list[tuple[Path, Any, float]]:
-    """``(path, Edit, scale)`` of each ``--edit FILE[:SCALE]``."""
+    """``(path, Edit, scale)`` of each ``--edit FILE[:SCALE]``: regular files, scales in range, no edit twice."""
     from conceptsmith.edits import Edit, parse_edit_spec
 
-    return [(path, Edit.load(path), scale) for path, scale in map(parse_edit_spec, specs)]
+    loaded = []
+    for spec in specs:
+        path, scale = parse_edit_spec(spec)
+        validate.input_file(path, "--edit")
+        validate.number(scale, f"The scale of --edit '{spec}'", *validate.EDIT_SCALE)
+        loaded.append((path, Edit.load(path), scale))
+    validate.distinct_edits([(str(path), edit) for path, edit, _ in loaded])
+    return loaded
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -65,11 +61,7 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def _read_prompts(prompts: list[str], prompts_file: Path | None) -> list[str]:
-    collected = [p for p in prompts]
-    if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise FileNotFoundError(f"Prompts file '{prompts_file}' does not exist.")
-        collected += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    collected = [*prompts, *validate.read_lines(prompts_file, "Prompts file")]
     if not collected or not all(p.strip() for p in collected):
         raise ValueError("No prompts given (or an empty prompt): pass --prompt TEXT (repeatable) or --prompts-file FILE.")
     return collected
@@ -97,11 +89,14 @@ def generate(
     Each image is written as soon as it is made and the manifest after every batch; a rerun with the same
     arguments into the same --out keeps the images already there (checked by their SHA-256) and makes the rest."""
     from conceptsmith.edits import content_digest
-    from conceptsmith.generation import default_settings, generate_to_folder, image_grid, parse_seeds
+    from conceptsmith.generation import default_settings, generate_to_folder, image_grid
     from conceptsmith.io import save_image
 
+    validate.model_spec(model)
+    validate.generation_options(steps, guidance, height, width, batch_size)
+    validate.output_path(out, "--out", overwrite=True, folder=True)
     prompts = _read_prompts(prompt, prompts_file)
-    seed_list = parse_seeds(seeds)
+    seed_list = validate.parse_seeds(seeds)
     edits = _load_edits(edit)
     pipe, info = _load(model, dtype, device)
     for _, loaded, scale in edits:
@@ -156,7 +151,7 @@ def inspect(
     """Show a model's family, cross-attention layers, dimensions and base fingerprint."""
     from conceptsmith.attention import find_cross_attention
 
-    pipe, info = _load(model)
+    pipe, info = _load(validate.model_spec(model))
     layers = find_cross_attention(pipe.unet)
     report = {
         "spec": info.spec,
@@ -176,14 +171,6 @@ def inspect(
         typer.echo(f"  {layer['name']:<64} {layer['d_in']:>5} -> {layer['d_out']}")
 
 
-def _read_lines(path: Path | None, what: str) -> list[str]:
-    if path is None:
-        return []
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file '{path}' does not exist.")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _editor_from_options(method: str | None, config: Path | None):
     """The editor named by --method, with hyper-parameters from --config (whose method must agree)."""
     from conceptsmith.config import EditConfig, load_config
@@ -192,6 +179,7 @@ def _editor_from_options(method: str | None, config: Path | None):
     params: dict[str, Any] = {}
     if config is not None:
         loaded = load_config(config, EditConfig)
+        validate.check_templates(loaded.params, str(config), "params")
         if method is not None and method != loaded.method:
             raise ValueError(f"--method {method} disagrees with '{config}', which configures '{loaded.method}'.")
         method, params = loaded.method, loaded.params
@@ -221,6 +209,7 @@ def erase(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("edit.safetensors"),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Erase concepts: fit an erasure method and write the Edit (the model itself is never modified)."""
     import time
@@ -229,16 +218,18 @@ def erase(
 
     if out.suffix != ".safetensors":
         raise ValueError(f"--out '{out}' must end in .safetensors (edits are saved as safetensors).")
-    concepts = concept + _read_lines(concepts_file, "Concepts")
+    validate.model_spec(model)
+    validate.seed(seed)
+    concepts = concept + validate.read_lines(concepts_file, "Concepts file")
     if not concepts:
         raise ValueError("No concept given: pass --concept TEXT (repeatable) or --concepts-file FILE.")
-    for path in images:
-        if not path.exists():
-            raise FileNotFoundError(f"--images '{path}' does not exist; pass a folder or an image file of the concept.")
+    preserved = preserve + validate.read_lines(preserve_file, "Preserve file")
+    validate.check_images(images)
+    validate.output_path(out, "--out", validate.local_inputs(model, config, concepts_file, preserve_file, *images),
+                         overwrite)
     editor = _editor_from_options(method, config)
     pipe, info = _load(model, dtype, device)
-    request = EditRequest(concepts=concepts, guide=guide, preserve=preserve + _read_lines(preserve_file, "Preserve"),
-                          images=list(images), seed=seed)
+    request = EditRequest(concepts=concepts, guide=guide, preserve=preserved, images=list(images), seed=seed)
     started = time.perf_counter()
     result = editor.fit(pipe, request)
     seconds = time.perf_counter() - started
@@ -278,6 +269,7 @@ def customize(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")] = Path("custom.safetensors"),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Teach the model new concepts from reference images and write the Edit."""
     from conceptsmith.registry import EditRequest
@@ -288,6 +280,10 @@ def customize(
         raise ValueError("No token given: pass --token '<name>' (and --images DIR with its reference images).")
     if len(images) != len(token):
         raise ValueError(f"Pass one --images folder per --token: got {len(token)} token(s) and {len(images)} folder(s).")
+    validate.model_spec(model)
+    validate.seed(seed)
+    validate.check_images(images)
+    validate.output_path(out, "--out", validate.local_inputs(model, config, *images), overwrite)
     editor = _editor_from_options(method, config)
     pipe, info = _load(model, dtype, device)
     result = editor.fit(pipe, EditRequest(concepts=[], tokens=token, class_words=class_word, images=images, seed=seed))
@@ -305,6 +301,7 @@ def merge(
     weight: Annotated[list[float], typer.Option("--weight", help="weight per edit (LoRA methods)")] = [],  # noqa: B006
     rank: Annotated[int | None, typer.Option(help="target rank (svd)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="merged edit file (.safetensors)")] = Path("merged.safetensors"),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge several edits of one base into one edit."""
     from conceptsmith.customization.merge import merge as merge_edits
@@ -313,7 +310,14 @@ def merge(
 
     if len(edits) < 2:
         raise ValueError("Merging needs at least two edit files.")
-    loaded = [Edit.load(path) for path in edits]
+    for value in weight:
+        validate.number(value, "--weight", *validate.MERGE_WEIGHT)
+    validate.number(rank, "--rank", *validate.RANK, integer=True)
+    validate.model_spec(model or "")
+    validate.output_path(out, "--out", validate.local_inputs(model, *edits), overwrite, suffix=".safetensors")
+    loaded = [Edit.load(validate.input_file(path, "Edit file")) for path in edits]
+    validate.distinct_edits(list(zip(edits, loaded, strict=True)), "merge: edit",
+                            "merging an edit with itself counts it twice; pass each edit once (--weight 2 weighs one more)")
     pipe = None
     if needs_pipeline(method):
         if model is None:
@@ -342,8 +346,23 @@ def bench(
     On several GPUs: accelerate launch --multi_gpu --num_processes N -m conceptsmith bench CONFIG."""
     from conceptsmith.evaluation.bench import bench_command
 
+    _check_bench(config, model, out, cache)
     bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json,
                   device=device, dtype=dtype, report=report)
+
+
+def _check_bench(config: str, model: str | None, out: str | None, cache: str | None) -> None:
+    """A benchmark's YAML (bounded, templates checked), ``--model`` and its folders; a run folder is resumed,
+    so an existing one is written into (its cache makes a rerun do only what is new)."""
+    from conceptsmith.config import read_yaml
+    from conceptsmith.evaluation.bench import resolve_bench_path
+
+    path = resolve_bench_path(config)
+    validate.check_templates(read_yaml(path), str(path))
+    validate.model_spec(model or "")
+    for folder, option in ((out, "--out"), (cache, "--cache")):
+        if folder:
+            validate.output_path(folder, option, overwrite=True, folder=True)
 
 
 @app.command()
@@ -362,6 +381,8 @@ def evaluate(
     """Score the unedited model and each saved edit on a benchmark's prompts."""
     from conceptsmith.evaluation.bench import evaluate_command
 
+    _check_bench(bench_config, model, out, cache)
+    _load_edits(edit)
     evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json,
                      device=device, dtype=dtype)
 
@@ -375,13 +396,17 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="single-file checkpoint to write (.safetensors)")] = Path(
         "model.safetensors"
     ),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Bake edits into a single-file checkpoint in the original SD layout (WebUI / from_single_file)."""
     import torch
 
     from conceptsmith.export import export_single_file
 
+    validate.model_spec(model)
     edits = _load_edits(edit)
+    validate.output_path(out, "--out", validate.local_inputs(model, *(path for path, _, _ in edits)), overwrite,
+                         suffix=".safetensors")
     pipe, info = _load(model)
     for _, loaded, scale in edits:
         loaded.apply(pipe, scale=scale)

@@ -12,6 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
+from conceptsmith import validate
+
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace existing output files")]
+
 
 def register(app: typer.Typer, user_errors: Callable[..., Any], load: Callable[[str], tuple[Any, Any]]) -> None:
     """Add the commands to ``app``; ``user_errors`` is the CLI's error decorator, ``load(model) -> (pipe, info)``."""
@@ -42,12 +46,16 @@ def import_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="edit file to write (.safetensors)")],
     token: Annotated[str | None, typer.Option(help="token of an embedding (default: the file's own, else its name)")] = None,
     concept: Annotated[list[str], typer.Option("--concept", "-c", help="what it is about / its trigger phrase (repeatable)")] = [],  # noqa: B006
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Import a LoRA or textual-inversion file as an Edit of MODEL (merge, generate, evaluate and bench take it)."""
     from conceptsmith.imports import import_file
 
     if out.suffix != ".safetensors":
         raise ValueError(f"--out '{out}' must end in .safetensors (edits are saved as safetensors).")
+    validate.input_path(file, "FILE")
+    validate.model_spec(model)
+    validate.output_path(out, "--out", validate.local_inputs(file, model), overwrite)
     pipe, info = load(model)
     edit = import_file(file, pipe, token=token, concepts=concept or None)
     edit.save(out)
@@ -68,12 +76,22 @@ def export_lora(
     rank: Annotated[int | None, typer.Option(help="truncate to this rank (default: exact)")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="the edit's base model (kohya SDXL numbers the UNet's blocks by it; default: SDXL base)")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="LoRA file to write (.safetensors); learned tokens go beside it")] = Path("lora.safetensors"),
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Write an edit as a LoRA file (diffusers or kohya format); learned tokens as embedding files beside it."""
     from conceptsmith.edits import Edit
-    from conceptsmith.lora_formats import edit_tokens, token_files
+    from conceptsmith.lora_formats import LAYOUTS, edit_tokens, token_files
 
-    loaded = Edit.load(edit)
+    if layout not in LAYOUTS:
+        raise validate.InputError(f"Unknown LoRA format '{layout}'; choose one of {', '.join(LAYOUTS)} (--format).")
+    validate.number(rank, "--rank", *validate.RANK, integer=True)
+    validate.model_spec(model or "")
+    inputs = validate.local_inputs(edit, model)
+    validate.output_path(out, "--out", inputs, overwrite, suffix=".safetensors")
+    loaded = Edit.load(validate.input_file(edit, "EDIT"))
+    tokens = [token for token, _ in edit_tokens(loaded)]
+    for path in token_files(out, tokens, layout).values():
+        validate.output_path(path, "token file", inputs, overwrite)
     unet_shapes = None
     if model is not None:
         pipe, _ = load(model)
@@ -81,7 +99,6 @@ def export_lora(
     errors = loaded.to_lora(out, rank=rank, layout=layout, unet_shapes=unet_shapes)
     if errors:
         typer.echo(f"wrote {out}: {len(errors)} modules, max relative truncation error {max(errors.values()):.2e}")
-    tokens = [token for token, _ in edit_tokens(loaded)]
     loader = "pipe.load_textual_inversion" if layout == "diffusers" else "WebUI embeddings/, trigger word = file name"
     for token, path in token_files(out, tokens, layout).items():
         typer.echo(f"wrote {path}: token {token} ({loader})")

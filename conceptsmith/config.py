@@ -1,7 +1,9 @@
 """Typed YAML configs: every file under ``configs/`` is validated by a pydantic model.
 
 Errors name the file, the key (dotted path) and, where the key takes a fixed set of values,
-the allowed values. YAML is parsed with ``yaml.safe_load``: a config never executes anything.
+the allowed values. YAML is parsed by a ``yaml.SafeLoader`` (a config never executes anything) that also refuses
+files over :data:`MAX_YAML_BYTES`, documents whose aliases expand to more than :data:`MAX_YAML_NODES` nodes (the
+"billion laughs" bomb) and duplicate keys (YAML would keep the last one silently).
 """
 
 from __future__ import annotations
@@ -46,13 +48,80 @@ class EditConfig(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+#: Largest config file read, and most nodes its document may expand to through aliases.
+MAX_YAML_BYTES = 2**20
+MAX_YAML_NODES = 100_000
+
+
+class _Refused(Exception):
+    """A YAML document :class:`_BoundedLoader` will not build: ``(message, mark)``."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with bounded alias expansion and no duplicate keys."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not key_node:
+                raise _Refused(f"duplicate key {key!r} (first at line {first.start_mark.line + 1}); keep one of them",
+                               key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes of the document under ``node`` with every alias expanded; refuses more than MAX_YAML_NODES."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _Refused("an alias refers to a node that contains it (a recursive document)", node.start_mark)
+    open_nodes.add(key)
+    children = [] if isinstance(node, yaml.ScalarNode) else node.value
+    total = 1
+    for child in children:
+        for item in child if isinstance(child, tuple) else (child,):
+            total += _expanded_size(item, sizes, open_nodes)
+            if total > MAX_YAML_NODES:
+                raise _Refused(f"its aliases expand to more than {MAX_YAML_NODES} nodes (an alias bomb); write the "
+                               "values out or use fewer aliases", node.start_mark)
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file safely, with errors that name the file and the line."""
+    """Parse a YAML file safely (:class:`_BoundedLoader`), with errors that name the file and the line."""
+    from conceptsmith.validate import InputError, input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist.")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        input_file(path, "Config file", max_bytes=MAX_YAML_BYTES)
+        text = path.read_text(encoding="utf-8")
+    except InputError as err:
+        raise ConfigError(str(err)) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8.") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  (a SafeLoader)
+    except _Refused as err:
+        message, mark = err.args
+        raise ConfigError(f"{path}: refused YAML at line {mark.line + 1}, column {mark.column + 1}: {message}.") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read; flatten it.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -15,6 +15,12 @@ or ``text_encoder.encoder.layers.0.self_attn.k_proj``.
 An edit records the identity of the base it was computed on (:mod:`conceptsmith.identity`, with per-module
 digests); :meth:`Edit.apply` compares the pipe's denoiser and text encoders with it and names the first module
 that differs. Files of format 1 carry identity version 1 and are checked with that version's function.
+
+Loading and applying check an edit like any input: :meth:`Edit.load` refuses NaN or infinite tensors and a JSON
+header over :data:`MAX_METADATA_BYTES` or nested deeper than :data:`MAX_METADATA_DEPTH`; :meth:`Edit.apply`
+refuses shapes other than the pipe's, a change of a module whose Frobenius norm (times the scale) exceeds
+:data:`MAX_RELATIVE_CHANGE` times the norm of that module's weights, and an edit whose content
+(:func:`content_digest`) is already applied to the pipe, unless ``repeat_ok``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ _BASE_ATTR = "_conceptsmith_base_fingerprint"
 _STACK_ATTR = "_conceptsmith_applied"
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _WEIGHT_PARTS = ("delta", "up", "down")
+#: Bounds of an edit file's JSON header (real headers are well under 1 MiB and 10 levels deep).
+MAX_METADATA_BYTES = 16 * 2**20
+MAX_METADATA_DEPTH = 64
+#: Largest change of a module an apply accepts, as a multiple of the Frobenius norm of the module's weights:
+#: erasure and customization edits change a weight by a small fraction of its norm; 100x is a broken edit or scale.
+MAX_RELATIVE_CHANGE = 100.0
 
 Undo = Callable[[Any], None]
 
@@ -216,7 +228,8 @@ class Edit:
                 f"it was not written by Edit.save.{hint}"
             )
         try:
-            header = json.loads(file_metadata[METADATA_KEY])
+            header = _bounded_json(file_metadata[METADATA_KEY])
+            _check_finite(tensors)
             return _deserialize(header, tensors)
         except json.JSONDecodeError as err:
             raise EditError(f"Cannot load edit '{path}': its metadata is not valid JSON ({err}); re-create it with Edit.save.") from None
@@ -250,17 +263,27 @@ class Edit:
 
     # -- applying -----------------------------------------------------------------------------------
 
-    def apply(self, pipe: Any, scale: float = 1.0) -> None:
-        """Apply to ``pipe`` in place at strength ``scale``, after checking its base identity, modules and shapes.
+    def apply(self, pipe: Any, scale: float = 1.0, repeat_ok: bool = False) -> None:
+        """Apply to ``pipe`` in place at strength ``scale``, after checking its base identity, modules, shapes and
+        the size of the change (:data:`MAX_RELATIVE_CHANGE`).
 
         ``weights``: ``W + scale * delta``; ``lora``: the adapter's update times ``scale`` (``lora_B`` scaled);
         ``composite``: every part at ``scale``. Hooks have no strength: they refuse any scale but 1.
         The weights are computed in float32 and :meth:`revert` restores the original bits.
+        An edit with the same content as one already applied (e.g. loaded twice from one file) is refused:
+        applying it again adds its change twice; ``repeat_ok=True`` allows that (this object itself never).
         """
         scale = check_scale(scale)
         stack = _stack(pipe)
         if any(record.edit is self for record in stack):
             raise EditError(f"This {self._label()} is already applied to this pipe; revert it before applying it again.")
+        repeated = None if repeat_ok else _repeated(self, stack)
+        if repeated is not None:
+            raise EditError(
+                f"The {self._label()} has the same content (digest {repeated}) as an edit already applied to this pipe; "
+                "applying it again would add its change twice. Apply it once at a larger scale (FILE:2 on the command "
+                "line), or pass repeat_ok=True to apply it again."
+            )
         hook = next((part for part in (self.parts or [self]) if part.kind == "hook"), None)
         if hook is not None and scale != 1.0:
             raise EditError(
@@ -275,7 +298,7 @@ class Edit:
                 f"pipe's base model is {shown}: {problem}. Apply it to the model it was computed on, or re-run the "
                 f"editor on this one.{precision_hint(pipe)}"
             )
-        self._check_targets(pipe)
+        self._check_targets(pipe, scale)
         undo = self._apply(pipe, scale)
         if not stack:
             setattr(pipe, _BASE_ATTR, base)
@@ -298,15 +321,29 @@ class Edit:
     def _label(self) -> str:
         return f"'{self.method}' edit of {self.concepts}"
 
-    def _check_targets(self, pipe: Any) -> None:
+    def _check_targets(self, pipe: Any, scale: float) -> None:
         for part in self.parts:
-            part._check_targets(pipe)
+            part._check_targets(pipe, scale)
         for module, shape in self.module_shapes.items():
             weight = _target(pipe, module).weight
             if list(weight.shape) != shape:
                 raise EditError(
                     f"Module '{module}' has weight shape {list(weight.shape)} in this pipe, but the {self._label()} "
                     f"expects {shape}: it was made for another architecture."
+                )
+        split = _weights_key if self.kind == "weights" else _lora_key
+        for module, parts in (_group(self.tensors, split).items() if self.kind in ("weights", "lora") else ()):
+            term = parts.get("delta") if "delta" in parts else (
+                (parts["up"], parts["down"]) if "up" in parts else (parts["lora_B.weight"], parts["lora_A.weight"]))
+            change = abs(scale) * _change_norm(term)
+            base = float(torch.linalg.vector_norm(_target(pipe, module).weight.detach(), dtype=torch.float32))
+            if not math.isfinite(change):
+                raise EditError(f"The {self._label()} changes module '{module}' by NaN or infinite values; re-create it.")
+            if base > 0 and change > MAX_RELATIVE_CHANGE * base:
+                raise EditError(
+                    f"The {self._label()} changes module '{module}' by {change:.3g} (Frobenius norm, at scale {scale:g}), "
+                    f"more than {MAX_RELATIVE_CHANGE:g}x the norm of its weights ({base:.3g}): the edit is broken or the "
+                    "scale far too large. Apply it at a smaller scale, or re-create it."
                 )
 
     def _apply(self, pipe: Any, scale: float) -> Undo:
@@ -515,10 +552,16 @@ class _Applied:
     edit: Edit
     undo: Undo
     scale: float
+    leaf_digests: list[str] | None = None  # content digests of the edit or its parts, computed when first asked
+
+    def digests(self) -> list[str]:
+        if self.leaf_digests is None:
+            self.leaf_digests = _leaf_digests(self.edit)
+        return self.leaf_digests
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Applied:
         """A deep-copied pipe shares the (immutable) edit and undo data; weight undos resolve modules by path."""
-        return _Applied(self.edit, self.undo, self.scale)
+        return _Applied(self.edit, self.undo, self.scale, self.leaf_digests)
 
 
 @dataclass(frozen=True)
@@ -694,6 +737,15 @@ def _lora_shape(module: str, parts: dict[str, torch.Tensor]) -> list[int]:
     return [up.shape[0], *down.shape[1:]]
 
 
+def _change_norm(term: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Frobenius norm of a module's change: a dense delta, or ``up @ down`` (convolutions flattened) computed as
+    ``sqrt(sum((U^T U) * (D D^T)))`` from the ``r x r`` Gram matrices, without forming the product."""
+    if not isinstance(term, tuple):
+        return float(torch.linalg.vector_norm(term.detach(), dtype=torch.float64))
+    up, down = (t.detach().flatten(1).double() for t in term)
+    return math.sqrt(max(float(((up.T @ up) * (down @ down.T)).sum()), 0.0))
+
+
 def _is_2d(term: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> bool:
     return all(t.ndim == 2 for t in (term if isinstance(term, tuple) else (term,)))
 
@@ -784,6 +836,45 @@ def _lora_scale(config: dict[str, Any], module: str, rank: int) -> float:
 
 
 # -- files -------------------------------------------------------------------------------------------
+
+
+def _bounded_json(text: str) -> Any:
+    """The header's JSON, refused over :data:`MAX_METADATA_BYTES` or deeper than :data:`MAX_METADATA_DEPTH`."""
+    if len(text) > MAX_METADATA_BYTES:
+        raise EditError(f"its metadata is {len(text) / 2**20:.1f} MiB of JSON, more than the {MAX_METADATA_BYTES // 2**20} MiB "
+                        "an edit header holds; re-create it with Edit.save.")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value, depth = None, MAX_METADATA_DEPTH + 1
+    else:
+        depth, level = 0, [value]
+        while level and depth <= MAX_METADATA_DEPTH:
+            depth += 1
+            level = [child for item in level if isinstance(item, (dict, list))
+                     for child in (item.values() if isinstance(item, dict) else item)]
+    if depth > MAX_METADATA_DEPTH:
+        raise EditError(f"its metadata JSON is nested more than {MAX_METADATA_DEPTH} levels deep; re-create it with Edit.save.")
+    return value
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise EditError(f"tensor '{key}' holds NaN or infinite values; re-create the edit (its fit diverged or the "
+                            "file was damaged).")
+
+
+def _repeated(edit: Edit, stack: list[_Applied]) -> str | None:
+    """The content digest ``edit`` (or one of its parts) shares with an applied edit (or part), else ``None``."""
+    if not stack:
+        return None
+    applied = {digest for record in stack for digest in record.digests()}
+    return next((digest for digest in _leaf_digests(edit) if digest in applied), None)
+
+
+def _leaf_digests(edit: Edit) -> list[str]:
+    return [content_digest(part) for part in (edit.parts or [edit])]
 
 
 def _deserialize(header: Any, tensors: dict[str, torch.Tensor], parent_base: Fingerprint | None = None) -> Edit:
