@@ -11,9 +11,12 @@ from pathlib import Path
 
 import typer
 
+from conceptsmith import validate
 from conceptsmith.cli import DeviceOption, DtypeOption, user_errors
+from conceptsmith.cli_errors import OneLineErrors
 
-app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True)
+app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True,
+                  cls=OneLineErrors)
 
 STAGES = ("data", "text-tower", "vae", "unet", "evaluator")
 #: Written into every ``world train --out`` folder: a later run may resume there without --overwrite.
@@ -74,8 +77,11 @@ def train(
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
         raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    if budget_hours < 0:
-        raise typer.BadParameter(f"--budget-hours must be positive (or 0 for off), got {budget_hours}")
+    _check_numbers(seed=seed, unet_steps=unet_steps, unet_batch=unet_batch, text_tower_stop=text_tower_stop,
+                   unet_lr=unet_lr, unet_two_object_share=unet_two_object_share, unet_offset_noise=unet_offset_noise,
+                   time_budget=time_budget, budget_hours=budget_hours, jobs=jobs, threads=threads)
+    if unet_init is not None:
+        validate.input_path(unet_init, "--unet-init")
     if budget_hours and "unet" in chosen and "evaluator" in chosen and jobs < 2:
         raise typer.BadParameter("--budget-hours fits the UNet's schedule to the budget, so the evaluator must not "
                                  "train after it: use --jobs 2 (the default) or train the evaluator separately")
@@ -140,6 +146,29 @@ def train(
                 raise typer.Exit(1)
     typer.echo("training clock (summed over resumed runs):\n" + stage_clock.report(budget_hours or 2.5))
     typer.echo(f"done: {out}. Measure the generator with: conceptsmith world check --model {pipe_dir}")
+
+
+#: Ranges of ``world train``'s numeric options: (low, high, integer).
+TRAIN_RANGES = {
+    "seed": (0, validate.MAX_SEED, True),
+    "unet_steps": (1, 10_000_000, True),
+    "unet_batch": (1, 4096, True),
+    "text_tower_stop": (1, 10_000_000, True),
+    "unet_lr": (1e-8, 1.0, False),
+    "unet_two_object_share": (0.0, 1.0, False),
+    "unet_offset_noise": (0.0, 1.0, False),
+    "time_budget": (0.0, 1e7, False),
+    "budget_hours": (0.0, 1000.0, False),
+    "jobs": (1, 64, True),
+    "threads": (0, 1024, True),
+}
+
+
+def _check_numbers(**values: float | None) -> None:
+    """Each option unset (``None``) or finite and in its :data:`TRAIN_RANGES` range."""
+    for name, value in values.items():
+        low, high, integer = TRAIN_RANGES[name]
+        validate.number(value, "--" + name.replace("_", "-"), low, high, integer=integer)
 
 
 def prepare_out(out: Path, overwrite: bool) -> Path:
@@ -209,6 +238,7 @@ def check(
                                        "shape,color,artist,restricted_indirect,two_object,watermark,speed."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluator's accuracy on renders."),
     grid: Path = typer.Option(Path("out/world_check_grid.png"), help="Where to write the sample grid."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --grid file."),
     model_card: bool = typer.Option(False, "--model-card", help="Also write the numbers into MODEL_CARD.md."),
     strict: bool = typer.Option(False, help="Exit with code 1 if a bar is missed."),
     model: str = typer.Option("builtin:shapes", help="Generator to measure, e.g. a candidate pipeline directory "
@@ -226,6 +256,10 @@ def check(
         raise typer.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(GEN_METRICS)}")
     if model_card and model != "builtin:shapes":
         raise typer.BadParameter("--model-card describes the shipped builtin:shapes; drop it or --model")
+    validate.number(seeds, "--seeds", 1, 1000, integer=True)
+    validate.model_spec(model)
+    if not json_only:
+        validate.output_path(grid, "--grid", validate.local_inputs(model), overwrite, suffix=".png")
     say = (lambda message: None) if json_only else typer.echo
     target = resolve_model(model, dtype, device)
     pipe = load_generator(model).to(target.device, target.dtype)
