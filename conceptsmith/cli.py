@@ -88,15 +88,15 @@ def generate(
 
     Each image is written as soon as it is made and the manifest after every batch; a rerun with the same
     arguments into the same --out keeps the images already there (checked by their SHA-256) and makes the rest."""
-    from conceptsmith.edits import content_digest
-    from conceptsmith.generation import default_settings, generate_to_folder, image_grid
-    from conceptsmith.io import save_image
-
     validate.model_spec(model)
     validate.generation_options(steps, guidance, height, width, batch_size)
     validate.output_path(out, "--out", overwrite=True, folder=True)
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = validate.parse_seeds(seeds)
+    from conceptsmith.edits import content_digest
+    from conceptsmith.generation import default_settings, generate_to_folder, image_grid
+    from conceptsmith.io import save_image
+
     edits = _load_edits(edit)
     pipe, info = _load(model, dtype, device)
     for _, loaded, scale in edits:
@@ -304,10 +304,6 @@ def merge(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge several edits of one base into one edit."""
-    from conceptsmith.customization.merge import merge as merge_edits
-    from conceptsmith.customization.merge import needs_pipeline
-    from conceptsmith.edits import Edit
-
     if len(edits) < 2:
         raise ValueError("Merging needs at least two edit files.")
     for value in weight:
@@ -315,6 +311,10 @@ def merge(
     validate.number(rank, "--rank", *validate.RANK, integer=True)
     validate.model_spec(model or "")
     validate.output_path(out, "--out", validate.local_inputs(model, *edits), overwrite, suffix=".safetensors")
+    from conceptsmith.customization.merge import merge as merge_edits
+    from conceptsmith.customization.merge import needs_pipeline
+    from conceptsmith.edits import Edit
+
     loaded = [Edit.load(validate.input_file(path, "Edit file")) for path in edits]
     validate.distinct_edits(list(zip(edits, loaded, strict=True)), "merge: edit",
                             "merging an edit with itself counts it twice; pass each edit once (--weight 2 weighs one more)")

@@ -62,8 +62,21 @@ def _is_decompression_bomb(err: BaseException) -> bool:
     return image is not None and isinstance(err, image.DecompressionBombError)
 
 
+def one_line(message: str) -> str:
+    """A message of several lines (e.g. a config with one problem per line) as one line: ``first; second``."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else ""
+    return f"{lines[0]} {'; '.join(lines[1:])}"
+
+
 def describe(err: Exception) -> tuple[int, str]:
-    """``(exit code, message)`` of an exception that reached a command (see the module docstring)."""
+    """``(exit code, one-line message)`` of an exception that reached a command (see the module docstring)."""
+    code, message = _describe(err)
+    return code, one_line(message)
+
+
+def _describe(err: Exception) -> tuple[int, str]:
     if _is_out_of_memory(err):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return 2, (f"out of memory ({first}); lower --batch-size or the image size, use --dtype float16, "

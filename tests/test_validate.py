@@ -363,6 +363,8 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tiny_pipe, tm
 def test_every_exception_maps_to_one_line_and_unexpected_ones_to_a_crash_report(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
     assert describe(ValueError("bad")) == (2, "bad")
+    several = ConfigError("c.yaml: invalid EditConfig:\n  key 'parms': unknown key\n  key 'x': bad")
+    assert describe(several) == (2, "c.yaml: invalid EditConfig: key 'parms': unknown key; key 'x': bad")
     assert describe(KeyError("Unknown method 'x'")) == (2, "Unknown method 'x'")
     code, message = describe(PermissionError(13, "Permission denied", "/root/x"))
     assert code == 2 and message == "Permission denied: '/root/x'; check the permissions, or choose another path."
