@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,13 +23,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def gpus(monkeypatch):
     """Pretend ``count`` CUDA GPUs are visible (0: none)."""
 
+    def fake(module: object, name: str, value: object) -> None:
+        # wraps(): torch._dynamo, imported lazily, reads these functions' __wrapped__
+        monkeypatch.setattr(module, name, functools.wraps(getattr(module, name))(lambda: value))
+
     def set_count(count: int) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        fake(torch.cuda, "is_available", count > 0)
+        fake(torch.cuda, "device_count", count)
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    fake(torch.backends.mps, "is_available", False)
     return set_count
 
 
@@ -74,15 +79,16 @@ def test_dtypes():
         resolve_dtype(torch.float64)
 
 
-def test_cli_device_and_dtype_errors_are_one_line_with_exit_code_2(gpus):
+def test_cli_device_and_dtype_errors_are_one_line_with_exit_code_2(gpus, tmp_path):
     from conceptsmith.cli import app
 
     gpus(0)
     runner = CliRunner()
+    (tmp_path / "on-cuda.yaml").write_text("spec: builtin:tiny-test\ndevice: cuda\n")
     for args, message in [
         (["--device", "cuda"], "error: Device 'cuda' was requested but no CUDA GPU is visible"),
         (["--dtype", "half"], "error: Unknown dtype 'half'"),
-        (["--model", "sd14"], "sd14.yaml sets device: cuda. Device 'cuda' was requested"),
+        (["--model", str(tmp_path / "on-cuda.yaml")], "on-cuda.yaml sets device: cuda. Device 'cuda' was requested"),
     ]:
         result = runner.invoke(app, ["generate", "-m", "builtin:tiny-test", "-p", "a cat", *args])
         assert result.exit_code == 2, result.output

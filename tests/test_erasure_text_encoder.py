@@ -83,7 +83,7 @@ def _ascent(pipe, refs, max_loss):
     from conceptsmith.customization.data import Examples, load_images
 
     config = TEUnlearnConfig(**FAST)
-    run = TextEncoderTraining(pipe, config, 0, "te-unlearn")
+    run = TextEncoderTraining(pipe, config, 0)
     examples = Examples.from_images(pipe.vae, load_images(refs), 16, "square", config.templates)
     descent = DenoisingObjective(pipe.unet, noise_scheduler(pipe), run.conditioner, examples, None, 2)
     return AscentObjective(descent, max_loss), examples
@@ -185,7 +185,7 @@ def test_te_unlearn_draws_its_own_images_when_asked(tiny_pipe, tmp_path):
 
 def _adv(pipe, **params):
     config = AdvUnlearnConfig(**{**ADV_FAST, **params})
-    run = TextEncoderTraining(pipe, config, 0, "advunlearn")
+    run = TextEncoderTraining(pipe, config, 0)
     return run, AdvUnlearnObjective(run, config, ["square"], seed=0), config
 
 
