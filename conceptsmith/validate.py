@@ -369,6 +369,8 @@ def check_image(path: str | Path, what: str = "Image") -> tuple[int, int]:
 def check_images(sources: Sequence[str | Path], option: str = "--images") -> list[Path]:
     """Every image file of ``sources`` (folders or files, :func:`conceptsmith.customization.data.find_images`),
     each checked with :func:`check_image`."""
+    if not sources:
+        return []
     from conceptsmith.customization.data import find_images
 
     files: list[Path] = []

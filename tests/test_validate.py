@@ -388,6 +388,20 @@ def test_an_unexpected_exception_in_a_command_prints_one_line_and_exits_1(tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: unexpected ZeroDivisionError: x") and "crash-" in lines[0]
 
 
+def test_world_commands_check_their_numbers_and_answer_in_one_line(tmp_path):
+    from conceptsmith.world.cli import app as world_app
+
+    for args, message in ((["train", "-o", str(tmp_path / "w"), "--unet-lr", "nan"], "--unet-lr must be a finite number"),
+                          (["train", "-o", str(tmp_path / "w"), "--jobs", "0"], "--jobs must be an integer from 1 to 64"),
+                          (["train", "-o", str(tmp_path / "w"), "--stages", "nope"], "unknown stage(s) ['nope']"),
+                          (["check", "--seeds", "0"], "--seeds must be an integer from 1 to 1000"),
+                          (["check", "--grid", str(tmp_path)], "must end in .png")):
+        result = runner.invoke(world_app, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], args
+    assert not (tmp_path / "w").exists()
+
+
 def test_parser_errors_are_one_line_too():
     result = runner.invoke(app, ["generate", "--steps", "abc"])
     assert result.exit_code == 2
