@@ -90,7 +90,7 @@ def generate(
     arguments into the same --out keeps the images already there (checked by their SHA-256) and makes the rest."""
     validate.model_spec(model)
     validate.generation_options(steps, guidance, height, width, batch_size)
-    validate.output_path(out, "--out", overwrite=True, folder=True)
+    validate.output_path(out, "--out", folder=True)
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = validate.parse_seeds(seeds)
     from conceptsmith.edits import content_digest
@@ -362,7 +362,7 @@ def _check_bench(config: str, model: str | None, out: str | None, cache: str | N
     validate.model_spec(model or "")
     for folder, option in ((out, "--out"), (cache, "--cache")):
         if folder:
-            validate.output_path(folder, option, overwrite=True, folder=True)
+            validate.output_path(folder, option, folder=True)
 
 
 @app.command()

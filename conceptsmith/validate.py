@@ -76,8 +76,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def input_file(path: str | Path, what: str, suffixes: Sequence[str] = (), max_bytes: int | None = None) -> Path:
-    """``path`` if it is an existing, readable regular file (with one of ``suffixes``, at most ``max_bytes``)."""
+def input_file(path: str | Path, what: str, max_bytes: int | None = None) -> Path:
+    """``path`` if it is an existing, readable regular file (of at most ``max_bytes``)."""
     path = Path(path)
     try:
         info = path.stat()
@@ -87,8 +87,6 @@ def input_file(path: str | Path, what: str, suffixes: Sequence[str] = (), max_by
         raise InputError(f"{what} '{path}' cannot be read ({err.strerror}); check the path and its permissions.") from None
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{what} '{path}' is {_kind(info.st_mode)}; pass a regular file.")
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise InputError(f"{what} '{path}' must be a {' or '.join(suffixes)} file.")
     if max_bytes is not None and info.st_size > max_bytes:
         raise InputError(f"{what} '{path}' is {info.st_size / 2**20:.1f} MiB; at most {max_bytes / 2**20:g} MiB is read: "
                          "shorten it or split it.")
@@ -139,10 +137,11 @@ def output_path(
     suffix: str | None = None,
     folder: bool = False,
 ) -> Path:
-    """``path`` if a command may write it: a file (``folder=False``) or a folder of results.
+    """``path`` if a command may write it: a file, or (``folder=True``) a folder of results that the command
+    writes into (the commands that write folders resume an earlier run there).
 
     Refused: one of ``inputs`` (with or without ``--overwrite``), a folder given as a file or the other way
-    round, an existing file (a non-empty folder) without ``overwrite``, and a parent that cannot be created.
+    round, an existing file without ``overwrite``, and a parent that cannot be created.
     """
     path = Path(path)
     real = Path(os.path.realpath(path))  # 'missing/../x' is 'x' once the command creates 'missing'
@@ -157,9 +156,6 @@ def output_path(
         if folder:
             if not stat.S_ISDIR(mode):
                 raise InputError(f"{what} '{path}' exists and is not a folder; choose a folder path.")
-            if not overwrite and any(real.iterdir()):
-                raise InputError(f"{what} '{path}' already holds files; pass --overwrite to replace them, or choose "
-                                 "another folder.")
         else:
             if stat.S_ISDIR(mode):
                 raise InputError(f"{what} '{path}' is a folder; pass a file path, e.g. '{path / ('out' + (suffix or ''))}'.")

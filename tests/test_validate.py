@@ -78,10 +78,9 @@ def test_outputs_are_never_an_input_never_a_folder_and_replaced_only_with_overwr
     assert validate.output_path(tmp_path / "new" / "deeper" / "x.safetensors", "--out") is not None
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "a.png").write_bytes(b"")
-    with pytest.raises(InputError, match="already holds files"):
-        validate.output_path(tmp_path / "run", "--out", folder=True)
+    assert validate.output_path(tmp_path / "run", "--out", folder=True) == tmp_path / "run"  # a run folder resumes
     with pytest.raises(InputError, match="not a folder"):
-        validate.output_path(source, "--out", folder=True, overwrite=True)
+        validate.output_path(source, "--out", folder=True)
 
 
 # -- numbers and seeds -------------------------------------------------------------------------------------
