@@ -47,25 +47,6 @@ def default_settings(pipe: object, **overrides: object) -> GenerationSettings:
     return GenerationSettings(**values)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """Parse ``"0,1,5-7"`` into ``[0, 1, 5, 6, 7]`` with an error that names the bad part."""
-    seeds: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        low, sep, high = part.partition("-")
-        try:
-            values = range(int(low), int(high) + 1) if sep and low else [int(part)]
-        except ValueError:
-            raise ValueError(
-                f"Seed '{part}' is not an integer: pass integers or ranges such as --seeds 0,1,2 or --seeds 0-7."
-            ) from None
-        seeds.extend(values)
-    if not seeds:
-        raise ValueError("No seeds given: pass at least one, e.g. --seeds 0 or --seeds 0-7.")
-    return seeds
-
-
 def _batches(jobs: Sequence[tuple[str, int]], size: int) -> Iterator[Sequence[tuple[str, int]]]:
     for start in range(0, len(jobs), size):
         yield jobs[start : start + size]
