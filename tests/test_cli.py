@@ -156,7 +156,7 @@ def test_world_check_measures_a_candidate_generator():
     result = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--only", "two_object", "--seeds", "1",
                                        "--no-eval", "--json"])
     assert result.exit_code == 0, result.output
-    measured = json.loads(result.output.strip().splitlines()[-1])
+    measured = json.loads(result.stdout.strip().splitlines()[-1])  # stdout: a stale logging handler may write to stderr
     assert 0.0 <= measured["gen_two_object_acc"] <= 1.0 and measured["images"] == 8
     assert -1.0 <= measured["text_relation_cos"] < 1.0 and -1.0 <= measured["text_color_cos"] < 1.0
     refused = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--model-card"])
