@@ -591,26 +591,38 @@ def _stack(pipe: Any) -> list[_Applied]:
     return stack
 
 
-def _target(pipe: Any, path: str) -> torch.nn.Module:
-    """The module at ``<component>.<path>`` (the wrapped layer if peft wrapped it; inside ``torch.compile``'s wrapper)."""
+def locate_module(pipe: Any, path: str) -> tuple[str, torch.nn.Module] | None:
+    """``(path as found, module)`` for ``<component>.<path>``: inside ``torch.compile``'s wrapper, the wrapped layer
+    if peft wrapped it, CLIP text encoders with and without the ``text_model.`` level; None if there is none."""
     component, _, name = path.partition(".")
     root = getattr(pipe, component, None)
     if not isinstance(root, torch.nn.Module):
-        raise EditError(f"This pipe has no model component '{component}' (needed by module '{path}').")
+        return None
     root = getattr(root, "_orig_mod", root)
     candidates = [name]
-    if component.startswith("text_encoder"):  # CLIP text encoders with and without the `text_model.` level
+    if component.startswith("text_encoder"):
         candidates.append(name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}")
     for candidate in candidates:
         try:
             module = root.get_submodule(candidate)
         except AttributeError:
             continue
-        module = getattr(module, "base_layer", module)
-        if isinstance(getattr(module, "weight", None), torch.Tensor):
-            return module
+        return f"{component}.{candidate}", getattr(module, "base_layer", module)
+    return None
+
+
+def _target(pipe: Any, path: str) -> torch.nn.Module:
+    """The module at ``<component>.<path>`` (:func:`locate_module`), which must hold a weight tensor."""
+    component, _, name = path.partition(".")
+    if not isinstance(getattr(pipe, component, None), torch.nn.Module):
+        raise EditError(f"This pipe has no model component '{component}' (needed by module '{path}').")
+    found = locate_module(pipe, path)
+    if found is None:
+        raise EditError(f"This pipe's {component} has no module '{name}' (edit module '{path}'): it was made for another architecture.")
+    module = found[1]
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
         raise EditError(f"Module '{path}' of this pipe has no weight tensor to edit.")
-    raise EditError(f"This pipe's {component} has no module '{name}' (edit module '{path}'): it was made for another architecture.")
+    return module
 
 
 def _apply_weights(edit: Edit, pipe: Any, scale: float) -> Undo:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.edits import Edit, base_fingerprint, locate_module
 from conceptsmith.lora_formats import (
     LoraFormatError,
     detect_layout,
@@ -131,22 +131,9 @@ def _peft_component(pipe: Any, state: Mapping[str, torch.Tensor]) -> str:
 
 def _find(pipe: Any, module: str) -> tuple[str, torch.Size] | None:
     """``(path as an edit names it, weight shape)`` of the module a LoRA file calls ``module``; None if absent."""
-    component, _, name = module.partition(".")
-    root = getattr(pipe, component, None)
-    if not isinstance(root, torch.nn.Module):
-        return None
-    candidates = [name]
-    if component.startswith("text_encoder"):  # CLIP text encoders with and without the `text_model.` level
-        candidates.append(name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}")
-    for candidate in candidates:
-        try:
-            found = root.get_submodule(candidate)
-        except AttributeError:
-            continue
-        weight = getattr(getattr(found, "base_layer", found), "weight", None)
-        if isinstance(weight, torch.Tensor):
-            return f"{component}.{candidate}", weight.shape
-    return None
+    found = locate_module(pipe, module)
+    weight = None if found is None else getattr(found[1], "weight", None)
+    return (found[0], weight.shape) if isinstance(weight, torch.Tensor) else None
 
 
 def _lora_edit(
