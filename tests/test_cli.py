@@ -151,7 +151,7 @@ def test_console_entry_point_mounts_every_command():
 
 
 def test_world_check_measures_a_candidate_generator():
-    from conceptsmith.world.cli import app as world_app
+    from conceptsmith.cli.world import app as world_app
 
     result = runner.invoke(world_app, ["check", "--model", "builtin:tiny-test", "--only", "two_object", "--seeds", "1",
                                        "--no-eval", "--json"])
@@ -166,8 +166,8 @@ def test_world_check_measures_a_candidate_generator():
 def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path):
     """`world train` builds the UNet config from UNetTrainConfig's defaults (the shipped recipe); only options given
     on the command line override them. Its log and training clock live in the cache dir."""
+    from conceptsmith.cli.world import app as world_app
     from conceptsmith.world import unet_train
-    from conceptsmith.world.cli import app as world_app
 
     seen: list = []
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))  # a dir not there yet
@@ -187,8 +187,8 @@ def test_world_train_uses_the_recipe_unless_told_otherwise(monkeypatch, tmp_path
 def test_world_train_budget_hours_gives_the_unet_what_the_clock_has_left(monkeypatch, tmp_path):
     """--budget-hours (default 2.5) hands train_unet a deadline: the budget minus the wall time already on the
     training clock; 0 turns it off; it refuses to run the evaluator after a fitted UNet."""
+    from conceptsmith.cli.world import app as world_app
     from conceptsmith.world import stage_clock, unet_train
-    from conceptsmith.world.cli import app as world_app
 
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))
     stage_clock.clock_dir().mkdir(parents=True)
@@ -224,7 +224,7 @@ class _FakeProcess:
 def test_world_train_runs_the_evaluator_beside_the_generator(monkeypatch, tmp_path):
     """With --jobs 2 the evaluator stage goes to a second process; the generator's stages get one core, the UNet
     gets the second one once that process is done, and a failed evaluator fails the command."""
-    from conceptsmith.world import cli as world_cli
+    from conceptsmith.cli import world as world_cli
     from conceptsmith.world import unet_train
 
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))

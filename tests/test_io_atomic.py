@@ -177,7 +177,7 @@ def test_no_direct_writes_left_in_the_package():
                         r"""|\bsave_file\(|\.save_pretrained\(|\bos\.(replace|rename)\(|\bshutil\.copy|\bjson\.dump\(""")
     into_temporary = re.compile(r"\b(tmp|temporary|buffer|handle\b.*np\.save)")
     exempt = {  # file: why
-        "conceptsmith/cli_errors.py": "a crash report: a new file per crash, written while the command is failing",
+        "conceptsmith/cli/errors.py": "a crash report: a new file per crash, written while the command is failing",
     }
     found = []
     for folder in ("conceptsmith", "erasure", "customization", "evaluation"):
@@ -248,6 +248,7 @@ def test_generate_stopped_midway_keeps_its_images_and_a_rerun_makes_only_the_res
 
 def test_bench_stopped_after_a_row_reuses_it_and_gives_the_numbers_of_one_run(tmp_path, monkeypatch, evaluator_file):
     import torch
+
     from conceptsmith.evaluation import bench
 
     torch.set_num_threads(1)
@@ -295,8 +296,8 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 def test_world_train_out_refuses_the_shipped_weights_and_folders_it_did_not_make(tmp_path, monkeypatch):
     """The UNet stage (faked: no training) with --out: the shipped folder is refused even with --overwrite, a foreign
     non-empty folder needs --overwrite, a folder an earlier run made resumes; the shipped files are only read."""
+    from conceptsmith.cli.world import MARKER, app
     from conceptsmith.world import unet_train
-    from conceptsmith.world.cli import MARKER, app
     from conceptsmith.world.pipeline import PIPE_DIR, SHIPPED_DIR
 
     monkeypatch.setenv("CONCEPTSMITH_CACHE", str(tmp_path / "cache"))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conceptsmith import validate
 from conceptsmith.cli import app
-from conceptsmith.cli_errors import describe
+from conceptsmith.cli.errors import describe
 from conceptsmith.config import ConfigError, read_yaml
 from conceptsmith.edits import Edit, EditError, applied_edits, base_fingerprint
 from conceptsmith.validate import InputError
@@ -388,7 +388,7 @@ def test_an_unexpected_exception_in_a_command_prints_one_line_and_exits_1(tmp_pa
 
 
 def test_world_commands_check_their_numbers_and_answer_in_one_line(tmp_path):
-    from conceptsmith.world.cli import app as world_app
+    from conceptsmith.cli.world import app as world_app
 
     for args, message in ((["train", "-o", str(tmp_path / "w"), "--unet-lr", "nan"], "--unet-lr must be a finite number"),
                           (["train", "-o", str(tmp_path / "w"), "--jobs", "0"], "--jobs must be an integer from 1 to 64"),

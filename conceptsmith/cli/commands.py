@@ -1,17 +1,19 @@
-"""The ``conceptsmith`` command line (typer). Each command is a thin layer over the library."""
+"""The ``conceptsmith`` app and its main commands (typer). Each command is a thin layer over the library."""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from conceptsmith import validate
-from conceptsmith.cli_errors import OneLineErrors, user_errors
+from conceptsmith.cli.errors import OneLineErrors, user_errors
+from conceptsmith.cli.files import register as _register_file_commands
+from conceptsmith.cli.options import DeviceOption, DtypeOption
+from conceptsmith.cli.world import app as world_app
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -24,10 +26,6 @@ app = typer.Typer(
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="hub id, local dir, .safetensors file, builtin:<name> "
                                            "or a model config (configs/models/NAME.yaml, or NAME)")]
-DeviceOption = Annotated[str | None, typer.Option(
-    help="cuda | cuda:N | mps | cpu (default: the config's, else cuda when available, else mps, else cpu)")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32 | float16 | bfloat16 (default: the config's, else float32)")]
-
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
 
 EDIT_HELP = "edit to apply, FILE or FILE:SCALE (e.g. no-skull.safetensors:0.5; repeatable, in order)"
@@ -414,22 +412,10 @@ def export(
     typer.echo(f"wrote {out} ({info.family}, base {info.fingerprint}, {len(edits)} edit(s) baked in)")
 
 
-from conceptsmith.cli_files import register as _register_file_commands  # noqa: E402  (import, export-lora, to-lora)
-
-_register_file_commands(app, user_errors, _load)
-
-
-def _mount_subcommands() -> None:
-    """Sub-apps that live beside their feature (e.g. ``conceptsmith world``)."""
-    from conceptsmith.world.cli import app as world_app
-
-    app.add_typer(world_app, name="world", help="ShapesWorld: train and check the builtin micro world.")
+_register_file_commands(app, user_errors, _load)  # import, export-lora, to-lora
+app.add_typer(world_app, name="world", help="ShapesWorld: train and check the builtin micro world.")
 
 
 def main() -> None:
-    _mount_subcommands()
+    """The ``conceptsmith`` console script (``python -m conceptsmith``, ``python -m conceptsmith.cli``)."""
     app(prog_name="conceptsmith")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

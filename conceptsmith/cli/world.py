@@ -12,8 +12,8 @@ from pathlib import Path
 import typer
 
 from conceptsmith import validate
-from conceptsmith.cli import DeviceOption, DtypeOption, user_errors
-from conceptsmith.cli_errors import OneLineErrors
+from conceptsmith.cli.errors import OneLineErrors, user_errors
+from conceptsmith.cli.options import DeviceOption, DtypeOption
 
 app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True,
                   cls=OneLineErrors)

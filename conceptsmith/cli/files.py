@@ -1,6 +1,6 @@
 """``conceptsmith import`` and ``conceptsmith export-lora`` (alias ``to-lora``): users' own files in, every edit out.
 
-:func:`register` adds them to the main app (:mod:`conceptsmith.cli`); each command is a thin layer over
+:func:`register` adds them to the main app (:mod:`conceptsmith.cli.commands`); each command is a thin layer over
 :func:`conceptsmith.imports.import_file` and :meth:`conceptsmith.edits.Edit.to_lora`.
 """
 
