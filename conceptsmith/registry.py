@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit
-    from conceptsmith.evaluation.attack_plugins import AttackContext, AttackPlan
 
 EDITOR_GROUP = "conceptsmith.editors"
 METRIC_GROUP = "conceptsmith.metrics"
@@ -135,9 +134,11 @@ class AttackConfig(EditorConfig):
 class Attack(abc.ABC):
     """An attack on an edited model: ``plan(ctx)`` returns the conditions to generate and judge.
 
-    ``ctx`` (:class:`evaluation.attack_plugins.AttackContext`) holds the pipe with the edit applied,
-    the edit, the erase prompts with their target concepts, the unedited model's images of them,
-    the bench's templates / seeds / generation settings, a cache directory and the accelerate state.
+    ``ctx`` (:class:`conceptsmith.evaluation.attack_plugins.AttackContext`) holds the pipe with the edit
+    applied, the edit, the erase prompts with their target concepts, the unedited model's images of them,
+    the bench's templates / seeds / generation settings, a cache directory and the accelerate state; the plan is
+    an :class:`conceptsmith.evaluation.attack_plugins.AttackPlan`. Both are typed ``Any`` here: the evaluation
+    package that defines them sits above this registry.
     """
 
     name: ClassVar[str]
@@ -150,7 +151,7 @@ class Attack(abc.ABC):
         self.config = config if isinstance(config, self.Config) else self.Config.model_validate(dict(config))
 
     @abc.abstractmethod
-    def plan(self, ctx: AttackContext) -> AttackPlan:
+    def plan(self, ctx: Any) -> Any:
         """The attack conditions (prompt strings or ``prompt_embeds`` makers) with their targets."""
 
 
@@ -209,11 +210,36 @@ def register_attack(name: str, description: str) -> Callable[[A], A]:
     return decorate
 
 
-def register_metric(name: str, description: str) -> Callable[[F], F]:
-    """Function decorator: make a metric available as ``name``."""
+@dataclass(frozen=True)
+class Metric:
+    """A registered benchmark metric: ``compute(ctx)`` returns the row's value (a number or a dict of numbers) or
+    ``None`` where the row has nothing to measure; ``sections`` are the row sections whose context it reads
+    (``erasure``; ``single``, ``composition``, ``relearn`` of customization benches); ``aggregation`` is how the
+    summary combines rows (``mean`` over tasks / concepts / pairs, ``none``: not summarized)."""
+
+    name: str
+    description: str
+    compute: Callable[[Any], Any]
+    higher_is_better: bool | None = None
+    aggregation: str = "mean"
+    sections: tuple[str, ...] = ("erasure",)
+
+
+def register_metric(
+    name: str,
+    description: str,
+    *,
+    higher_is_better: bool | None = None,
+    aggregation: str = "mean",
+    sections: tuple[str, ...] = ("erasure",),
+) -> Callable[[F], F]:
+    """Function decorator: make ``compute(ctx)`` the benchmark metric ``name`` (a bench YAML's ``metrics:``)."""
+    if aggregation not in ("mean", "none"):
+        raise ValueError(f"metric '{name}': aggregation must be 'mean' or 'none', got {aggregation!r}")
 
     def decorate(fn: F) -> F:
-        _register(_METRICS, "metric", name, fn, description)
+        spec = Metric(name, description, fn, higher_is_better, aggregation, tuple(sections))
+        _register(_METRICS, "metric", name, spec, description)
         return fn
 
     return decorate
@@ -267,7 +293,7 @@ def get_editor(name: str) -> type[Editor]:
     return _lookup(_EDITORS, "editor", EDITOR_GROUP, name)
 
 
-def get_metric(name: str) -> Callable[..., Any]:
+def get_metric(name: str) -> Metric:
     return _lookup(_METRICS, "metric", METRIC_GROUP, name)
 
 

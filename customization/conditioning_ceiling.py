@@ -6,7 +6,7 @@ prompt (``[1, tokens, d]``, initialized from the encoding of ``init_prompt`` wit
 with textual inversion's denoising objective on the same reference images and the project's training
 loop (:func:`conceptsmith.training.train`). No prompt can produce an arbitrary conditioning, so the
 images generated from the result show what the frozen UNet can draw of the object from any text at all:
-an upper reference for textual inversion on the same model. ``evaluation.custom_bench`` reports it as
+an upper reference for textual inversion on the same model. the customization bench reports it as
 the ``conditioning-ceiling`` row (``ceiling`` in a customization bench config).
 
 Pipelines with one text encoder (SD 1.x / 2.x); SDXL's pooled embedding is not inverted.

@@ -45,11 +45,12 @@ _EXPORTS = {
     "AttackCondition": "conceptsmith.evaluation.attack_plugins",
     "AttackPlan": "conceptsmith.evaluation.attack_plugins",
     "score_attack": "conceptsmith.evaluation.attack_plugins",
-    # evaluation.bench / evaluation.report
-    "BenchConfig": "conceptsmith.evaluation.bench",
-    "load_bench_config": "conceptsmith.evaluation.bench",
-    "run_bench": "conceptsmith.evaluation.bench",
-    "summary_table": "conceptsmith.evaluation.bench",
+    # the benchmark engine and its reports
+    "ErasureBench": "conceptsmith.evaluation.erasure_spec",
+    "CustomBench": "conceptsmith.evaluation.custom_spec",
+    "load_bench": "conceptsmith.evaluation.engine",
+    "run_bench": "conceptsmith.evaluation.engine",
+    "summary_table": "conceptsmith.evaluation.report",
     "write_report": "conceptsmith.evaluation.report",
 }
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from conceptsmith.evaluation.attacks import embedding_attack
-from conceptsmith.evaluation.bench import digest, load_images
+from conceptsmith.evaluation.cache import digest, load_images
 from conceptsmith.evaluation.prompt_attacks import (
     PromptAttackResult,
     PromptVocabulary,

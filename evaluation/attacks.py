@@ -45,8 +45,6 @@ from conceptsmith.evaluation.training_attacks import (
 )
 from PIL import Image
 
-from conceptsmith.registry import register_metric
-
 if TYPE_CHECKING:
     from conceptsmith.evaluation.clip import Evaluator, ImageLike
 
@@ -77,9 +75,6 @@ __all__ = [
 # ============================================================================================
 # success rate
 # ============================================================================================
-@register_metric(
-    "attack_success_rate", "Share of attack generations classified as the erased concept (top-1)"
-)
 def attack_success_rate(
     evaluator: Evaluator,
     images: Sequence[ImageLike],

@@ -2,7 +2,7 @@
 composition and relearning tables, and per-prompt image galleries.
 
 ``write_custom_report(results, out_dir)`` reads only the ``results.json`` structure written by
-:func:`evaluation.custom_bench.run_custom_bench`. Per concept / pair / relearning task the galleries show the
+:func:`evaluation.engine.run_bench` (``kind: customization``). Per concept / pair / relearning task the galleries show the
 training references, then one table per prompt: one row per seed, one column per model (the unedited model
 first), so the images of the same prompt position and seed sit side by side. Images are relative links to
 the cached PNGs; every file is written atomically.
@@ -26,7 +26,7 @@ from conceptsmith.evaluation.report_parts import (
 )
 from PIL import Image
 
-__all__ = ["summary_table", "write_custom_report"]
+__all__ = ["custom_table", "write_custom_report"]
 
 _TABLE = ("clip_i", "clip_i_rel", "clip_t", "clip_t_rel", "both_present")
 
@@ -115,7 +115,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def summary_table(results: dict[str, Any]) -> str:
+def custom_table(results: dict[str, Any]) -> str:
     """A fixed-width summary table for terminals."""
     tables = (_table(results["summary"]), _relearn_table(results["summary"]))
     return "\n\n".join(_fixed_width(*table) for table in tables if table and table[1])

@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from conceptsmith.registry import register_metric
-
 if TYPE_CHECKING:
     from conceptsmith.evaluation.clip import Classification, Evaluator, ImageLike
 
@@ -145,25 +143,16 @@ def evaluator_accuracy(
     return classification_accuracy(classification, targets)
 
 
-@register_metric(
-    "acc_e", "Efficacy: erased-concept prompts still classified as the erased concept (lower is better)"
-)
 def acc_e(evaluator, images, erased, classnames, templates=None) -> Accuracy:
     """Images generated from prompts naming the erased concept(s); ``erased`` = target per image."""
     return evaluator_accuracy(evaluator, images, erased, classnames, templates)
 
 
-@register_metric(
-    "acc_s", "Specificity: preserved-concept prompts classified as their own concept (higher is better)"
-)
 def acc_s(evaluator, images, preserved, classnames, templates=None) -> Accuracy:
     """Images generated from prompts naming preserved concepts; ``preserved`` = target per image."""
     return evaluator_accuracy(evaluator, images, preserved, classnames, templates)
 
 
-@register_metric(
-    "acc_g", "Generality: synonym/paraphrase prompts classified as the erased concept (lower is better)"
-)
 def acc_g(evaluator, images, erased, classnames, templates=None) -> Accuracy:
     """Images from synonym / paraphrase prompts of an erased concept; target = the erased concept."""
     return evaluator_accuracy(evaluator, images, erased, classnames, templates)
@@ -184,7 +173,6 @@ def _harmonic(terms: Sequence[float]) -> float:
     return len(terms) / sum(1.0 / t for t in terms)
 
 
-@register_metric("h_o", "Overall harmonic mean 3/(1/(1-Acc_e)+1/Acc_s+1/(1-Acc_g)) (MACE)")
 def harmonic_overall(
     acc_e: Accuracy | float, acc_s: Accuracy | float, acc_g: Accuracy | float, mode: AccuracyMode = "argmax"
 ) -> float:
@@ -193,7 +181,6 @@ def harmonic_overall(
     return _harmonic([1.0 - e, s, 1.0 - g])
 
 
-@register_metric("h_c", "Concept harmonic mean 2/(1/(1-Acc_e)+1/Acc_s) (MACE)")
 def harmonic_concept(
     acc_e: Accuracy | float, acc_s: Accuracy | float, mode: AccuracyMode = "argmax"
 ) -> float:
@@ -262,9 +249,6 @@ def frechet_distance(features_a, features_b) -> float:
     return frechet_distance_gaussians(*gaussian_fit(features_a), *gaussian_fit(features_b))
 
 
-@register_metric(
-    "fd_clip", "Frechet distance of evaluator-CLIP image embeddings, edited vs unedited generations"
-)
 def fd_clip(
     evaluator: Evaluator, edited_images: Sequence[ImageLike], unedited_images: Sequence[ImageLike]
 ) -> float:
@@ -276,9 +260,6 @@ def fd_clip(
     return frechet_distance(evaluator.embed_images(edited_images), evaluator.embed_images(unedited_images))
 
 
-@register_metric(
-    "paired_specificity", "Mean evaluator cosine between edited and unedited images (same prompt and seed)"
-)
 def paired_specificity(
     evaluator: Evaluator, edited_images: Sequence[ImageLike], unedited_images: Sequence[ImageLike]
 ) -> float:
@@ -296,7 +277,6 @@ def _strip_tokens(prompt: str, tokens: Sequence[str]) -> str:
     return re.sub(r"\s+", " ", prompt).strip()
 
 
-@register_metric("clip_t", "CLIP-T: mean image-prompt cosine of generations (modifier tokens removed)")
 def clip_t(
     evaluator: Evaluator,
     images: Sequence[ImageLike],
@@ -309,13 +289,11 @@ def clip_t(
     return float(evaluator.cosine(images, texts).double().mean())
 
 
-@register_metric("clip_i", "CLIP-I: mean cosine between generated and reference image embeddings (all pairs)")
 def clip_i(evaluator: Evaluator, generated: Sequence[ImageLike], references: Sequence[ImageLike]) -> float:
     """Mean over all (generated, reference) pairs of the evaluator image-embedding cosine."""
     return evaluator.image_similarity(generated, references, paired=False)
 
 
-@register_metric("both_concepts_present", "Share of images where both composed concepts are detected")
 def both_concepts_present_rate(
     evaluator: Evaluator,
     images: Sequence[ImageLike],

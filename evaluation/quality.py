@@ -36,7 +36,6 @@ from conceptsmith.evaluation.metrics import fd_clip
 from pydantic import Field, model_validator
 
 from conceptsmith.config import StrictModel
-from conceptsmith.registry import register_metric
 
 if TYPE_CHECKING:
     from conceptsmith.evaluation.clip import Evaluator, ImageLike
@@ -79,7 +78,6 @@ def clip_score_from_embeddings(
     return ClipScore.from_cosines((img * txt).sum(dim=-1), evaluator, scale=scale, clamp_min=clamp_min)
 
 
-@register_metric("clip_score", "CLIP score, torchmetrics convention: mean of max(100 * cos(image, prompt), 0)")
 def clip_score(evaluator: Evaluator, images: Sequence[ImageLike], prompts: Sequence[str]) -> ClipScore:
     """Image i against prompt i with the evaluator's embeddings; ``.to_dict()`` records the convention."""
     return evaluator.clip_score(images, prompts)
@@ -173,7 +171,6 @@ def _features(features: InceptionFeatures | None, weights: str | Path | None, de
     return features if features is not None else InceptionFeatures(weights, device)
 
 
-@register_metric("fid", "FID (torchmetrics) of generations vs reference images; needs local Inception weights")
 def fid(
     generated: Sequence[ImageLike],
     reference: Sequence[ImageLike],
@@ -192,7 +189,6 @@ def fid(
     return {"value": float(metric.compute()), "n_generated": len(generated), "n_reference": len(reference)}
 
 
-@register_metric("kid", "KID (torchmetrics) of generations vs reference images; needs local Inception weights")
 def kid(
     generated: Sequence[ImageLike],
     reference: Sequence[ImageLike],
@@ -298,7 +294,6 @@ class QualitySpec(StrictModel):
         return out
 
 
-@register_metric("quality", "Quality group: CLIP score, FD-CLIP and (with local Inception weights) FID / KID")
 def quality(
     evaluator: Evaluator,
     images: Sequence[ImageLike],

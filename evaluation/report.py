@@ -2,7 +2,7 @@
 per-metric plots, the efficacy-specificity trade-off of a sweep, and per-prompt image galleries.
 
 ``write_report(results, out_dir)`` reads only the ``results.json`` structure written by
-:func:`evaluation.bench.run_bench` (so a report can be rebuilt from a results file alone, as long as the
+:func:`evaluation.engine.run_bench` (so a report can be rebuilt from a results file alone, as long as the
 cached images it points to still exist). Every gallery shows every seed: one row per seed, the unedited
 model's image beside each method's edited image of the same prompt and seed, and each attack's images
 beside the edited image they attack. Image labels are the judge's (the evaluator's zero-shot) predictions.
@@ -29,7 +29,7 @@ from conceptsmith.evaluation.report_parts import (
 )
 from PIL import Image
 
-__all__ = ["metrics_rows", "write_report"]
+__all__ = ["erasure_table", "metrics_rows", "summary_table", "write_erasure_report", "write_report"]
 
 _COLUMNS = ("acc_e", "acc_g", "acc_i", "acc_s", "h_o", "h_c", "paired_specificity", "fd_clip", "clip_score")
 _PLOTTED = ("acc_e", "acc_g", "acc_i", "acc_s", "h_o", "paired_specificity")
@@ -246,7 +246,7 @@ def _edit_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     return [(label, path) for path, label in seen.items()]
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+def write_erasure_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` (+ ``grids/``, ``plots/``) into ``out_dir``, atomically."""
     from conceptsmith.io import write_text
 
@@ -311,3 +311,33 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
         paths["plot:sweep"] = sweep[0]
     return paths
 
+
+
+def erasure_table(results: dict[str, Any]) -> str:
+    """A fixed-width metrics table of an erasure run's rows (headline accuracy convention), for terminals."""
+    mode = results.get("accuracy_headline", "argmax")
+    cols = ["acc_e", "acc_g", "acc_i", "acc_s", "h_o", "h_c", "paired_specificity", "fd_clip"]
+    attack_kinds = sorted({k for r in results["rows"] for k in r.get("attacks", {})})
+    lines = [["task", "method", *cols, *[f"asr_{k}" for k in attack_kinds]]]
+    for r in results["rows"]:
+        vals = [_value(r["metrics"].get(c), mode) for c in cols]
+        asr = [r.get("attacks", {}).get(k, {}).get("asr") for k in attack_kinds]
+        lines.append([r["task"], r["method"], *("-" if v is None else f"{v:.3f}" for v in [*vals, *asr])])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The terminal table of a run of either kind."""
+    from conceptsmith.evaluation.custom_report import custom_table
+
+    return custom_table(results) if results.get("kind") == "customization" else erasure_table(results)
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``report.html`` and ``report.md`` of a run of either kind (read from its ``results.json`` structure)."""
+    from conceptsmith.evaluation.custom_report import write_custom_report
+
+    if results.get("kind") == "customization":
+        return write_custom_report(results, out_dir)
+    return write_erasure_report(results, out_dir)
