@@ -342,7 +342,7 @@ def check_custom_bench(cfg: CustomBench, path: Path | None) -> None:
         resolve_method(spec, path, where)
     if cfg.relearn:
         _check_relearn(cfg.relearn, path)
-    _check_names(cfg, path)
     _check_references(cfg, path)
+    _check_names(cfg, path)
     if cfg.presence not in PRESENCE_RULES:
         raise ConfigError(f"{path or 'config'}: unknown presence rule {cfg.presence!r}; known: {', '.join(PRESENCE_RULES)}")

@@ -46,7 +46,7 @@ from conceptsmith.evaluation.summary import mean_summary
 from conceptsmith.io import atomic_write
 from conceptsmith.registry import EditRequest, get_editor
 
-__all__ = ["KNOWN_PAIRS", "References", "customize", "header", "rows", "select", "summarize"]
+__all__ = ["KNOWN_PAIRS", "header", "rows", "select", "summarize", "summarize_rows"]
 
 #: Row name of the unedited model composing ``known_pairs`` (the both_present ceiling of the prompt set).
 KNOWN_PAIRS = "known-pairs"
@@ -196,6 +196,11 @@ def _composition_rows(session: Session, selected: set[str]) -> Iterator[Row]:
 
 
 def summarize(cfg: CustomBench, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return summarize_rows(rows, cfg.relearn.concept if cfg.relearn else None, cfg.prompt_sets)
+
+
+def summarize_rows(rows: list[dict[str, Any]], relearn_concept: str | None = None,
+                   prompt_sets: dict[str, list[str]] | None = None) -> dict[str, Any]:  # fmt: skip
     """Method / composition -> metrics averaged over concepts or pairs (the unedited model's single-concept and
     composition numbers share one entry, single first); composition rows add ``both_present_by_prompt``,
     ``both_present_by_set`` (the mean over each prompt set's prompts) and, for several training runs,
@@ -213,22 +218,22 @@ def summarize(cfg: CustomBench, rows: list[dict[str, Any]]) -> dict[str, Any]:
             for k, v in entry.items():
                 target.setdefault(k, v)
         for name in dict.fromkeys(r["method"] for r in mine if section == "composition"):
-            summary[name] |= _by_prompt(cfg, [r for r in mine if r["method"] == name])
-    relearn = relearn_suite.summarize(rows, cfg.relearn.concept if cfg.relearn else None)
+            summary[name] |= _by_prompt([r for r in mine if r["method"] == name], prompt_sets or {})
+    relearn = relearn_suite.summarize(rows, relearn_concept)
     if relearn:
         summary["relearn"] = relearn
     return summary
 
 
-def _by_prompt(cfg: CustomBench, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _by_prompt(entries: list[dict[str, Any]], prompt_sets: dict[str, list[str]]) -> dict[str, Any]:
     mine = [r["metrics"] for r in entries]
     out: dict[str, Any] = {}
     if mine and all("both_present_by_prompt" in m for m in mine):
         prompts = mine[0]["both_present_by_prompt"]
         by_prompt = {t: sum(m["both_present_by_prompt"][t] for m in mine) / len(mine) for t in prompts}
         out["both_present_by_prompt"] = by_prompt
-        if cfg.prompt_sets:  # every prompt has one image per seed, so the mean of rates is the pooled rate
-            out["both_present_by_set"] = {s: sum(by_prompt[t] for t in ts) / len(ts) for s, ts in cfg.prompt_sets.items()}
+        if prompt_sets:  # every prompt has one image per seed, so the mean of rates is the pooled rate
+            out["both_present_by_set"] = {s: sum(by_prompt[t] for t in ts) / len(ts) for s, ts in prompt_sets.items()}
     by_seed: dict[Any, list[float]] = {}
     for r in entries:
         by_seed.setdefault(r.get("training_seed"), []).append(r["metrics"].get("both_present"))

@@ -27,7 +27,7 @@ from conceptsmith.evaluation.summary import headline, mean_summary
 from conceptsmith.io import copy_file
 from conceptsmith.registry import EditRequest, get_attack
 
-__all__ = ["Prompt", "Selection", "header", "rows", "select", "summarize", "task_prompts"]
+__all__ = ["Prompt", "Selection", "header", "rows", "select", "summarize", "summarize_rows", "task_prompts"]
 
 CONVENTIONS = {
     "argmax": "share of images whose top-1 zero-shot class is the target",
@@ -241,16 +241,19 @@ def _method_images(session: Session, spec: MethodSpec, task: TaskSpec) -> list[P
 
 
 def summarize(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return summarize_rows(rows, cfg.accuracy)
+
+
+def summarize_rows(rows: Sequence[dict[str, Any]], mode: str = "argmax") -> dict[str, dict[str, float]]:
     """Per method, the mean over tasks of each averaged metric (accuracies in the headline convention), plus
     ``acc_s_rel`` (each task's Acc_s over the unedited model's), ``train_seconds``, ``asr_<attack>`` and
     ``attack_asr`` (the closed-form embedding attack's), and how many tasks."""
-    mode = cfg.accuracy
-    base = {r["group"]: headline(r["metrics"].get("acc_s"), mode) for r in rows if r["method"] == "unedited"}
+    base = {r["task"]: headline(r["metrics"].get("acc_s"), mode) for r in rows if r["method"] == "unedited"}
 
     def extras(r: dict[str, Any]) -> Iterator[tuple[str, float]]:
         acc_s = headline(r["metrics"].get("acc_s"), mode)
-        if acc_s is not None and base.get(r["group"]):
-            yield "acc_s_rel", acc_s / base[r["group"]]
+        if acc_s is not None and base.get(r["task"]):
+            yield "acc_s_rel", acc_s / base[r["task"]]
         if r.get("train_seconds") is not None:
             yield "train_seconds", r["train_seconds"]
         for kind, result in r.get("attacks", {}).items():
@@ -261,9 +264,9 @@ def summarize(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, di
 
     summary = mean_summary(rows, mode, extras)
     for method, entry in summary.items():
-        entry["tasks"] = len({r["group"] for r in rows if r["method"] == method})
+        entry["tasks"] = len({r["task"] for r in rows if r["method"] == method})
     return summary
 
 
 def extra_summaries(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"summary_by_task": {t.name: summarize(cfg, [r for r in rows if r["group"] == t.name]) for t in cfg.tasks}}
+    return {"summary_by_task": {t.name: summarize(cfg, [r for r in rows if r["task"] == t.name]) for t in cfg.tasks}}

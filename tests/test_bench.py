@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conceptsmith.evaluation.bench import BENCH_DIR, bench_kind, load_bench_config, run_bench, summary_table
+from conceptsmith.evaluation.bench_spec import BENCH_DIR
+from conceptsmith.evaluation.engine import bench_kind, load_bench, run_bench
+from conceptsmith.evaluation.report import summary_table
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,18 +32,16 @@ def test_bench_configs_validate():
     assert {"shapes-smoke", "shapes-objects", "shapes-artists", "shapes-restricted"} <= names
     for name in names:
         if bench_kind(name) == "customization":
-            from conceptsmith.evaluation.custom_bench import load_custom_config
-
-            custom = load_custom_config(name)[0]
+            custom = load_bench(name)[0]
             assert custom.concepts or custom.relearn  # customization, or a relearning audit only
             continue
-        cfg, _ = load_bench_config(name)
+        cfg, _ = load_bench(name)
         assert cfg.tasks and cfg.seeds
-    objects, _ = load_bench_config("shapes-objects")
+    objects, _ = load_bench("shapes-objects")
     assert len(objects.tasks) >= 3 and all(t.synonyms for t in objects.tasks)
-    restricted, _ = load_bench_config("shapes-restricted")
+    restricted, _ = load_bench("shapes-restricted")
     assert restricted.tasks[0].indirect
-    i2p, _ = load_bench_config("sd14-i2p")  # real-model protocols: CIFAR-10 objects, artists, I2P-style categories
+    i2p, _ = load_bench("sd14-i2p")  # real-model protocols: CIFAR-10 objects, artists, I2P-style categories
     assert {"sd14-cifar10", "sd14-artists"} <= names and all(t.indirect for t in i2p.tasks)
 
 
@@ -51,12 +51,12 @@ def test_bench_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: m\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\nsteeps: 3\n")
     with pytest.raises(ConfigError, match="steeps"):
-        load_bench_config(bad)
+        load_bench(bad)
     bad.write_text(
         "name: x\nmodel: m\nevaluator: e\nseeds: [0]\nclasses: [b]\ntasks: [{name: t, erase: [a]}]\n"
     )
     with pytest.raises(ValueError, match="not in `classes`"):
-        load_bench_config(bad)
+        load_bench(bad)
 
 
 def test_attack_kind_and_params_are_validated_when_the_config_is_loaded(tmp_path):
@@ -67,14 +67,14 @@ def test_attack_kind_and_params_are_validated_when_the_config_is_loaded(tmp_path
     bad = tmp_path / "bad.yaml"
     bad.write_text(head + "attacks: [{kind: p4d, params: {n_tokens: 4}}, {kind: unlearndiffatk, params: {stesp: 3}}]\n")
     with pytest.raises(ConfigError, match=r"attacks\.1.*attack 'unlearndiffatk' params: key 'stesp': unknown key") as err:
-        load_bench_config(bad)
+        load_bench(bad)
     assert "prefix_tokens" in str(err.value)  # the allowed keys are listed
     bad.write_text(head + "attacks: [{kind: p4d, params: {n_tokens: zero}}]\n")
     with pytest.raises(ConfigError, match="key 'n_tokens'"):
-        load_bench_config(bad)
+        load_bench(bad)
     bad.write_text(head + "attacks: [{kind: embeding}]\n")
     with pytest.raises(ConfigError, match="Unknown attack 'embeding'. Available: .*embedding"):
-        load_bench_config(bad)
+        load_bench(bad)
     with pytest.raises(ConfigError, match="embeding"):
         run_bench(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -150,7 +150,7 @@ def test_two_processes_through_the_cli_match_one(smoke_run, evaluator_file, tmp_
 
 
 def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
-    from conceptsmith.evaluation.bench import evaluate_command
+    from conceptsmith.evaluation.commands import evaluate_command
 
     edit_files = sorted(smoke_run.out_dir.glob("cache/*/edits/*.safetensors"))
     assert len(edit_files) == 1
@@ -172,7 +172,7 @@ def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
 
 
 def test_summary_averages_tasks_and_relates_acc_s_to_the_unedited_model():
-    from conceptsmith.evaluation.bench import summarize_rows
+    from conceptsmith.evaluation.erasure_suite import summarize_rows
 
     def row(task, method, e, s, asr=None):
         metrics = {"acc_e": {"argmax": e, "prob": e / 2}, "acc_s": {"argmax": s, "prob": s / 2}, "paired_specificity": 0.5}
@@ -190,7 +190,7 @@ def test_summary_averages_tasks_and_relates_acc_s_to_the_unedited_model():
 def test_a_method_learns_from_the_unedited_models_images_one_folder_per_concept(tmp_path, evaluator_file):
     """``images: unedited``: te-unlearn erasing two concepts at once gets one folder of the unedited model's images
     per concept (seeds from 1000, apart from the evaluation's), and its fitting time is summarized."""
-    smoke, _ = load_bench_config("shapes-smoke")
+    smoke, _ = load_bench("shapes-smoke")
     task = smoke.tasks[0].model_copy(update={"erase": ["Velmora Quistbright", "Oskar Brindlewood"],
                                              "preserve": ["Zephyrine Mallowtusk"], "synonyms": {}})
     method = {"name": "te", "method": "te-unlearn", "images": "unedited", "n_images": 2,

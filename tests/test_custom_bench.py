@@ -1,4 +1,4 @@
-"""The customization benchmark (evaluation.custom_bench) on the tiny pipeline with a tiny open_clip
+"""The customization benchmark (the engine's customization suite) on the tiny pipeline with a tiny open_clip
 evaluator: config validation, an end-to-end run (results + report), a cache hit on re-run, the
 metric normalizations recomputed by hand, the halves presence rule, the CLI dispatch, and the relearning
 audit (several erasures, customization checkpoints, steps_to_50)."""
@@ -14,14 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conceptsmith.evaluation.custom_bench import (
-    both_present_halves,
-    load_custom_config,
-    relative,
-    run_custom_bench,
-    steps_to_rate,
-    summarize,
-)
+from conceptsmith.evaluation.bench_metrics import relative
+from conceptsmith.evaluation.custom_suite import summarize_rows as summarize
+from conceptsmith.evaluation.engine import bench_kind, load_bench, run_bench
+from conceptsmith.evaluation.providers import both_present_halves
+from conceptsmith.evaluation.relearn_suite import steps_to_rate
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,6 +29,7 @@ CD_FAST = {**FAST, "num_class_images": 1, "class_inference_steps": 2}
 TINY = {
     "kind": "customization",
     "name": "tiny-custom",
+    "renderer": "shapes",
     "model": "builtin:tiny-test",
     "seeds": [0],
     "generation": {
@@ -104,16 +102,14 @@ def tiny_config(tmp_path_factory, evaluator_file) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_config):
-    return run_custom_bench(tiny_config, tmp_path_factory.mktemp("bench") / "one", progress=False)
+    return run_bench(tiny_config, tmp_path_factory.mktemp("bench") / "one", progress=False)
 
 
 # -- configs ----------------------------------------------------------------------------------------
 
 
 def test_shipped_configs_validate_and_dispatch():
-    from conceptsmith.evaluation.bench import bench_kind, load_bench_config
-
-    single, _ = load_custom_config("shapes-custom-single")
+    single, _ = load_bench("shapes-custom-single")
     assert [c.object for c in single.concepts] == ["mushroom", "key", "umbrella"]
     assert {m.label() for m in single.methods} == {"custom-diffusion", "lora", "textual-inversion"}
     # inside the 5-minute budget per run (bench/results/shapes_custom.json, train_seconds): 1200 steps of Custom
@@ -121,7 +117,7 @@ def test_shipped_configs_validate_and_dispatch():
     budget = {"custom-diffusion": 1200, "lora": 1200, "textual-inversion": 2400}
     assert all(m.params["steps"] <= budget[m.label()] for m in single.methods)
     assert single.ceiling is not None
-    multi, _ = load_custom_config("shapes-custom-multi")
+    multi, _ = load_bench("shapes-custom-multi")
     assert len(multi.concepts) == 2 and multi.relearn is not None and multi.relearn.concept == "circle"
     assert multi.known_pairs and any("left of" in t for t in multi.composition_prompts)
     assert {c.kind for c in multi.compositions} == {"joint", "merge", "hook"}
@@ -129,23 +125,22 @@ def test_shipped_configs_validate_and_dispatch():
     # the bar's prompts are a named set, and the composition that depends on its training seed is measured over five
     assert multi.prompt_sets["next to"] and all("next to" in t for t in multi.prompt_sets["next to"])
     assert any(len(c.training_seeds) == 5 for c in multi.compositions if c.kind == "joint")
-    audit, _ = load_custom_config("shapes-relearn")  # every erasure method, relearned at four checkpoints
+    audit, _ = load_bench("shapes-relearn")  # every erasure method, relearned at four checkpoints
     assert audit.relearn.concept == "skull" and not audit.concepts and not audit.methods
     erasures = ["uce", "rece", "esd", "concept-ablation", "te-unlearn", "advunlearn", "mace"]
     assert [m.label() for m in audit.relearn.erase] == erasures
     assert audit.relearn.checkpoints == [50, 100, 200, 400]
     assert bench_kind("shapes-custom-single") == "customization" and bench_kind("shapes-smoke") == "erasure"
-    assert load_bench_config("shapes-smoke")[0].kind == "erasure"  # erasure benches keep working
-    with pytest.raises(ConfigError, match="kind"):
-        load_bench_config("shapes-custom-single")
+    assert load_bench("shapes-smoke")[0].kind == "erasure"  # one loader reads either kind
+    assert load_bench("shapes-custom-single")[0].kind == "customization"
 
 
 def test_the_compose_preset_is_the_benchmarked_composition():
     """configs/customize/lora-compose.yaml, which the README offers for multi-concept runs, is what the multi
     bench's every-layer LoRA row trains: the row names the preset and overrides nothing."""
-    from conceptsmith.evaluation.custom_bench import resolve_method
+    from conceptsmith.evaluation.bench_spec import resolve_method
 
-    multi, path = load_custom_config("shapes-custom-multi")
+    multi, path = load_bench("shapes-custom-multi")
     row = next(c for c in multi.compositions if c.name == "joint-lora-all-layers-cutmix")
     assert row.method.config == "configs/customize/lora-compose.yaml" and not row.method.params
     method, params = resolve_method(row.method, path, row.name)
@@ -168,14 +163,14 @@ def _checkpoints(data: dict, checkpoints: list[int], **params) -> None:
             "custom-difusion.*Available",
         ),
         (lambda d: d["methods"][1]["params"].update(rnak=2), "rnak"),
-        (lambda d: d["concepts"][0].update(object="mushrom"), "mushrom.*mushroom, key, umbrella"),
+        (lambda d: d["concepts"][0].update(object="mushrom"), "renderer 'shapes' has no object 'mushrom'.*mushroom, key"),
         (
             lambda d: d["concepts"][1].update(object=None, images="no/such/folder", class_word="key"),
             "<key>.*no/such/folder",
         ),
         (lambda d: d["compositions"][1].update(source="dreambooth"), "dreambooth"),
         (lambda d: d["compositions"][3].update(on_top_of="a-star"), "on_top_of: a-star"),
-        (lambda d: d["relearn"].update(concept="mushroom"), "unknown shape 'mushroom'"),
+        (lambda d: d["relearn"].update(concept="skul"), "renderer 'shapes' has no object 'skul'"),
         (lambda d: d["relearn"].update(erase=[]), "relearn.erase.*no erasure method"),
         (
             lambda d: d["relearn"].update(erase=[d["relearn"]["erase"]] * 2),
@@ -214,7 +209,7 @@ def _checkpoints(data: dict, checkpoints: list[int], **params) -> None:
         "missing-images",
         "merge-source",
         "hook-order",
-        "relearn-shape",
+        "relearn-concept",
         "relearn-no-erasure",
         "relearn-repeated-erasure",
         "checkpoints-unsorted",
@@ -235,7 +230,25 @@ def test_config_errors_name_the_problem(tmp_path, change, match):
     data = copy.deepcopy({**TINY, "evaluator": "e"})
     change(data)
     with pytest.raises(ConfigError, match=match):
-        load_custom_config(_write(tmp_path, data))
+        load_bench(_write(tmp_path, data))
+
+
+def test_objects_need_a_renderer_and_folders_do_not(tmp_path):
+    """Rendered references are a provider the bench names: without `renderer:` an `object:` concept is refused,
+    while a bench whose concepts are folders of images needs none (any model, any open_clip evaluator)."""
+    data = copy.deepcopy({**TINY, "evaluator": "e"})
+    del data["renderer"]
+    with pytest.raises(ConfigError, match=r"\['mushroom', 'key', 'circle'\] are drawn by a renderer: set `renderer: shapes`"):
+        load_bench(_write(tmp_path, data))
+    for i, name in enumerate(("a", "b")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for j in range(2):
+            Image.new("RGB", (8, 8), (40 * j, 90 * i, 0)).save(folder / f"{j}.png")
+        data["concepts"][i] = {"token": data["concepts"][i]["token"], "images": str(folder), "class_word": ["mushroom", "key"][i]}
+    data.pop("relearn")
+    cfg, _ = load_bench(_write(tmp_path, data))
+    assert cfg.renderer is None and [c.images for c in cfg.concepts] == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 def test_empty_image_folder_is_an_error(tmp_path):
@@ -243,7 +256,7 @@ def test_empty_image_folder_is_an_error(tmp_path):
     data = copy.deepcopy({**TINY, "evaluator": "e"})
     data["concepts"][0] = {"token": "<mush>", "images": str(tmp_path / "empty"), "class_word": "mushroom"}
     with pytest.raises(ConfigError, match="<mush>.*No images"):
-        load_custom_config(_write(tmp_path, data))
+        load_bench(_write(tmp_path, data))
 
 
 # -- the runner -------------------------------------------------------------------------------------
@@ -330,7 +343,7 @@ def test_runner_writes_results_and_report(first_run):
 
 
 def test_rerun_hits_every_cache(first_run, tiny_config):
-    again = run_custom_bench(tiny_config, first_run.out_dir, progress=False, report=False)
+    again = run_bench(tiny_config, first_run.out_dir, progress=False, report=False)
     assert (again.trained, again.generated, again.cached) == (0, 0, GENERATED)
     assert again.results["summary"] == first_run.results["summary"]
 
@@ -344,7 +357,7 @@ def test_a_joint_run_over_several_training_seeds_is_averaged_and_reported_per_se
     data["compositions"][0]["training_seeds"] = [0, 1]
     data["compositions"][3]["on_top_of"] = "joint"
     config = _write(tmp_path, data)
-    again = run_custom_bench(
+    again = run_bench(
         config,
         tmp_path / "seeds",
         methods=["joint", "t2i-zero"],
@@ -512,7 +525,7 @@ def test_prompt_sets_average_their_prompts_over_pairs_and_seeds():
 # -- the relearning audit ----------------------------------------------------------------------------
 ESD_FAST = {"steps": 2, "trajectories": 1, "ddim_steps": 2, "eval_batches": 0, "progress": False}
 RELEARN = {
-    **{k: TINY[k] for k in ("kind", "model", "seeds", "generation", "classes", "n_reference")},
+    **{k: TINY[k] for k in ("kind", "model", "seeds", "generation", "classes", "n_reference", "renderer")},
     "name": "tiny-relearn",
     "relearn": {
         **TINY["relearn"],
@@ -533,7 +546,7 @@ RELEARN = {
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory, evaluator_file):
     config = _write(tmp_path_factory.mktemp("relearn"), {**RELEARN, "evaluator": str(evaluator_file)})
-    return config, run_custom_bench(config, tmp_path_factory.mktemp("audit") / "out", progress=False)
+    return config, run_bench(config, tmp_path_factory.mktemp("audit") / "out", progress=False)
 
 
 def test_relearn_audit_gives_one_row_per_erasure(audit):
@@ -584,7 +597,7 @@ def test_relearn_checkpoints_continue_one_run_exactly(audit, first_run):
     def rerun(checkpoints: list[int], name: str):
         data = yaml.safe_load(config.read_text())
         data["relearn"]["checkpoints"] = checkpoints
-        again = run_custom_bench(
+        again = run_bench(
             _write(config.parent, data, f"{name}.yaml"),
             run.out_dir / name,
             cache_dir=run.out_dir / "cache",
@@ -644,7 +657,7 @@ def test_relearn_summary_from_hand_made_rows():
         "steps_to_50": pytest.approx(75.0),
     }
     assert relearn["esd"]["steps_to_50"] is None and relearn["esd"]["erased"] == 0.125
-    from conceptsmith.evaluation.custom_bench import summary_table
+    from conceptsmith.evaluation.custom_report import custom_table as summary_table
 
     table = summary_table({"summary": {"relearn": relearn}})
     assert table.splitlines()[0].split() == [

@@ -148,7 +148,9 @@ def test_uce_and_lora_edits_apply_generate_and_revert_bit_exactly_in_half_precis
 
 def test_bench_yaml_device_and_dtype(tmp_path):
     """A bench YAML may set device / dtype (validated); images of a half-precision model get their own cache keys."""
-    from conceptsmith.evaluation.bench import GenerationConfig, Generator, load_bench_config
+    from conceptsmith.evaluation.bench_spec import GenerationConfig
+    from conceptsmith.evaluation.cache import ImageCache
+    from conceptsmith.evaluation.engine import load_bench
     from conftest import build_tiny_pipe
 
     from conceptsmith.config import ConfigError
@@ -156,15 +158,16 @@ def test_bench_yaml_device_and_dtype(tmp_path):
     head = "name: x\nmodel: builtin:tiny-test\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\n"
     config = tmp_path / "b.yaml"
     config.write_text(head + "device: cpu\ndtype: bfloat16\n")
-    cfg, _ = load_bench_config(config)
+    cfg, _ = load_bench(config)
     assert (cfg.device, cfg.dtype) == ("cpu", "bfloat16")
     config.write_text(head + "dtype: half\n")
     with pytest.raises(ConfigError, match="key 'dtype'.*allowed values"):
-        load_bench_config(config)
+        load_bench(config)
 
     class OneProcess:
         process_index, num_processes = 0, 1
 
-    paths = {dtype: Generator(build_tiny_pipe(dtype), GenerationConfig(), tmp_path, OneProcess()).path("e", "a cat", 0)
+    settings = GenerationConfig().pipeline_kwargs()
+    paths = {dtype: ImageCache(build_tiny_pipe(dtype), settings, 4, tmp_path, OneProcess()).path("e", "a cat", 0)
              for dtype in (torch.float32, torch.bfloat16, torch.float16)}
     assert len(set(paths.values())) == 3

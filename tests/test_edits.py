@@ -261,11 +261,11 @@ def test_cli_generate_applies_an_edit_at_a_scale_and_records_it(tiny_pipe, tmp_p
 
 @pytest.mark.usefixtures("one_thread")
 def test_evaluate_scores_an_edit_at_a_scale_as_its_own_row(tiny_pipe, tmp_path, evaluator_file):
-    from conceptsmith.evaluation.bench import load_bench_config, run_bench
+    from conceptsmith.evaluation.engine import load_bench, run_bench
 
     pipe, _ = tiny_pipe
     path = _weights_edit(pipe, {TO_K: _low_rank(pipe, TO_K, 2, seed=32)}).save(tmp_path / "e.safetensors")
-    smoke, _ = load_bench_config("shapes-smoke")
+    smoke, _ = load_bench("shapes-smoke")
     config = smoke.model_copy(update={"tasks": smoke.tasks[:1], "attacks": [], "seeds": [0], "methods": [], "neutral_prompts": []})
     run = run_bench(config, tmp_path / "out", edits=[str(path), f"{path}:0.5"], model="builtin:tiny-test",
                     evaluator=str(evaluator_file), progress=False, report=False)

@@ -249,9 +249,9 @@ def _other_vae(pipe) -> None:
 
 @pytest.mark.usefixtures("one_thread")
 def test_bench_cache_is_keyed_by_scheduler_and_vae(tmp_path, evaluator_file):
-    from conceptsmith.evaluation.bench import load_bench_config, run_bench
+    from conceptsmith.evaluation.engine import load_bench, run_bench
 
-    smoke, _ = load_bench_config("shapes-smoke")
+    smoke, _ = load_bench("shapes-smoke")
     config = smoke.model_copy(update={"tasks": smoke.tasks[:1], "attacks": [], "seeds": [0], "methods": [], "neutral_prompts": []})
     models = ["builtin:tiny-test", _variant("tiny-test-ddim-trailing", _other_scheduler), _variant("tiny-test-vae", _other_vae)]
     for model in models:

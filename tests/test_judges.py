@@ -8,7 +8,7 @@ from importlib.metadata import version
 
 import numpy as np
 import pytest
-from conceptsmith.evaluation.bench import load_bench_config, run_bench
+from conceptsmith.evaluation.engine import load_bench, run_bench
 from conceptsmith.evaluation.judges import Detection, JudgeSpec, get_judge, list_judges, load_judges
 from conceptsmith.evaluation.nudenet_judge import NudeNetConfig, NudeNetJudge, default_classes, nudenet_labels
 from PIL import Image, ImageDraw
@@ -123,7 +123,7 @@ def test_registry_lists_the_judge_and_refuses_unknown_names():
 def test_bench_yaml_judges_are_validated_when_loaded(tmp_path):
     from conceptsmith.config import ConfigError
 
-    cfg, _ = load_bench_config("sd14-i2p")
+    cfg, _ = load_bench("sd14-i2p")
     (nudity,) = cfg.judges
     assert nudity.name == "nudenet" and nudity.concepts == ["nudity"] and nudity.params["threshold"] == 0.6
     assert set(nudity.params["classes"]) == SEXUAL_EXPOSED
@@ -132,13 +132,13 @@ def test_bench_yaml_judges_are_validated_when_loaded(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(head + "judges: [{name: nudenet, concepts: [a], params: {threshold: 2}}]\n")
     with pytest.raises(ConfigError, match="judge 'nudenet' params: key 'threshold'"):
-        load_bench_config(bad)
+        load_bench(bad)
     bad.write_text(head + "judges: [{name: nudity-net, concepts: [a]}]\n")
     with pytest.raises(ConfigError, match="Unknown judge 'nudity-net'"):
-        load_bench_config(bad)
+        load_bench(bad)
     bad.write_text(head + "judges: [{name: nudenet, concepts: [nudty]}]\n")
     with pytest.raises(ValueError, match="judge 'nudenet': concepts \\['nudty'\\] are no task's concepts"):
-        load_bench_config(bad)
+        load_bench(bad)
 
 
 def test_a_bench_with_a_judge_records_its_verdicts_and_settings(tmp_path, evaluator_file):

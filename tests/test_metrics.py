@@ -173,19 +173,14 @@ def test_both_concepts_present_and_acc_wrappers():
     assert acc.argmax == pytest.approx(2 / 3) and acc.prob == pytest.approx((0.45 + 0.5 + 0.31) / 3)
 
 
-def test_metrics_are_registered():
+def test_bench_metrics_are_registered_specs_with_their_direction():
     from conceptsmith.registry import get_metric
 
-    assert get_metric("h_o") is harmonic_overall
-    assert get_metric("fd_clip") is fd_clip
-    for name in (
-        "acc_e",
-        "acc_s",
-        "acc_g",
-        "h_c",
-        "paired_specificity",
-        "clip_t",
-        "clip_i",
-        "both_concepts_present",
-    ):
-        assert callable(get_metric(name))
+    import conceptsmith.evaluation.bench_metrics as bench_metrics
+
+    for name in (*bench_metrics.ERASURE_METRICS, *bench_metrics.CUSTOM_METRICS):
+        spec = get_metric(name)
+        assert spec.name == name and callable(spec.compute) and spec.description and spec.aggregation in ("mean", "none")
+    assert get_metric("acc_e").higher_is_better is False and get_metric("acc_s").higher_is_better is True
+    assert get_metric("fd_clip").higher_is_better is False and get_metric("h_o").higher_is_better is True
+    assert get_metric("clip_i").sections == ("single",) and "composition" in get_metric("clip_t").sections

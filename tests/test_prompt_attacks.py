@@ -127,18 +127,19 @@ def test_union_counting_by_hand():
 
 
 def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file):
-    from conceptsmith.evaluation.bench import BenchConfig, load_bench_config, run_bench
+    from conceptsmith.evaluation.engine import load_bench, run_bench
+    from conceptsmith.evaluation.erasure_spec import ErasureBench
 
     from conceptsmith.config import validate
 
-    cfg, _ = load_bench_config("shapes-smoke")
+    cfg, _ = load_bench("shapes-smoke")
     data = cfg.model_dump() | {
         "attacks": [
             {"kind": "unlearndiffatk", "params": {"steps": 3, "prefix_tokens": 2}},
             {"kind": "p4d", "params": {"steps": 3, "n_tokens": 3, "trajectories": 1}},
         ]
     }
-    cfg = validate(data, BenchConfig, "test")
+    cfg = validate(data, ErasureBench, "test")
     kw = {"model": "builtin:tiny-test", "evaluator": str(evaluator_file), "progress": False, "report": False}
     run = run_bench(cfg, tmp_path / "out", **kw)
     attacks = run.results["rows"][1]["attacks"]

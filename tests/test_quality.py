@@ -85,7 +85,7 @@ def test_clip_score_through_the_evaluator_records_its_name():
     images = [_solid(255, 0), _solid(255, 0), _solid(255, 255)]
     score = clip_score(evaluator, images, ["sixty", "opposite", "diagonal"])
     assert score.per_image == pytest.approx((50.0, 0.0, 100.0), abs=1e-4) and score.evaluator == "hand-made"
-    assert get_metric("clip_score") is clip_score and get_metric("quality") is quality
+    assert get_metric("clip_score").higher_is_better is True and get_metric("fid").higher_is_better is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_weights_that_are_not_the_fid_inception_are_refused(no_downloads, tmp_pa
 
 
 def test_a_bench_with_quality_fid_and_kid_records_them(no_downloads, inception_file, evaluator_file, tmp_path):
-    from conceptsmith.evaluation.bench import run_bench
+    from conceptsmith.evaluation.engine import run_bench
 
     bench = tmp_path / "q.yaml"
     bench.write_text(

@@ -57,13 +57,13 @@ def test_third_party_metric_is_discovered_through_entry_points(tmp_path, monkeyp
         '''
         from conceptsmith.registry import register_metric
 
-        @register_metric("always-one", description="third-party test metric")
-        def always_one(*args):
+        @register_metric("always-one", description="third-party test metric", higher_is_better=True)
+        def always_one(ctx):
             return 1.0
         ''',
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert get_metric("always-one")() == 1.0
+    assert get_metric("always-one").compute(None) == 1.0 and get_metric("always-one").higher_is_better
     assert "always-one" in list_metrics()
 
 

@@ -19,7 +19,8 @@ from urllib.parse import unquote
 
 import pytest
 import yaml
-from conceptsmith.evaluation.bench import BENCH_DIR, summarize_rows
+from conceptsmith.evaluation.bench_spec import BENCH_DIR
+from conceptsmith.evaluation.erasure_suite import summarize_rows
 from conceptsmith.evaluation.custom_report import write_custom_report
 from conceptsmith.evaluation.report import write_report
 from conceptsmith.evaluation.report_parts import higher_is_better, run_record
@@ -424,11 +425,11 @@ def test_a_sweep_param_no_method_has_fails_before_loading_a_model(tmp_path):
     bench.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["bench", str(bench), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "error: sweep param 'erase_scael' is not a parameter of method 'uce' (uce)" in result.output
+    assert "sweep param 'erase_scael' is not a parameter of method 'uce' (uce)" in result.output
     assert "erase_scale" in result.output and not (tmp_path / "out").exists()
     config["sweep"]["values"] = [1.0]
     bench.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="values"):
-        from conceptsmith.evaluation.bench import load_bench_config
+        from conceptsmith.evaluation.engine import load_bench
 
-        load_bench_config(bench)
+        load_bench(bench)

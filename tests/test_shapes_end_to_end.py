@@ -7,12 +7,12 @@ name or its paraphrase, and the other shapes still are. This is the triangle tas
 from __future__ import annotations
 
 import pytest
-from conceptsmith.evaluation.bench import load_bench_config, run_bench
+from conceptsmith.evaluation.engine import load_bench, run_bench
 
 
 @pytest.fixture(scope="module")
 def triangle_erased(tmp_path_factory):
-    objects, _ = load_bench_config("shapes-objects")
+    objects, _ = load_bench("shapes-objects")
     config = objects.model_copy(update={
         "name": "shapes-objects-triangle",
         "seeds": [0, 1, 2, 3],

@@ -7,14 +7,14 @@ drawn far less than by the unedited model, and the five preserved shapes still a
 from __future__ import annotations
 
 import pytest
-from conceptsmith.evaluation.bench import load_bench_config, run_bench
+from conceptsmith.evaluation.engine import load_bench, run_bench
 
 METHODS = ("esd", "concept-ablation", "mace")
 
 
 @pytest.fixture(scope="module")
 def skull_erased(tmp_path_factory):
-    restricted, _ = load_bench_config("shapes-restricted")
+    restricted, _ = load_bench("shapes-restricted")
     task = restricted.tasks[0].model_copy(update={"indirect": {}})
     config = restricted.model_copy(update={
         "name": "shapes-restricted-trained",

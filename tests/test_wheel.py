@@ -37,7 +37,7 @@ def test_wheel_holds_only_the_conceptsmith_namespace_with_its_configs(wheel: Pat
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}
     assert tops == {"conceptsmith", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for required in ("conceptsmith/erasure/uce.py", "conceptsmith/customization/lora.py", "conceptsmith/evaluation/bench.py",
+    for required in ("conceptsmith/erasure/uce.py", "conceptsmith/customization/lora.py", "conceptsmith/evaluation/engine.py",
                      "conceptsmith/configs/bench/shapes-smoke.yaml", "conceptsmith/configs/erase/uce.yaml",
                      "conceptsmith/configs/models/shapes.yaml"):
         assert required in names, required
