@@ -35,22 +35,11 @@ __all__ = [
     "table_html",
 ]
 
-#: Which way each reported metric improves (True: higher is better).
+#: Which way the summaries' derived entries improve (True: higher is better); registered metrics say it themselves.
 HIGHER_IS_BETTER = {
-    "acc_e": False,
-    "acc_g": False,
-    "acc_i": False,
-    "acc_s": True,
     "acc_s_rel": True,
-    "h_o": True,
-    "h_c": True,
-    "paired_specificity": True,
-    "fd_clip": False,
-    "clip_score": True,
     "attack_asr": False,
     "efficacy": True,
-    "both_present": True,
-    "relearn_rate": False,
     "steps_to_50": True,
     "train_seconds": False,
 }
@@ -61,7 +50,16 @@ PACKAGES = ("conceptsmith", "torch", "diffusers", "transformers")
 
 
 def higher_is_better(name: str) -> bool | None:
-    """Whether a larger value of metric ``name`` is better; ``None`` when the report does not know."""
+    """Whether a larger value of metric ``name`` is better: its registered spec's word (:mod:`evaluation.bench_metrics`,
+    plugins), else the summaries' derived entries below; ``None`` when nobody says."""
+    from conceptsmith.registry import RegistryError, get_metric
+
+    try:
+        said = get_metric(name).higher_is_better
+    except RegistryError:
+        said = None
+    if said is not None:
+        return said
     if name in HIGHER_IS_BETTER:
         return HIGHER_IS_BETTER[name]
     return next((better for prefix, better in _PREFIXES if name.startswith(prefix)), None)
