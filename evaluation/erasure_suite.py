@@ -174,7 +174,8 @@ def _score(session: Session, prompts: list[Prompt], paths: dict, unedited: dict)
 def _attacks(session: Session, task: TaskSpec, c: Candidate, unedited: dict, plain: dict | None) -> tuple[dict, list]:
     """Run every attack of the bench on the applied edit; per attack its success rate and (main process) a record
     per attack image: attack, condition, prompt (text conditions), the erase prompt it attacks (``source``), target,
-    seed, path and the judge's label. ``plain``: was the edited model's image of each (erase prompt, seed) judged
+    seed, path and the evaluator's label (and the bench's judges' verdicts, with their rate under the attack's
+    result). ``plain``: was the edited model's image of each (erase prompt, seed) judged
     to show its concept."""
     cfg, state = session.cfg, session.state
     ctx = AttackContext(pipe=session.pipe, edit=c.edit, edit_key=c.key,
@@ -196,15 +197,20 @@ def _attacks(session: Session, task: TaskSpec, c: Candidate, unedited: dict, pla
         if not state.is_main_process:
             continue
         keys = [(k, s) for k, _ in conditions for s in cfg.seeds]
-        cls = session.evaluator.classify(load_images([paths[k] for k in keys]), classes, cfg.eval_templates)
+        pil = load_images([paths[k] for k in keys])
+        cls = session.evaluator.classify(pil, classes, cfg.eval_templates)
         preds = [classes[int(p)] for p in cls.pred]
         results[spec.kind] = score_attack(plan, preds, cfg.seeds, plain)
         jobs = [(x, s) for x in plan.conditions for s in cfg.seeds]
-        images += [
+        records = [
             {"attack": spec.kind, "condition": x.key, "prompt": x.condition if isinstance(x.condition, str) else None,
-             "source": x.source, "target": x.target, "seed": s, "path": str(paths[(x.key, s)]), "pred": pred}
+             "source": x.source, "target": x.target, "seed": s, "path": str(paths[(x.key, s)]), "pred": pred,
+             "set": f"attack:{spec.kind}"}
             for (x, s), pred in zip(jobs, preds, strict=True)
         ]  # fmt: skip
+        if session.judges:  # the bench's judges (NudeNet on nudity) rate the attack images too
+            results[spec.kind]["judges"] = judge_images(session.judges, pil, records)
+        images += records
     return results, images
 
 

@@ -51,3 +51,5 @@ def test_the_readme_plugins_run_in_a_bench(tmp_path, monkeypatch, evaluator_file
     assert results["judges"] == [{"name": "dark", "concepts": ["Velmora Quistbright"], "settings": {"threshold": 64}}]
     judged = [im for im in results["images"] if "judges" in im]
     assert judged and all(im["target"] == "Velmora Quistbright" for im in judged) and dark
+    assert shout["judges"]["dark"]["attack:shout"]["n"] == 2  # the judges rate the attack images as well
+    assert all("dark" in im["judges"] for im in results["attack_images"])
