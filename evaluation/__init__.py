@@ -14,8 +14,8 @@ _EXPORTS = {
     "Evaluator": "conceptsmith.evaluation.clip",
     "Classification": "conceptsmith.evaluation.clip",
     "ClipScore": "conceptsmith.evaluation.clip",
-    "load_evaluator": "conceptsmith.evaluation.clip",
-    "register_evaluator": "conceptsmith.evaluation.clip",
+    "load_evaluator": "conceptsmith.evaluation.evaluators",
+    "register_evaluator": "conceptsmith.evaluation.evaluators",
     # evaluation.metrics
     "Accuracy": "conceptsmith.evaluation.metrics",
     "accuracy_from_probs": "conceptsmith.evaluation.metrics",

@@ -13,7 +13,7 @@ from conceptsmith import __version__
 from conceptsmith.devices import process_state
 from conceptsmith.evaluation.bench_metrics import CUSTOM_METRICS, ERASURE_METRICS
 from conceptsmith.evaluation.cache import EditCache, FittedEdit, ImageCache, digest, precision
-from conceptsmith.evaluation.clip import load_evaluator
+from conceptsmith.evaluation.evaluators import load_evaluator
 from conceptsmith.io import append_jsonl, read_jsonl
 from conceptsmith.models import load_pipeline, resolve_model
 from conceptsmith.registry import EditRequest

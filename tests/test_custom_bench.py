@@ -386,7 +386,7 @@ def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
     """clip_i_rel = mean cos(generated, references) / mean cos(references, independent references);
     clip_t_rel = mean cos(image, prompt without token) / the same for the unedited model's images of
     the prompt without the token. Recomputed here from the stored images with plain tensor code."""
-    from conceptsmith.evaluation.clip import load_evaluator
+    from conceptsmith.evaluation.evaluators import load_evaluator
 
     ev = load_evaluator(str(evaluator_file))
     results = first_run.results
@@ -427,7 +427,7 @@ def test_normalizations_match_a_hand_computation(first_run, evaluator_file):
 def test_both_present_by_prompt_splits_the_images_prompt_major(first_run, evaluator_file):
     """Each composition row's per-prompt rates are the rule applied to that prompt's images alone
     (recomputed here from the stored files), and with equal seeds per prompt they average to the row's rate."""
-    from conceptsmith.evaluation.clip import load_evaluator
+    from conceptsmith.evaluation.evaluators import load_evaluator
     from conceptsmith.evaluation.metrics import both_concepts_present_rate
 
     ev, results = load_evaluator(str(evaluator_file)), first_run.results

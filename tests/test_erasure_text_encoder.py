@@ -271,7 +271,7 @@ SHAPES = ["circle", "square", "triangle", "star", "heart"]
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, one_thread):
-    from conceptsmith.evaluation.clip import load_evaluator
+    from conceptsmith.evaluation.evaluators import load_evaluator
 
     from conceptsmith.models import load_pipeline
     from conceptsmith.world.render import reference_set

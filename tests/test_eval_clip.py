@@ -8,14 +8,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conceptsmith.evaluation.clip import (  # noqa: E402
-    DEFAULT_TEMPLATES,
-    Evaluator,
-    _eval_transform,
-    _simple_tokenizer,
-    load_evaluator,
-    register_evaluator,
-)
+from conceptsmith.evaluation.clip import DEFAULT_TEMPLATES, Evaluator  # noqa: E402
+from conceptsmith.evaluation.evaluators import _eval_transform, _simple_tokenizer, load_evaluator, register_evaluator  # noqa: E402
 from conftest import TINY_CLIP
 from PIL import Image
 

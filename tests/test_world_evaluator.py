@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conceptsmith.evaluation.clip import load_evaluator
+from conceptsmith.evaluation.evaluators import load_evaluator
 
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
