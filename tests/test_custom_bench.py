@@ -675,3 +675,35 @@ def test_relearn_summary_from_hand_made_rows():
         "50%",
     ]
     assert table.splitlines()[1].split()[-1] == "75" and table.splitlines()[2].split()[-2:] == [">", "100"]
+
+
+def test_a_bench_of_reference_folders_runs_without_any_world_provider(tmp_path, evaluator_file):
+    """Folders of the user's images, a saved model and an open_clip checkpoint: no renderer, the generic presence
+    rule; CLIP-I's normalizer is the folder's first half against its second."""
+    from conftest import build_tiny_pipe
+
+    model = tmp_path / "model"
+    build_tiny_pipe().save_pretrained(model)
+    concepts = []
+    for i, name in enumerate(("mug", "lamp")):
+        folder = tmp_path / name
+        folder.mkdir()
+        for j in range(4):
+            Image.fromarray(np.full((16, 16, 3), (60 * i, 40 * j, 120), np.uint8)).save(folder / f"{j}.png")
+        concepts.append({"token": f"<{name}>", "images": str(folder), "class_word": name})
+    data = {**{k: TINY[k] for k in ("kind", "seeds", "generation", "prompts", "composition_prompts")},
+            "name": "folders", "model": str(model), "evaluator": str(evaluator_file), "classes": ["mug", "lamp", "cat"],
+            "concepts": concepts, "methods": [{"config": "configs/customize/lora.yaml", "params": FAST}],
+            "compositions": [{"kind": "merge", "name": "sum", "merge": "lora-sum", "source": "lora"}]}  # fmt: skip
+    run = run_bench(_write(tmp_path, data), tmp_path / "out", progress=False, report=False)
+    rows = run.results["rows"]
+    assert [(r["section"], r["group"], r["method"]) for r in rows] == [
+        ("single", "<mug>", "unedited"), ("single", "<mug>", "lora"),
+        ("single", "<lamp>", "unedited"), ("single", "<lamp>", "lora"),
+        ("composition", "<mug>+<lamp>", "unedited"), ("composition", "<mug>+<lamp>", "sum"),
+    ]  # fmt: skip
+    refs = run.results["references"]["<mug>"]
+    assert [len(half) for half in refs["pair"]] == [2, 2] and len(refs["train"]) == 4
+    single = rows[1]["metrics"]
+    assert single["clip_i_rel"] == pytest.approx(single["clip_i"] / single["clip_i_ref"])
+    assert run.results["presence"] == "top2" and 0.0 <= rows[5]["metrics"]["both_present"] <= 1.0
