@@ -150,7 +150,7 @@ def test_two_processes_through_the_cli_match_one(smoke_run, evaluator_file, tmp_
 
 
 def test_evaluate_saved_edit(smoke_run, evaluator_file, capsys):
-    from conceptsmith.evaluation.commands import evaluate_command
+    from conceptsmith.cli.bench import evaluate_command
 
     edit_files = sorted(smoke_run.out_dir.glob("cache/*/edits/*.safetensors"))
     assert len(edit_files) == 1
