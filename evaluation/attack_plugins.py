@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import Field
+
 from conceptsmith.evaluation.attacks import embedding_attack
 from conceptsmith.evaluation.cache import digest, load_images
 from conceptsmith.evaluation.prompt_attacks import (
@@ -42,8 +44,6 @@ from conceptsmith.evaluation.training_attacks import (
     TextualInversionAttack,
     textual_inversion_attack,
 )
-from pydantic import Field
-
 from conceptsmith.io import write_text
 from conceptsmith.registry import Attack, AttackConfig, register_attack
 

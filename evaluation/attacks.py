@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
+
 from conceptsmith.evaluation.ring_a_bell_attack import (
     PromptSearch,
     RingABellAttack,
@@ -43,12 +45,10 @@ from conceptsmith.evaluation.training_attacks import (
     TextualInversionAttack,
     textual_inversion_attack,
 )
-from PIL import Image
 
 if TYPE_CHECKING:
-    from conceptsmith.evaluation.clip import Evaluator, ImageLike
-
     from conceptsmith.edits import Edit
+    from conceptsmith.evaluation.clip import Evaluator, ImageLike
 
 __all__ = [
     "DEFAULT_TI_TEMPLATES",

@@ -14,6 +14,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from conceptsmith.evaluation.report_parts import (
     Tile,
     direction,
@@ -24,7 +26,6 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
-from PIL import Image
 
 __all__ = ["custom_table", "write_custom_report"]
 

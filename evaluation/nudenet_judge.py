@@ -20,9 +20,10 @@ from importlib.metadata import version
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
+
 from conceptsmith.evaluation.clip import uint8_images
 from conceptsmith.evaluation.judges import Detection, Judge, JudgeConfig, Judgement, register_judge
-from pydantic import Field, field_validator
 
 __all__ = ["NOT_SEXUAL_ON_THEIR_OWN", "NudeNetConfig", "NudeNetJudge", "default_classes", "nudenet_labels"]
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
 from conceptsmith.evaluation.attacks import reverted
 from conceptsmith.evaluation.ring_a_bell_attack import whole_word_vocabulary
 from conceptsmith.evaluation.training_attacks import (

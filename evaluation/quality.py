@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from conceptsmith.evaluation.clip import ClipScore, image_key, uint8_images
-from conceptsmith.evaluation.metrics import fd_clip
 from pydantic import Field, model_validator
 
 from conceptsmith.config import StrictModel
+from conceptsmith.evaluation.clip import ClipScore, image_key, uint8_images
+from conceptsmith.evaluation.metrics import fd_clip
 
 if TYPE_CHECKING:
     from conceptsmith.evaluation.clip import Evaluator, ImageLike

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from conceptsmith.evaluation.report_parts import (
     Tile,
     direction,
@@ -27,7 +29,6 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
-from PIL import Image
 
 __all__ = ["erasure_table", "metrics_rows", "summary_table", "write_erasure_report", "write_report"]
 

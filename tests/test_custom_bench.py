@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptsmith.config import ConfigError
 from conceptsmith.evaluation.bench_metrics import relative
 from conceptsmith.evaluation.custom_suite import summarize_rows as summarize
 from conceptsmith.evaluation.engine import bench_kind, load_bench, run_bench
 from conceptsmith.evaluation.providers import both_present_halves
 from conceptsmith.evaluation.relearn_suite import steps_to_rate
-from PIL import Image
-from typer.testing import CliRunner
-
-from conceptsmith.config import ConfigError
 
 FAST = {"steps": 2, "batch_size": 1, "eval_batches": 0}
 CD_FAST = {**FAST, "num_class_images": 1, "class_inference_steps": 2}
