@@ -21,6 +21,7 @@ from conceptsmith.config import (
 )
 from conceptsmith.registry import RegistryError, get_editor, get_metric
 from conceptsmith.resources import configs_root, shipped_config
+from conceptsmith.validate import check_templates
 
 __all__ = [
     "BENCH_DIR",
@@ -122,7 +123,8 @@ def method_config(spec: MethodSpec, bench_path: Path | None) -> tuple[str, dict[
 
 
 def resolve_method(spec: MethodSpec, bench_path: Path | None, where: str) -> tuple[str, dict[str, Any]]:
-    """(editor, params) of a method row, checked against the editor's registry entry and config."""
+    """(editor, params) of a method row, checked against the editor's registry entry and config, its templates
+    (:func:`conceptsmith.validate.check_templates`) included."""
     source = str(bench_path or "config")
     try:
         method, params = method_config(spec, bench_path)
@@ -131,4 +133,5 @@ def resolve_method(spec: MethodSpec, bench_path: Path | None, where: str) -> tup
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         raise ConfigError(f"{source}: {where}: {message}") from None
     validate(params, editor.Config, f"{source}: {where}: params")
+    check_templates(params, f"{source}: {where}: params")  # a config file's templates too, not only the bench's own
     return method, params

@@ -202,3 +202,16 @@ def test_a_method_learns_from_the_unedited_models_images_one_folder_per_concept(
     folders = sorted((tmp_path / "cache").glob("*/references/*"))
     assert len(folders) == 2 and all(len(list(f.glob("*.png"))) == 2 for f in folders)
     assert run.results["summary"]["te"]["train_seconds"] > 0
+
+
+def test_a_method_config_files_templates_are_checked_when_the_bench_loads(tmp_path):
+    """A template in a method's own config file (not only in the bench YAML) is checked before any model loads."""
+    from conceptsmith.config import ConfigError
+    from conceptsmith.validate import InputError
+
+    (tmp_path / "esd.yaml").write_text("method: esd\nparams: {steps: 1, templates: ['a picture of {0.__class__}']}\n")
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("name: x\nmodel: builtin:shapes\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\n"
+                     "methods: [{config: esd.yaml}]\n")  # fmt: skip
+    with pytest.raises((ConfigError, InputError), match=r"method 'esd': params: key 'templates': template 'a picture of {0.__class__}'"):
+        load_bench(bench)
