@@ -49,7 +49,8 @@ def print_run(run: BenchRun, as_json: bool) -> None:
         print(json.dumps({k: run.results[k] for k in JSON_KEYS if k in run.results}, default=float))
         return
     print(summary_table(run.results))
-    print(f"trained {run.trained} edits; generated {run.generated} images, {run.cached} from the cache")
+    edits = "edit" if run.trained == 1 else "edits"
+    print(f"trained {run.trained} {edits}; generated {run.generated} images, {run.cached} from the cache")
     print(f"results: {run.out_dir / 'results.json'}")
     if "html" in run.report:
         print(f"report:  {run.report['html']}  (and {run.report['markdown'].name})")
