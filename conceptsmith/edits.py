@@ -51,6 +51,7 @@ from conceptsmith.identity import (
 )
 from conceptsmith.io import save_safetensors
 from conceptsmith.models import fingerprint
+from conceptsmith.registry import RegistryError, get_hook
 
 Kind = Literal["weights", "lora", "hook", "composite"]
 KINDS: tuple[str, ...] = ("weights", "lora", "hook", "composite")
@@ -423,7 +424,7 @@ class Edit:
     def _low_rank_terms(self) -> dict[str, list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
         """Per module, the summands of its weight change: dense tensors or ``(up, down)`` pairs (learned-token
         parts change no weight: :meth:`to_lora` writes them as embedding files)."""
-        from conceptsmith.lora_formats import is_token_edit
+        from conceptsmith.tokens import is_token_edit  # a cycle: tokens builds Edits
 
         if is_token_edit(self):
             return {}
@@ -687,8 +688,6 @@ def _active_adapters(pipe: Any) -> list[str]:
 
 
 def _apply_hook(edit: Edit, pipe: Any) -> Undo:
-    from conceptsmith.registry import RegistryError, get_hook
-
     try:
         factory = get_hook(edit.hook)
     except RegistryError as err:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from conceptsmith.edits import Edit, base_fingerprint, locate_module
 from conceptsmith.lora_formats import (
@@ -33,6 +34,8 @@ from conceptsmith.lora_formats import (
     lora_configs,
     read_textual_inversion,
 )
+from conceptsmith.models import detect_family
+from conceptsmith.tokens import check_new_tokens, components, token_edit
 
 #: Files looked for, in order, when the path given is a folder (diffusers, peft and diffusers TI file names).
 FOLDER_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "learned_embeds.safetensors",
@@ -67,8 +70,6 @@ def import_file(path: str | Path, pipe: Any, *, token: str | None = None, concep
 
 def read_weights(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """``(tensors, header metadata)`` of a ``.safetensors`` file, or of a pickle read with ``weights_only=True``."""
-    from safetensors import SafetensorError, safe_open
-
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -139,8 +140,6 @@ def _find(pipe: Any, module: str) -> tuple[str, torch.Size] | None:
 def _lora_edit(
     pipe: Any, path: Path, layout: str, pairs: _LoraPairs, configs: dict[str, Any], header: Mapping[str, str], concepts: list[str] | None
 ) -> Edit:
-    from conceptsmith.models import detect_family
-
     tensors: dict[str, torch.Tensor] = {}
     for module, (origin, up, down) in pairs.items():
         found = _find(pipe, module)
@@ -170,8 +169,6 @@ def _lora_edit(
 def _embedding_edit(
     pipe: Any, path: Path, state: Mapping[str, Any], header: Mapping[str, str], token: str | None, concepts: list[str] | None
 ) -> Edit:
-    from conceptsmith.customization.textual_inversion import check_new_tokens, components, token_edit
-
     file_token, vectors = read_textual_inversion(state, header, path.stem)
     token = token or file_token
     present = components(pipe)

@@ -36,6 +36,11 @@ from typing import Any, Literal
 
 import torch
 
+from conceptsmith.architectures import SDXL_UNET
+from conceptsmith.export import unet_ldm_renamer
+from conceptsmith.io import save_safetensors
+from conceptsmith.tokens import token_entries, token_parts
+
 Layout = Literal["diffusers", "kohya"]
 LAYOUTS: tuple[str, ...] = ("diffusers", "kohya")
 COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")  # transformer: SD3 / FLUX (diffusers only)
@@ -162,8 +167,6 @@ def kohya_name(module: str, family: str, sgm_rename: Any = None) -> str:
 def _sgm_renamer(unet_shapes: Mapping[str, Sequence[int]] | None, weight_shapes: Mapping[str, Sequence[int]]) -> Any:
     """diffusers -> SGM UNet key renaming for the UNet of ``unet_shapes`` (default: SDXL base's architecture),
     after checking that the changed UNet modules (``weight_shapes``) have these shapes there."""
-    from conceptsmith.export import unet_ldm_renamer
-
     given = unet_shapes is not None
     if unet_shapes is None:
         unet_shapes = _sdxl_base_unet_shapes()
@@ -180,8 +183,6 @@ def _sdxl_base_unet_shapes() -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of SDXL base's UNet, built on the meta device (no weights)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-
-    from conceptsmith.architectures import SDXL_UNET
 
     with init_empty_weights():
         return {key: tuple(value.shape) for key, value in UNet2DConditionModel(**SDXL_UNET).state_dict().items()}
@@ -401,19 +402,10 @@ def token_files(lora_path: str | Path, tokens: list[str], layout: str) -> dict[s
     return paths
 
 
-def is_token_edit(edit: Any) -> bool:
-    """Whether ``edit`` is a learned-token edit (the ``custom-tokens`` hook of textual inversion and friends)."""
-    from conceptsmith.customization.textual_inversion import TOKEN_HOOK
-
-    return edit.kind == "hook" and edit.hook == TOKEN_HOOK
-
-
 def edit_tokens(edit: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """``(token, {component: [n, d]})`` of every token ``edit`` (or one of its parts) learned."""
-    from conceptsmith.customization.textual_inversion import token_entries
-
     tokens: list[tuple[str, dict[str, torch.Tensor]]] = []
-    for part in [p for p in (edit.parts or [edit]) if is_token_edit(p)]:
+    for part in token_parts(edit):
         entries = {component: dict(items) for component, items in token_entries(part).items()}
         for token in dict.fromkeys(t for items in entries.values() for t in items):
             tokens.append((token, {component: items[token] for component, items in entries.items() if token in items}))
@@ -422,8 +414,6 @@ def edit_tokens(edit: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
 
 def write_token_files(tokens: list[tuple[str, dict[str, torch.Tensor]]], lora_path: str | Path, layout: str) -> list[Path]:
     """Write each token's embedding file beside the LoRA at ``lora_path`` (:func:`token_files`); returns the paths."""
-    from conceptsmith.io import save_safetensors
-
     paths = token_files(lora_path, [token for token, _ in tokens], layout)
     for token, vectors in tokens:
         tensors, header = textual_inversion_file(layout, token, vectors)

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from conceptsmith.images import find_images
+
 #: Most seeds one run takes; a longer list is split into several runs.
 MAX_SEEDS = 10_000
 #: Largest seed (a signed 64-bit integer, what ``torch.Generator.manual_seed`` and numpy take).
@@ -363,12 +365,8 @@ def check_image(path: str | Path, what: str = "Image") -> tuple[int, int]:
 
 
 def check_images(sources: Sequence[str | Path], option: str = "--images") -> list[Path]:
-    """Every image file of ``sources`` (folders or files, :func:`conceptsmith.customization.data.find_images`),
-    each checked with :func:`check_image`."""
-    if not sources:
-        return []
-    from conceptsmith.customization.data import find_images
-
+    """Every image file of ``sources`` (folders or files, :func:`conceptsmith.images.find_images`), each checked
+    with :func:`check_image`."""
     files: list[Path] = []
     for source in sources:
         input_path(source, option)

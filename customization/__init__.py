@@ -13,9 +13,12 @@ inverted, a measurement rather than an edit): :mod:`customization.conditioning_c
 project shares lives in the core (:mod:`conceptsmith.training`, :mod:`conceptsmith.trainable`, :mod:`conceptsmith.diffusion`). Reference and class images: :mod:`customization.data`.
 """
 
+from pathlib import Path
 
-class CustomizationError(ValueError):
-    """A user-facing problem with a customization input; the message says what is wrong and how to fix it."""
+from conceptsmith.errors import CustomizationError
+from conceptsmith.registry import EditRequest, get_editor
+
+__all__ = ["CustomizationError", "customize"]
 
 
 def customize(
@@ -35,10 +38,6 @@ def customize(
     ``params``: the method's hyper-parameters (``configs/customize/<method>.yaml`` ``params``).
     The pipe is not modified; apply the result with ``edit.apply(pipe)`` or save it with ``edit.save``.
     """
-    from pathlib import Path
-
-    from conceptsmith.registry import EditRequest, get_editor
-
     request = EditRequest(
         concepts=list(concepts or []),
         tokens=list(tokens),

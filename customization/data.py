@@ -14,17 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from conceptsmith.customization import CustomizationError
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field, field_validator
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from conceptsmith.customization import CustomizationError
+from conceptsmith.edits import applied, content_digest
+from conceptsmith.generation import default_settings, iter_images
+from conceptsmith.images import IMAGE_SUFFIXES, find_images
+from conceptsmith.io import save_image
+from conceptsmith.models import fingerprint
 
 #: Prompt templates for objects; ``{}`` is the concept phrase (e.g. "<mascot> dog").
 OBJECT_TEMPLATES = (
@@ -67,31 +72,6 @@ def templates(kind: str | Sequence[str]) -> tuple[str, ...]:
 
 
 # -- reference images ----------------------------------------------------------------------------------
-
-
-def find_images(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Image files of a folder (sorted by name) or the given list of files, checked to exist."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.exists():
-            raise CustomizationError(f"Reference image path '{path}' does not exist.")
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                others = sorted(p.name for p in path.iterdir())[:5]
-                seen = f" (it holds: {', '.join(others)})" if others else " (it is empty)"
-                raise CustomizationError(
-                    f"No images in '{path}'{seen}. Put the 3-10 reference images of the concept there "
-                    f"as {', '.join(IMAGE_SUFFIXES)} files."
-                )
-            return files
-        return [path]
-    files = []
-    for item in source:
-        files.extend(find_images(item))
-    if not files:
-        raise CustomizationError("No reference images given: pass a folder or image files of the concept.")
-    return files
 
 
 def load_images(source: str | Path | Sequence[str | Path]) -> list[Image.Image]:
@@ -265,11 +245,6 @@ def class_images(
     With ``cache_dir``, images are stored under a key of (current weights, applied edits, prompt, settings)
     and reused by later runs; only the missing seeds are generated.
     """
-    from conceptsmith.edits import applied, content_digest
-    from conceptsmith.generation import default_settings, iter_images
-    from conceptsmith.io import save_image
-    from conceptsmith.models import fingerprint
-
     if count < 1:
         return []
     settings = default_settings(pipe, height=size, width=size, num_inference_steps=num_inference_steps)
@@ -542,8 +517,6 @@ def concept_specs(
     for token, class_word, source in zip(tokens, class_words, sources):
         loaded = load_images(source)
         if recommended is not None and not recommended[0] <= len(loaded) <= recommended[1]:
-            import warnings
-
             warnings.warn(
                 f"{len(loaded)} reference images for '{token}'; {method} is meant for {recommended[0]}-{recommended[1]}.",
                 UserWarning,

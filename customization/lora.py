@@ -25,11 +25,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
 
+from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
+from conceptsmith.customization.textual_inversion import NewTokens
+from conceptsmith.customization.training import SubjectTrainingConfig, subject_params
+from conceptsmith.diffusion import DenoisingObjective, TextConditioner, noise_scheduler
 from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.lora_formats import edit_tokens, token_files
+from conceptsmith.models import detect_family
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
+from conceptsmith.text import text_encoders
+from conceptsmith.tokens import components
+from conceptsmith.trainable import add_lora, frozen, lora_state_dict, pipe_components, shared_copy
+from conceptsmith.training import train
 
 
 class LoraTrainingConfig(SubjectTrainingConfig):
@@ -58,15 +67,6 @@ class DreamBoothLora(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
-        from conceptsmith.customization.textual_inversion import NewTokens, components
-        from conceptsmith.customization.training import subject_params
-
-        from conceptsmith.diffusion import DenoisingObjective, TextConditioner, noise_scheduler
-        from conceptsmith.models import detect_family
-        from conceptsmith.trainable import add_lora, frozen, lora_state_dict, pipe_components, shared_copy
-        from conceptsmith.training import train
-
         config: LoraTrainingConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=config.prior_preservation, method="LoRA")
         size = config.resolution or default_resolution(pipe)
@@ -81,8 +81,6 @@ class DreamBoothLora(Editor):
                 pairs = tokens.pairs
                 groups.append((tokens.parameters(), config.token_lr_scale))
             else:
-                from conceptsmith.text import text_encoders
-
                 pairs = [(tokenizer, shared_copy(encoder)) for tokenizer, encoder in text_encoders(pipe)]
             unet = shared_copy(pipe.unet)
             unet_params = add_lora(unet, config.unet_modules, config.rank, alpha, config.init)
@@ -166,8 +164,6 @@ def export_diffusers(edit: Edit, folder: str | Path, rank: int | None = None) ->
 
     Returns ``{"lora": path | None, "tokens": [paths], "truncation_error": {...}}``.
     """
-    from conceptsmith.lora_formats import edit_tokens, token_files
-
     path = Path(folder) / "pytorch_lora_weights.safetensors"
     errors = edit.to_lora(path, rank=rank)
     tokens = token_files(path, [token for token, _ in edit_tokens(edit)], "diffusers")

@@ -34,10 +34,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from conceptsmith.customization import CustomizationError
 from torch import nn
 
-from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.lora import lora_factors
+from conceptsmith.customization.textual_inversion import tokens_view
+from conceptsmith.edits import Edit, EditError, applied_edits, base_fingerprint, compose
+from conceptsmith.linalg import solve_constrained, weighted_gram
+from conceptsmith.text import encode_prompts, tokenize
+from conceptsmith.tokens import TOKEN_HOOK, token_parts
 
 MERGE_METHODS: dict[str, str] = {
     "closed-form": "Custom Diffusion constrained least squares over K/V (needs the base pipeline)",
@@ -119,8 +124,6 @@ def _concepts(edits: Sequence[Edit]) -> list[str]:
 
 def _merged_tokens(edits: Sequence[Edit]) -> dict[str, torch.Tensor]:
     """All learned token tensors of ``edits`` (distinct tokens required)."""
-    from conceptsmith.customization.textual_inversion import token_parts
-
     tensors: dict[str, torch.Tensor] = {}
     for edit in edits:
         for part in token_parts(edit):
@@ -135,8 +138,6 @@ def _merged_tokens(edits: Sequence[Edit]) -> dict[str, torch.Tensor]:
 
 def _with_tokens(edits: Sequence[Edit], method: str, weight_part: Edit, params: dict[str, Any], metadata: dict[str, Any]) -> Edit:
     """``weight_part`` alone, or a composite of it and one token edit with every learned token."""
-    from conceptsmith.customization.textual_inversion import TOKEN_HOOK
-
     tokens = _merged_tokens(edits)
     if not tokens:
         return weight_part
@@ -213,12 +214,6 @@ def closed_form_merge(
     the padding positions (more constraints than ``d_in`` quickly: then it is a least-squares fit).
     ``prompts``: one list of prompts per edit (default: the edit's own training prompts).
     """
-    from conceptsmith.customization.textual_inversion import token_parts, tokens_view
-
-    from conceptsmith.edits import applied_edits
-    from conceptsmith.linalg import solve_constrained, weighted_gram
-    from conceptsmith.text import encode_prompts, tokenize
-
     check_same_base(edits)
     base = base_fingerprint(pipe)
     if base != edits[0].base_fingerprint:
@@ -299,8 +294,6 @@ def _weights(edits: Sequence[Edit], weights: Sequence[float] | None) -> list[flo
 
 
 def _factors(edits: Sequence[Edit]) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    from conceptsmith.customization.lora import lora_factors
-
     result = []
     for edit in edits:
         try:
@@ -322,8 +315,6 @@ def _factors(edits: Sequence[Edit]) -> list[dict[str, tuple[torch.Tensor, torch.
 def stack(edits: Sequence[Edit]) -> Edit:
     """The edits applied together, unchanged: :func:`conceptsmith.edits.compose` after the merge checks
     (same base, distinct tokens)."""
-    from conceptsmith.edits import compose
-
     check_same_base(edits)
     _merged_tokens(edits)  # raises on a token learned by two edits
     return compose(edits)

@@ -1,10 +1,6 @@
-"""Textual inversion, and the new-token machinery every customization method shares.
+"""Textual inversion, and the installation of new tokens that every customization method shares.
 
-New tokens live in an Edit as a ``hook`` edit (hook ``"custom-tokens"``) whose tensors are, per text
-encoder and token, the learned vectors::
-
-    "<component>.<token>"  ->  [num_vectors, d]     (component: text_encoder / text_encoder_2)
-
+New tokens live in an Edit as a ``custom-tokens`` hook edit (the format: :mod:`conceptsmith.tokens`).
 ``edit.apply(pipe)`` installs them: the pipe's tokenizer is replaced by a copy with the tokens added
 (a token with n vectors becomes ``<t> <t>_1 ... <t>_{n-1}``, the diffusers convention, so the
 pipelines expand it in prompts by themselves) and each text encoder's input embedding by an
@@ -23,58 +19,41 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
-from conceptsmith.customization import CustomizationError
-from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from pydantic import Field
 from torch import nn
 
-from conceptsmith.diffusion import TextConditioner
-from conceptsmith.edits import Edit, EditError, base_fingerprint
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.data import (
+    CutMixOptions,
+    ZoomOutOptions,
+    concept_specs,
+    default_resolution,
+    instance_examples,
+)
+from conceptsmith.diffusion import DenoisingObjective, TextConditioner, expand_multi_vector, noise_scheduler
+from conceptsmith.edits import Edit, EditError
 from conceptsmith.io import save_safetensors
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor, register_hook
-from conceptsmith.trainable import shared_copy
-from conceptsmith.training import TrainingConfig
-
-TOKEN_HOOK = "custom-tokens"
-COMPONENTS = ("text_encoder", "text_encoder_2")
-_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+from conceptsmith.tokens import (
+    TOKEN_HOOK,
+    TOKENIZER_OF,
+    check_new_tokens,
+    components,
+    token_edit,
+    token_entries,
+    token_parts,
+)
+from conceptsmith.trainable import frozen, pipe_components, shared_copy
+from conceptsmith.training import TrainingConfig, train
 
 
 def token_names(token: str, num_vectors: int) -> list[str]:
     """The tokenizer entries of a token with ``num_vectors`` vectors: ``<t>, <t>_1, ..., <t>_{n-1}``."""
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
-def components(pipe: object) -> list[str]:
-    """Text-encoder components of ``pipe`` that have a tokenizer, in conditioning order."""
-    found = [c for c in COMPONENTS if getattr(pipe, c, None) is not None and getattr(pipe, _TOKENIZER_OF[c], None) is not None]
-    if not found:
-        raise CustomizationError(f"{type(pipe).__name__} has no tokenizer + text encoder to add tokens to.")
-    return found
-
-
-def check_new_tokens(pipe: object, tokens: Sequence[str]) -> None:
-    """Raise a clear error for a token that is empty, has spaces, or already exists in a tokenizer of ``pipe``."""
-    for token in tokens:
-        if not isinstance(token, str) or not token.strip() or token != token.strip() or len(token.split()) != 1:
-            raise CustomizationError(f"Token {token!r} must be one word without spaces, e.g. '<mascot>'.")
-        for component in components(pipe):
-            tokenizer = getattr(pipe, _TOKENIZER_OF[component])
-            if token in tokenizer.get_vocab() or token in getattr(tokenizer, "added_tokens_encoder", {}):
-                raise CustomizationError(
-                    f"Token {token!r} is already in the vocabulary of {_TOKENIZER_OF[component]} (or was added by an "
-                    "applied edit). Pick a new, unused token such as '<my-concept>'."
-                )
-            ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
-                raise CustomizationError(
-                    f"Token {token!r} is already in the vocabulary of {_TOKENIZER_OF[component]} (as the word "
-                    f"{tokenizer.convert_ids_to_tokens(ids)[0]!r}); learning it would change that word everywhere. "
-                    "Pick a new, unused token such as '<my-concept>'."
-                )
 
 
 class ExtendedEmbedding(nn.Module):
@@ -156,7 +135,7 @@ class NewTokens:
         self.pipe_family_dual = getattr(pipe, "text_encoder_2", None) is not None
         generator = torch.Generator().manual_seed(seed)
         for component in self.components:
-            tokenizer = getattr(pipe, _TOKENIZER_OF[component])
+            tokenizer = getattr(pipe, TOKENIZER_OF[component])
             encoder = getattr(pipe, component)
             init = torch.cat([init_vectors(tokenizer, encoder, w, self.num_vectors, generator) for w in init_words])
             entries = [(t, init[i * self.num_vectors : (i + 1) * self.num_vectors]) for i, t in enumerate(self.tokens)]
@@ -188,43 +167,6 @@ class NewTokens:
         return token_edit(pipe, method, concepts, params, self.tensors(), metadata)
 
 
-def token_edit(
-    pipe: object, method: str, concepts: list[str], params: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
-) -> Edit:
-    """A ``custom-tokens`` hook edit from ``{"<component>.<token>": [n, d]}`` tensors."""
-    from conceptsmith.models import detect_family
-
-    tokens = list(dict.fromkeys(key.partition(".")[2] for key in tensors))
-    params = {**params, "tokens": tokens}
-    return Edit.from_hook(method, concepts, params, base_fingerprint(pipe), detect_family(pipe), TOKEN_HOOK, tensors, metadata)
-
-
-def token_entries(edit: Edit) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """Per component, the ``(token, vectors)`` of a ``custom-tokens`` edit, in the edit's token order."""
-    if edit.hook != TOKEN_HOOK:
-        raise EditError(f"The '{edit.method}' edit is not a token edit (hook {edit.hook!r}).")
-    order = list(edit.params.get("tokens") or [])
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in edit.tensors.items():
-        component, _, token = key.partition(".")
-        if component not in COMPONENTS or not token:
-            raise EditError(f"Unexpected tensor '{key}' in a token edit; expected '<text_encoder|text_encoder_2>.<token>'.")
-        if value.ndim != 2:
-            raise EditError(f"Token tensor '{key}' must be [num_vectors, d], got shape {list(value.shape)}.")
-        grouped.setdefault(component, {})[token] = value
-    result = {}
-    for component, tokens in grouped.items():
-        names = [t for t in order if t in tokens] + sorted(t for t in tokens if t not in order)
-        result[component] = [(t, tokens[t]) for t in names]
-    return result
-
-
-def token_parts(edit: Edit) -> list[Edit]:
-    """The ``custom-tokens`` parts of an edit (the edit itself, or parts of a composite)."""
-    parts = edit.parts or [edit]
-    return [p for p in parts if p.kind == "hook" and p.hook == TOKEN_HOOK]
-
-
 class _TokenHandle:
     def __init__(self, pipe: object, restore: list[tuple[str, Any, nn.Module, nn.Module]]):
         self.pipe = pipe
@@ -253,7 +195,7 @@ def install_tokens(edit: Edit, pipe: object) -> _TokenHandle:
     try:
         for component, items in entries.items():
             encoder = getattr(pipe, component)
-            tokenizer_attr = _TOKENIZER_OF[component]
+            tokenizer_attr = TOKENIZER_OF[component]
             old_tokenizer = getattr(pipe, tokenizer_attr)
             old_embedding = encoder.get_input_embeddings()
             dim = int(old_embedding.embedding_dim)
@@ -323,12 +265,6 @@ class TextualInversion(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.customization.data import concept_specs, default_resolution, instance_examples
-
-        from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
-        from conceptsmith.trainable import frozen, pipe_components
-        from conceptsmith.training import train
-
         config: TextualInversionConfig = self.config
         specs = concept_specs(request, phrase_format=config.phrase, need_class_word=False, method="Textual inversion")
         size = config.resolution or default_resolution(pipe)
@@ -360,13 +296,9 @@ def tokens_view(pipe: object, token_edits: list[Edit]) -> Any:
     embedding is extended. Works with :func:`conceptsmith.text.encode_prompts` (multi-vector tokens
     are expanded in prompts as the pipelines do).
     """
-    from types import SimpleNamespace
-
-    from conceptsmith.diffusion import expand_multi_vector
-
     view = SimpleNamespace()
     for component in components(pipe):
-        tokenizer_attr = _TOKENIZER_OF[component]
+        tokenizer_attr = TOKENIZER_OF[component]
         tokenizer, encoder = getattr(pipe, tokenizer_attr), getattr(pipe, component)
         items = [item for edit in token_edits for item in token_entries(edit).get(component, [])]
         if items:

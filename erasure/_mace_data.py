@@ -24,11 +24,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from conceptsmith.customization import CustomizationError
-from conceptsmith.customization.data import Examples, default_resolution, find_images, load_images, to_pixels
 from PIL import Image
 
+from conceptsmith.customization.data import Examples, default_resolution, load_images, to_pixels
+from conceptsmith.errors import CustomizationError
+from conceptsmith.images import find_images
+from conceptsmith.text import concept_token_positions, context_length, text_encoders
 from conceptsmith.training import TrainingError
+from conceptsmith.world import vocab
+from conceptsmith.world.render import object_masks, render
 
 ImageSource = Literal["request", "renderer"]
 MASK_SUFFIX = ".mask.png"
@@ -92,9 +96,6 @@ def _request_pairs(concepts: Sequence[str], entries: Sequence[Path]) -> list[tup
 
 def _rendered(concept: str, count: int, seed: int) -> tuple[list[Image.Image], list[Image.Image]]:
     """ShapesWorld scenes of ``concept`` (a shape noun or a pseudo-artist) and their masks."""
-    from conceptsmith.world import vocab
-    from conceptsmith.world.render import object_masks, render
-
     key = concept.strip().lower()
     shapes = {noun.lower(): shape for shape in vocab.ALL_SHAPES for noun in vocab.nouns(shape)}
     artists = {name.lower(): name for name in vocab.ARTISTS}
@@ -115,8 +116,6 @@ def _rendered(concept: str, count: int, seed: int) -> tuple[list[Image.Image], l
 
 def token_mask(pipe: Any, prompts: Sequence[str], phrases: Sequence[str]) -> torch.Tensor:
     """``[n, context]`` float: 1 at the tokens of each prompt's concept phrase (every occurrence)."""
-    from conceptsmith.text import concept_token_positions, context_length, text_encoders
-
     tokenizer, encoder = text_encoders(pipe)[0]
     try:
         positions = concept_token_positions(pipe, list(prompts), list(phrases), "phrase")

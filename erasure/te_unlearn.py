@@ -33,14 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conceptsmith.erasure._trained import TextEncoderTraining, TrainedEraserConfig, concept_prompts
 from PIL import Image
 from pydantic import Field
 
-from conceptsmith.diffusion import DenoisingObjective, denoising_loss
+from conceptsmith.customization.data import Examples, class_images, default_resolution, load_images
+from conceptsmith.diffusion import DenoisingObjective, denoising_loss, noise_scheduler
 from conceptsmith.edits import Edit
+from conceptsmith.erasure._trained import TextEncoderTraining, TrainedEraserConfig, concept_prompts
+from conceptsmith.errors import CustomizationError
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.training import TrainingError, TrainStep
+from conceptsmith.trainable import frozen, pipe_components
+from conceptsmith.training import TrainingError, TrainStep, train
 
 GENERATED_SEED = 1000  # first seed of the images drawn with generate_images (plus the request's seed)
 
@@ -93,9 +96,6 @@ class AscentObjective:
 
 def concept_images(pipe: Any, request: EditRequest, config: TEUnlearnConfig) -> tuple[list[list[Image.Image]], list[str]]:
     """Per concept, its images and where they came from (files of the request, or the model's own draws)."""
-    from conceptsmith.customization import CustomizationError
-    from conceptsmith.customization.data import class_images, load_images
-
     concepts = [c.strip() for c in request.concepts]
     if request.images:
         if len(concepts) == 1:
@@ -138,12 +138,6 @@ class TEUnlearn(Editor):
     supports = ("sd1", "sd2")  # one text encoder: SDXL has two
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.customization.data import Examples, default_resolution
-
-        from conceptsmith.diffusion import noise_scheduler
-        from conceptsmith.trainable import frozen, pipe_components
-        from conceptsmith.training import train
-
         config: TEUnlearnConfig = self.config
         started = time.perf_counter()
         prompts = concept_prompts(request, config.templates, "te-unlearn")

@@ -62,7 +62,7 @@ def _weight(pipe, module: str) -> torch.Tensor:
 def _customization_edit(pipe, family: str, token: str, vectors: int) -> Edit:
     """A Custom-Diffusion-like edit: weight changes (low-rank linears, a dense 3x3 conv and 1x1 conv, every text
     encoder's attention and MLP) plus a learned token."""
-    from conceptsmith.customization.textual_inversion import components, token_edit
+    from conceptsmith.tokens import components, token_edit
 
     generator = torch.Generator().manual_seed(7)
     block = "unet.down_blocks.1.attentions.0"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from conceptsmith.customization import CustomizationError
 from conceptsmith.customization.a_star import retention_loss, segregation_loss
 from conceptsmith.customization.t2i_zero import NMSProcessor, _State, correct_by_similarities, gaussian_smooth
-
 from conceptsmith.edits import Edit, applied_edits
 from conceptsmith.generation import generate
 from conceptsmith.registry import EditRequest, get_editor
@@ -88,7 +88,7 @@ def test_hooks_change_only_multi_concept_prompts_and_revert_exactly(tiny_pipe, m
 
 
 def test_hooks_compose_with_custom_tokens_and_each_other(tiny_pipe):
-    from conceptsmith.customization.textual_inversion import token_edit
+    from conceptsmith.tokens import token_edit
 
     pipe, _ = tiny_pipe
     tokens = token_edit(pipe, "textual-inversion", ["<pet>"], {}, {"text_encoder.<pet>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conceptsmith.customization import CustomizationError
 from conceptsmith.customization.merge import (
     MERGE_METHODS,
@@ -14,10 +15,9 @@ from conceptsmith.customization.merge import (
     needs_pipeline,
     peft_merge,
 )
-from conceptsmith.customization.textual_inversion import token_edit
-
 from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.models import detect_family
+from conceptsmith.tokens import token_edit
 
 TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 TO_Q1 = "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"

@@ -239,7 +239,7 @@ def test_embeddings_import_from_diffusers_a1111_sd_scripts_and_sdxl_files(tiny_p
 
 
 def _token_edit(pipe, tokens: dict[str, torch.Tensor]) -> Edit:
-    from conceptsmith.customization.textual_inversion import token_edit
+    from conceptsmith.tokens import token_edit
 
     return token_edit(pipe, "textual-inversion", list(tokens), {}, {f"text_encoder.{t}": v for t, v in tokens.items()})
 
