@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from conceptsmith.validate import InputError, input_file
+
 M = TypeVar("M", bound=BaseModel)
 
 #: Device names a config or ``--device`` may give (``auto``: cuda when available, else mps, else cpu).
@@ -105,8 +107,6 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int])
 
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file safely (:class:`_BoundedLoader`), with errors that name the file and the line."""
-    from conceptsmith.validate import InputError, input_file
-
     path = Path(path)
     try:
         input_file(path, "Config file", max_bytes=MAX_YAML_BYTES)

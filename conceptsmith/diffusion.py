@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from conceptsmith.text import text_encoders
 from conceptsmith.trainable import module_device
 from conceptsmith.training import TrainingError, TrainStep
 
@@ -63,8 +65,6 @@ class TextConditioner:
 
     @classmethod
     def for_pipe(cls, pipe: object, pairs: Sequence[tuple[Any, nn.Module]] | None = None, size: int = 512) -> TextConditioner:
-        from conceptsmith.text import text_encoders
-
         dual = getattr(pipe, "text_encoder_2", None) is not None
         return cls(pairs if pairs is not None else text_encoders(pipe), dual=dual, size=size)
 
@@ -225,7 +225,6 @@ class FrozenTrajectories:
         progress: bool = True,
     ) -> None:
         from diffusers import DDIMScheduler
-        from tqdm.auto import tqdm
 
         self.scheduler = DDIMScheduler.from_config(scheduler_config)
         self.scheduler.set_timesteps(ddim_steps)

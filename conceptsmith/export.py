@@ -34,7 +34,10 @@ from typing import Any
 
 import torch
 
+from conceptsmith import __version__
+from conceptsmith.edits import applied_edits, base_fingerprint
 from conceptsmith.io import save_safetensors
+from conceptsmith.models import detect_family, fingerprint
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -139,10 +142,6 @@ def export_single_file(
     Applied ConceptSmith ``weights`` edits are exported as part of the weights; inference-time hook
     edits and unfused peft LoRA adapters are refused (they are not in the weights).
     """
-    from conceptsmith import __version__
-    from conceptsmith.edits import applied_edits, base_fingerprint
-    from conceptsmith.models import detect_family, fingerprint
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ExportError(
@@ -184,8 +183,6 @@ def export_single_file(
 
 def ldm_state_dict(pipe: Any, family: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors :func:`export_single_file` writes, by LDM key (sharing storage with ``pipe`` where possible)."""
-    from conceptsmith.models import detect_family
-
     family = family or detect_family(pipe)
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
         raise ExportError(

@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from conceptsmith import identity
+from conceptsmith.attention import find_cross_attention
+from conceptsmith.config import ModelConfig, load_config
+from conceptsmith.devices import DeviceError, resolve_device, resolve_dtype
 from conceptsmith.identity import Fingerprint
+from conceptsmith.mmdit import is_mmdit, joint_attention, mmdit_family
+from conceptsmith.resources import shipped_config
 
 Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 
@@ -90,9 +96,6 @@ def resolve_model(
     ``configs/models/`` such as ``sd14``) gives its own ``spec``, ``dtype``, ``device`` and
     ``single_file_config``, which explicit arguments override. Unset: float32 on
     :func:`conceptsmith.devices.default_device`."""
-    from conceptsmith.config import ModelConfig, load_config
-    from conceptsmith.devices import DeviceError, resolve_device, resolve_dtype
-
     spec = spec.strip()
     path = _model_config_path(spec)
     if path is None:
@@ -116,8 +119,6 @@ def resolve_model(
 def _model_config_path(spec: str) -> Path | None:
     """The model config ``spec`` names: a ``.yaml`` / ``.yml`` path, or the name of a shipped
     ``configs/models/<name>.yaml`` (when no local file or folder of that name exists)."""
-    from conceptsmith.resources import shipped_config
-
     path = Path(spec).expanduser()
     if path.suffix in (".yaml", ".yml"):
         return path
@@ -165,9 +166,6 @@ def load_pipeline(
 
 def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
     """ModelInfo of an already loaded pipeline."""
-    from conceptsmith.attention import find_cross_attention
-    from conceptsmith.mmdit import is_mmdit, joint_attention
-
     if is_mmdit(pipe):  # the text width the transformer reads, and its joint-attention blocks
         return ModelInfo(
             spec=spec,
@@ -189,8 +187,6 @@ def describe(pipe: object, spec: str = "<in-memory>") -> ModelInfo:
 def detect_family(pipe: object) -> Family:
     """SDXL conditions on two encoders plus time ids; SD 2.x uses linear projections and 1024-d text;
     SD3 and FLUX are MMDiT pipelines (a ``transformer``, no UNet), told apart by the transformer's class."""
-    from conceptsmith.mmdit import is_mmdit, mmdit_family
-
     if is_mmdit(pipe):
         return mmdit_family(pipe.transformer)
     unet_config = pipe.unet.config
@@ -256,7 +252,6 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> obj
         )
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
-    from safetensors import SafetensorError, safe_open
 
     if config is not None and not (Path(config).expanduser() / "model_index.json").is_file():
         raise ModelLoadError(

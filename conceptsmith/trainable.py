@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.models import detect_family
 from conceptsmith.training import TrainingError
 
 TrainMode = Literal["lora", "full"]
@@ -204,9 +206,6 @@ def trained_edit(
     metadata: dict[str, Any] | None = None,
 ) -> Any:
     """The Edit of ``trained`` modules of ``pipe``'s models: ``lora`` (peft layout, alpha folded) or ``weights``."""
-    from conceptsmith.edits import Edit, base_fingerprint
-    from conceptsmith.models import detect_family
-
     base, family = base_fingerprint(pipe), detect_family(pipe)
     state: dict[str, torch.Tensor] = {}
     for part in trained:

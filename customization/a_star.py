@@ -30,10 +30,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from conceptsmith.customization.t2i_zero import PromptTracker, check_phrases, gaussian_smooth
 from pydantic import Field
 
+from conceptsmith.attention import AttentionMapRecorder
+from conceptsmith.customization.t2i_zero import PromptTracker, check_phrases, gaussian_smooth
 from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.models import detect_family
 from conceptsmith.registry import (
     UNET_FAMILIES,
     Editor,
@@ -152,8 +154,6 @@ class _AStar:
 
     def _update(self, unet: Any, x: torch.Tensor, timestep: Any, hidden: torch.Tensor, added: dict | None,
                 active: list[int], rows: list[Any], step: int) -> torch.Tensor:
-        from conceptsmith.attention import AttentionMapRecorder
-
         x = x.requires_grad_(True)
         kwargs = {"encoder_hidden_states": hidden[active]}
         if added is not None:
@@ -222,7 +222,5 @@ class AStar(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.models import detect_family
-
         phrases = check_phrases(pipe, request.concepts, "A-STAR")
         return Edit.from_hook("a-star", phrases, self.config.model_dump(), base_fingerprint(pipe), detect_family(pipe), "a-star", {})

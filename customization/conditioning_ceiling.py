@@ -18,11 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from conceptsmith.customization import CustomizationError
 from pydantic import Field
 
-from conceptsmith.diffusion import Conditioning
-from conceptsmith.training import TrainingConfig
+from conceptsmith.customization import CustomizationError
+from conceptsmith.customization.data import Examples, default_resolution, load_images
+from conceptsmith.diffusion import Conditioning, DenoisingObjective, noise_scheduler
+from conceptsmith.text import encode_prompts
+from conceptsmith.trainable import frozen, pipe_components, shared_copy
+from conceptsmith.training import TrainingConfig, train
 
 
 class CeilingConfig(TrainingConfig):
@@ -51,13 +54,6 @@ def invert_conditioning(
     pipe: object, images: Sequence[str | Path], class_word: str, config: CeilingConfig | None = None, seed: int = 0
 ) -> torch.Tensor:
     """The conditioning ``[1, tokens, d]`` (float32, detached) that best denoises ``images`` (files or folders)."""
-    from conceptsmith.customization.data import Examples, default_resolution, load_images
-
-    from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
-    from conceptsmith.text import encode_prompts
-    from conceptsmith.trainable import frozen, pipe_components, shared_copy
-    from conceptsmith.training import train
-
     config = config or CeilingConfig()
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise CustomizationError("The conditioning ceiling supports pipelines with one text encoder (SD 1.x / 2.x), not SDXL.")

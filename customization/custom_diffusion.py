@@ -23,11 +23,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from conceptsmith.customization.training import SubjectTrainingConfig
 from pydantic import Field
 
+from conceptsmith.attention import find_cross_attention
+from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
+from conceptsmith.customization.textual_inversion import NewTokens
+from conceptsmith.customization.training import SubjectTrainingConfig, subject_params
+from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
 from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.models import detect_family
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
+from conceptsmith.trainable import frozen, pipe_components, shared_copy, trainable_clone
+from conceptsmith.training import train
 
 
 class CustomDiffusionConfig(SubjectTrainingConfig):
@@ -45,8 +52,6 @@ class CustomDiffusionConfig(SubjectTrainingConfig):
 
 def target_modules(unet: Any, train: str) -> dict[str, Any]:
     """``{module path relative to the UNet: nn.Linear}`` that Custom Diffusion trains."""
-    from conceptsmith.attention import find_cross_attention
-
     targets = {}
     for layer in find_cross_attention(unet):
         names = ("to_k", "to_v") if train == "kv" else ("to_q", "to_k", "to_v", "to_out.0")
@@ -62,15 +67,6 @@ class CustomDiffusion(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.customization.data import concept_specs, default_resolution, training_examples
-        from conceptsmith.customization.textual_inversion import NewTokens
-        from conceptsmith.customization.training import subject_params
-
-        from conceptsmith.diffusion import DenoisingObjective, noise_scheduler
-        from conceptsmith.models import detect_family
-        from conceptsmith.trainable import frozen, pipe_components, shared_copy, trainable_clone
-        from conceptsmith.training import train
-
         config: CustomDiffusionConfig = self.config
         # 1. concepts: token, class word, reference images
         specs = concept_specs(

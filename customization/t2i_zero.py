@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from conceptsmith.customization import CustomizationError
 from pydantic import Field
 
-from conceptsmith.attention import spatial_shape
+from conceptsmith.attention import find_cross_attention, spatial_shape
+from conceptsmith.customization import CustomizationError
 from conceptsmith.edits import Edit, base_fingerprint
+from conceptsmith.models import detect_family
 from conceptsmith.registry import (
     UNET_FAMILIES,
     Editor,
@@ -44,6 +45,7 @@ from conceptsmith.registry import (
     register_editor,
     register_hook,
 )
+from conceptsmith.text import phrase_positions, tokenize
 
 # -- shared machinery (also used by A-STAR) -------------------------------------------------------------
 
@@ -92,8 +94,6 @@ class PromptTracker:
 
     def concept_positions(self, prompt: str) -> list[list[int]]:
         """Positions (BOS = 0) of each concept phrase's tokens in ``prompt`` ([] when absent)."""
-        from conceptsmith.text import phrase_positions
-
         found = []
         for phrase in self.phrases:
             try:
@@ -103,8 +103,6 @@ class PromptTracker:
         return found
 
     def _encode(self, *args: Any, **kwargs: Any) -> Any:
-        from conceptsmith.text import tokenize
-
         out = self._previous(*args, **kwargs)
         prompt = kwargs.get("prompt", args[0] if args else None)
         self.rows, self.lengths = [], []
@@ -318,8 +316,6 @@ class _Handle:
 
 
 def _install_processors(pipe: Any, make: Callable[[Any], Any]) -> Callable[[], None]:
-    from conceptsmith.attention import find_cross_attention
-
     layers = find_cross_attention(pipe.unet)
     originals = [(layer.module, layer.module.processor) for layer in layers]
     for module, original in originals:
@@ -370,7 +366,5 @@ class T2IZero(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.models import detect_family
-
         phrases = check_phrases(pipe, request.concepts, "T2I-Zero")
         return Edit.from_hook("t2i-zero", phrases, self.config.model_dump(), base_fingerprint(pipe), detect_family(pipe), "t2i-zero", {})

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from pydantic import Field
 
+from conceptsmith.customization.data import CutMixOptions, ZoomOutOptions
 from conceptsmith.training import TrainingConfig
 
 

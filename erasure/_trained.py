@@ -14,8 +14,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from conceptsmith.diffusion import FrozenTrajectories, TextConditioner, predict
 from conceptsmith.registry import EditRequest
-from conceptsmith.trainable import TrainMode, module_device, select_modules
+from conceptsmith.trainable import TrainableModules, TrainMode, module_device, select_modules, trained_edit
 from conceptsmith.training import TrainingConfig, TrainingError
 
 UnetVariant = Literal["x", "x-strict", "u", "all"]
@@ -85,9 +86,6 @@ class UnetTraining:
     frozen model's predictions at their states (those never change while training)."""
 
     def __init__(self, pipe: Any, config: Any, variant: str, seed: int) -> None:
-        from conceptsmith.diffusion import TextConditioner
-        from conceptsmith.trainable import TrainableModules
-
         self.pipe, self.config, self.seed = pipe, config, seed
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # LoRA init
@@ -104,8 +102,6 @@ class UnetTraining:
 
     def frozen_prediction(self, key: tuple[Any, ...], x: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
         """The frozen model's prediction at a kept state, computed once (adapters off / original weights)."""
-        from conceptsmith.diffusion import predict
-
         if key not in self._frozen:
             with torch.no_grad(), self.trainable.disabled() as frozen_unet:
                 self._frozen[key] = predict(frozen_unet, x, t, cond).cpu()
@@ -115,8 +111,6 @@ class UnetTraining:
         return frozen_runs(self.pipe, conds, uncond, self.config, self.config.trajectories, self.seed)
 
     def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float) -> Any:
-        from conceptsmith.trainable import trained_edit
-
         metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs,
                     "train_seconds": round(time.perf_counter() - started, 3)}
         return trained_edit(method, concepts, params, self.pipe, [self.trainable], metadata)
@@ -136,8 +130,6 @@ def fixed_draw_evaluator(loss_of: Any, seed: int = 1234) -> Any:
 
 def frozen_runs(pipe: Any, conds: list[Any], uncond: Any, config: Any, trajectories: int, seed: int) -> Any:
     """:class:`~conceptsmith.diffusion.FrozenTrajectories` of ``pipe``'s own (frozen) UNet on ``conds``."""
-    from conceptsmith.diffusion import FrozenTrajectories, predict
-
     unet = pipe.unet
     shape = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
     return FrozenTrajectories(
@@ -154,9 +146,6 @@ class TextEncoderTraining:
     The UNet and VAE are the pipe's own, frozen by the caller (:func:`conceptsmith.trainable.frozen`)."""
 
     def __init__(self, pipe: Any, config: TrainedEraserConfig, seed: int) -> None:
-        from conceptsmith.diffusion import TextConditioner
-        from conceptsmith.trainable import TrainableModules
-
         self.pipe = pipe  # SD 1.x / 2.x (the editors' `supports`): one text encoder
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # LoRA init
@@ -174,8 +163,6 @@ class TextEncoderTraining:
 
     def edit(self, method: str, concepts: list[str], params: dict[str, Any], result: Any, started: float,
              extra: dict[str, Any] | None = None) -> Any:
-        from conceptsmith.trainable import trained_edit
-
         metadata = {"training": result.summary(), "losses": result.losses, "logs": result.logs,
                     "train_seconds": round(time.perf_counter() - started, 3), **(extra or {})}
         return trained_edit(method, concepts, params, self.pipe, [self.trainable], metadata)

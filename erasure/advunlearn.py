@@ -31,6 +31,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from conceptsmith.diffusion import Conditioning, predict
+from conceptsmith.edits import Edit
 from conceptsmith.erasure._trained import (
     TextEncoderTraining,
     TrainedEraserConfig,
@@ -39,13 +43,10 @@ from conceptsmith.erasure._trained import (
     frozen_runs,
 )
 from conceptsmith.erasure.esd import esd_target
-from pydantic import Field
-
-from conceptsmith.diffusion import Conditioning, predict
-from conceptsmith.edits import Edit
 from conceptsmith.registry import Editor, EditRequest, register_editor
 from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
-from conceptsmith.training import TrainStep
+from conceptsmith.trainable import frozen, pipe_components
+from conceptsmith.training import TrainStep, train
 
 DEFAULT_RETAIN = [
     "a photo of a dog", "a photo of a car", "a portrait of a woman", "a landscape with mountains",
@@ -163,9 +164,6 @@ class AdvUnlearn(Editor):
     supports = ("sd1", "sd2")  # one text encoder: SDXL has two
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.trainable import frozen, pipe_components
-        from conceptsmith.training import train
-
         config: AdvUnlearnConfig = self.config
         started = time.perf_counter()
         prompts = concept_prompts(request, config.templates, "advunlearn")

@@ -21,6 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from conceptsmith.diffusion import predict
+from conceptsmith.edits import Edit
 from conceptsmith.erasure._trained import (
     FrozenRunConfig,
     UnetTraining,
@@ -28,11 +32,9 @@ from conceptsmith.erasure._trained import (
     concept_prompts,
     fixed_draw_evaluator,
 )
-from pydantic import Field
-
-from conceptsmith.edits import Edit
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
-from conceptsmith.training import TrainingError
+from conceptsmith.trainable import frozen, pipe_components
+from conceptsmith.training import TrainingError, train
 
 
 class ConceptAblationConfig(FrozenRunConfig):
@@ -61,10 +63,6 @@ class ConceptAblation(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.diffusion import predict
-        from conceptsmith.trainable import frozen, pipe_components
-        from conceptsmith.training import train
-
         config: ConceptAblationConfig = self.config
         started = time.perf_counter()
         anchor = (config.anchor or request.guide or "").strip()

@@ -21,11 +21,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from conceptsmith.erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts, fixed_draw_evaluator
 from pydantic import Field
 
+from conceptsmith.diffusion import predict
 from conceptsmith.edits import Edit
+from conceptsmith.erasure._trained import FrozenRunConfig, UnetTraining, concept_prompts, fixed_draw_evaluator
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
+from conceptsmith.trainable import frozen, pipe_components
+from conceptsmith.training import train
 
 
 class ESDConfig(FrozenRunConfig):
@@ -47,10 +50,6 @@ class ESD(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.diffusion import predict
-        from conceptsmith.trainable import frozen, pipe_components
-        from conceptsmith.training import train
-
         config: ESDConfig = self.config
         started = time.perf_counter()
         prompts = concept_prompts(request, config.templates, "esd")

@@ -34,6 +34,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from conceptsmith.attention import AttentionMapRecorder
+from conceptsmith.customization.data import default_resolution
+from conceptsmith.diffusion import TextConditioner, noise_scheduler, predict
+from conceptsmith.edits import Edit
 from conceptsmith.erasure._closed_form import (
     Delta,
     add_deltas,
@@ -58,13 +65,11 @@ from conceptsmith.erasure.mace_cfr import (
     shapes_captions,
 )
 from conceptsmith.erasure.uce import default_guide
-from pydantic import Field, model_validator
-from torch import nn
-
-from conceptsmith.edits import Edit
 from conceptsmith.linalg import RidgeSolution
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
-from conceptsmith.training import TrainingError, TrainResult, TrainStep
+from conceptsmith.text import encode_prompts
+from conceptsmith.trainable import TrainableModules, frozen, pipe_components, shared_copy
+from conceptsmith.training import TrainingError, TrainResult, TrainStep, train
 
 
 class MACEConfig(TrainedEraserConfig):
@@ -127,8 +132,6 @@ class AttentionLoss:
 
     def __init__(self, pipe: Any, unet: nn.Module, recorder: Any, examples: Any, tokens: Mapping[str, torch.Tensor],
                  batch_size: int, size: int) -> None:
-        from conceptsmith.diffusion import TextConditioner, noise_scheduler
-
         self.unet, self.recorder, self.examples, self.tokens, self.batch_size = unet, recorder, examples, tokens, batch_size
         self.scheduler = noise_scheduler(pipe)
         conditioner = TextConditioner.for_pipe(pipe, size=size)
@@ -142,8 +145,6 @@ class AttentionLoss:
         return cond, torch.stack([self.tokens[p] for p in prompts])
 
     def _mass(self, generator: torch.Generator) -> torch.Tensor:
-        from conceptsmith.diffusion import predict
-
         batch = self.examples.sample(self.batch_size, generator)
         noise = torch.randn(batch.latents.shape, generator=generator)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch_size,), generator=generator)
@@ -253,8 +254,6 @@ def _digest(tensor: torch.Tensor) -> str:
 
 def with_deltas(unet: nn.Module, deltas: Mapping[str, Delta]) -> nn.Module:
     """A shared copy of ``unet`` whose ``unet.<module>`` weights are ``W + delta`` (new frozen tensors)."""
-    from conceptsmith.trainable import shared_copy
-
     copy = shared_copy(unet)
     for name, delta in deltas.items():
         layer = copy.get_submodule(name.removeprefix("unet."))
@@ -269,9 +268,6 @@ class MACE(Editor):
     supports = UNET_FAMILIES
 
     def fit(self, pipe: Any, request: EditRequest) -> Edit:
-        from conceptsmith.text import encode_prompts
-        from conceptsmith.trainable import frozen, pipe_components
-
         config: MACEConfig = self.config
         started = time.perf_counter()
         checked = check_request(pipe, request, default_guide(config.cfr.concept_type))
@@ -310,12 +306,6 @@ class MACE(Editor):
     def _train(self, pipe: Any, base: nn.Module, concept: str, examples: Any, tokens: Mapping[str, torch.Tensor], index: int,
                seed: int) -> tuple[Any, TrainResult]:
         """Stage 2 for one concept: a fresh LoRA (or full K/V clone) on a shared copy of ``base``."""
-        from conceptsmith.customization.data import default_resolution
-
-        from conceptsmith.attention import AttentionMapRecorder
-        from conceptsmith.trainable import TrainableModules
-        from conceptsmith.training import train
-
         config: MACEConfig = self.config
         with torch.random.fork_rng():
             torch.manual_seed(seed + index)  # LoRA init

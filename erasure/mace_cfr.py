@@ -37,7 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from pydantic import Field
+from safetensors import safe_open
+
+from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.erasure._closed_form import (
     ClosedFormConfig,
     cache_root,
@@ -49,13 +54,10 @@ from conceptsmith.erasure._closed_form import (
     torch_dtype,
 )
 from conceptsmith.erasure.uce import default_guide
-from pydantic import Field
-from safetensors import safe_open
-
-from conceptsmith.edits import Edit, EditError, base_fingerprint
 from conceptsmith.io import save_safetensors
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
+from conceptsmith.world.render import make_caption, sample_labels
 
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of {}", "{} in a photo", "a close-up picture of {}", "an image showing {}", "a drawing of {}",
@@ -108,10 +110,6 @@ class Prior:
 
 def shapes_captions(n: int, seed: int = 0) -> list[str]:
     """``n`` ShapesWorld training-style captions (labels sampled, nothing rendered)."""
-    import numpy as np
-
-    from conceptsmith.world.render import make_caption, sample_labels
-
     rng = np.random.default_rng(seed)
     return [make_caption(sample_labels(rng), rng) for _ in range(n)]
 

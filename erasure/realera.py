@@ -33,6 +33,9 @@ import time
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
+
+from conceptsmith.edits import Edit
 from conceptsmith.erasure._closed_form import (
     check_request,
     kv_weights,
@@ -41,9 +44,6 @@ from conceptsmith.erasure._closed_form import (
     torch_dtype,
 )
 from conceptsmith.erasure.uce import UCEConfig, default_guide, request_rows
-from pydantic import Field, model_validator
-
-from conceptsmith.edits import Edit
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
 
 

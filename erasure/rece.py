@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
+
+from conceptsmith.edits import Edit
 from conceptsmith.erasure._closed_form import (
     ClosedFormConfig,
     EditRows,
@@ -58,9 +61,6 @@ from conceptsmith.erasure._closed_form import (
     updated_weights,
 )
 from conceptsmith.erasure.uce import UCEConfig, default_guide, request_groups
-from pydantic import Field
-
-from conceptsmith.edits import Edit
 from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.registry import ALL_FAMILIES, Editor, EditRequest, register_editor
 

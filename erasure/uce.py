@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
+from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.erasure._closed_form import (
     PRESERVE_CACHE_MIN,
     CheckedRequest,
@@ -52,9 +55,6 @@ from conceptsmith.erasure._closed_form import (
     torch_dtype,
     uce_groups,
 )
-from pydantic import Field
-
-from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.registry import ALL_FAMILIES, Editor, EditRequest, register_editor
 from conceptsmith.text import TokenPolicy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from conceptsmith.cli.errors import OneLineErrors, user_errors
 from conceptsmith.cli.files import register as _register_file_commands
 from conceptsmith.cli.options import DeviceOption, DtypeOption
 from conceptsmith.cli.world import app as world_app
+from conceptsmith.io import save_image
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -93,7 +95,6 @@ def generate(
     seed_list = validate.parse_seeds(seeds)
     from conceptsmith.edits import content_digest
     from conceptsmith.generation import default_settings, generate_to_folder, image_grid
-    from conceptsmith.io import save_image
 
     edits = _load_edits(edit)
     pipe, info = _load(model, dtype, device)
@@ -210,8 +211,6 @@ def erase(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Erase concepts: fit an erasure method and write the Edit (the model itself is never modified)."""
-    import time
-
     from conceptsmith.registry import EditRequest
 
     if out.suffix != ".safetensors":

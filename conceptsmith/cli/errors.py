@@ -28,6 +28,8 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
+from conceptsmith import __version__
+
 #: The parser's own error class (click's, or the copy of click that typer ships).
 CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _PASS_THROUGH = (typer.Exit, typer.Abort, CLICK_ERROR)
@@ -104,8 +106,6 @@ def crash_dirs() -> list[Path]:
 
 def write_crash_report(err: BaseException) -> Path | None:
     """Write the command line, versions and the full traceback of ``err``; ``None`` when nowhere is writable."""
-    from conceptsmith import __version__
-
     text = (f"conceptsmith {__version__}, python {sys.version.split()[0]}\n"
             f"command: {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(err)))
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,9 +29,6 @@ def register(app: typer.Typer, user_errors: Callable[..., Any], load: Callable[[
 
 def _bind(command: Callable[..., None], load: Callable[[str], tuple[Any, Any]]) -> Callable[..., None]:
     """``command`` with its ``load`` argument filled in, keeping the signature typer reads the options from."""
-    import functools
-    import inspect
-
     @functools.wraps(command)
     def run(**kwargs: Any) -> None:
         command(load=load, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 from conceptsmith import validate
 from conceptsmith.cli.errors import OneLineErrors, user_errors
 from conceptsmith.cli.options import DeviceOption, DtypeOption
+from conceptsmith.io import atomic_directory, write_json
 
 app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True,
                   cls=OneLineErrors)
@@ -174,7 +176,6 @@ def _check_numbers(**values: float | None) -> None:
 def prepare_out(out: Path, overwrite: bool) -> Path:
     """Check ``world train --out`` and mark it as a training folder: never the shipped weights; an existing
     non-empty folder only when an earlier ``world train`` made it (a resumed run) or with ``overwrite``."""
-    from conceptsmith.io import write_json
     from conceptsmith.world.pipeline import refuse_shipped
 
     refuse_shipped(out)
@@ -191,9 +192,6 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
 
 def _inputs_from_shipped(pipe_dir: Path, log) -> None:
     """Copy the parts the UNet stage reads that no earlier stage wrote into ``pipe_dir`` from the shipped pipeline."""
-    import shutil
-
-    from conceptsmith.io import atomic_directory
     from conceptsmith.world.pipeline import PIPE_DIR
 
     for part in UNET_INPUTS:

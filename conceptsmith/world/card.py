@@ -7,7 +7,12 @@ import time
 from pathlib import Path
 
 from conceptsmith.io import write_text
+from conceptsmith.world import stage_clock
+from conceptsmith.world.check import BARS, passes
+from conceptsmith.world.clip_train import EVALUATOR_DEFAULTS, TEXT_TOWER_DEFAULTS
 from conceptsmith.world.pipeline import DEFAULTS, PIPE_DIR
+from conceptsmith.world.unet_train import SCHEDULE
+from conceptsmith.world.vae_train import cache_dir
 
 
 def _read_json(path: Path) -> dict:
@@ -30,12 +35,6 @@ def _attention_resolutions(unet_cfg: dict) -> str:
 
 
 def write_model_card(results: dict, pipe_dir: Path | None = None, seed: int = 0) -> Path:
-    from conceptsmith.world import stage_clock
-    from conceptsmith.world.check import BARS, passes
-    from conceptsmith.world.clip_train import EVALUATOR_DEFAULTS, TEXT_TOWER_DEFAULTS
-    from conceptsmith.world.unet_train import SCHEDULE
-    from conceptsmith.world.vae_train import cache_dir
-
     pipe_dir = Path(pipe_dir) if pipe_dir else PIPE_DIR
     unet_cfg = _read_json(pipe_dir / "unet" / "config.json")
     vae_cfg = _read_json(pipe_dir / "vae" / "config.json")

@@ -27,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conceptsmith.generation import DEFAULTS_ATTRIBUTE, default_settings, generate, image_grid
+from conceptsmith.io import save_image
+from conceptsmith.models import load_pipeline
+from conceptsmith.text import encode_prompts
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
+from conceptsmith.world.clip_train import class_prompts, evaluate_shapes_clip, load_shapes_clip
+from conceptsmith.world.pipeline import DEFAULTS
 
 #: Acceptance bars of ``conceptsmith world check`` for the ShapesWorld generator and evaluator
 #: (metric -> minimum, or maximum for seconds).
@@ -59,16 +65,12 @@ class Judge:
     """Zero-shot classification of images with the evaluator, using held-out prompt ensembles."""
 
     def __init__(self, model, preprocess, tokenizer, device: str = "cpu"):
-        from conceptsmith.world.clip_train import class_prompts
-
         self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
         self._class_prompts = class_prompts
         self._weights: dict[str, tuple[list[str], torch.Tensor]] = {}
 
     @classmethod
     def load(cls, device: str = "cpu", weights_dir: str | Path | None = None) -> Judge:
-        from conceptsmith.world.clip_train import load_shapes_clip
-
         return cls(*load_shapes_clip(device, weights_dir), device=device)
 
     @torch.no_grad()
@@ -245,8 +247,6 @@ BINDING_PAIRS: dict[str, list[tuple[str, str]]] = {
 def text_binding_cosines(pipe, pairs: dict[str, list[tuple[str, str]]] = BINDING_PAIRS) -> dict[str, float]:
     """``text_<kind>_cos``: mean cosine similarity of the UNet's conditioning for each binding pair,
     per token from the first token that differs through the EOS token (1.0 = indistinguishable)."""
-    from conceptsmith.text import encode_prompts
-
     out = {}
     for kind, kind_pairs in pairs.items():
         values = []
@@ -263,8 +263,6 @@ def text_binding_cosines(pipe, pairs: dict[str, list[tuple[str, str]]] = BINDING
 
 def seconds_per_image(pipe, repeats: int = 5, threads: int = 2) -> float:
     """Median wall time of one image (batch 1, the pipeline's default steps and guidance)."""
-    from conceptsmith.generation import default_settings
-
     settings = default_settings(pipe)
     kwargs = settings.pipeline_kwargs()
     old = torch.get_num_threads()
@@ -286,10 +284,6 @@ def seconds_per_image(pipe, repeats: int = 5, threads: int = 2) -> float:
 def load_generator(spec: str):
     """Load a generator to check. A candidate pipeline directory carries no sampling defaults of its own, so it
     gets the shipped generator's (20 DPM-Solver++ steps, guidance 5): every generator is measured alike."""
-    from conceptsmith.generation import DEFAULTS_ATTRIBUTE
-    from conceptsmith.models import load_pipeline
-    from conceptsmith.world.pipeline import DEFAULTS
-
     pipe, _ = load_pipeline(spec)
     if not hasattr(pipe, DEFAULTS_ATTRIBUTE):
         setattr(pipe, DEFAULTS_ATTRIBUTE, dict(DEFAULTS))
@@ -309,17 +303,12 @@ def run_check(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Measure the metrics; returns ``{metric: value}`` (plus ``seeds``/``images`` bookkeeping)."""
-    from conceptsmith.generation import default_settings, generate, image_grid
-    from conceptsmith.io import save_image
-
     log = log or (lambda message: None)
     if pipe is None:
         pipe = load_generator("builtin:shapes")
     judge = judge or Judge.load()
     results: dict[str, float] = {}
     if include_eval:
-        from conceptsmith.world.clip_train import evaluate_shapes_clip
-
         log("evaluator zero-shot accuracy on fresh renders (held-out templates)...")
         results.update({k: round(v, 4) for k, v in evaluate_shapes_clip(n=eval_n).items()})
         pairs = build_jobs(["two_object"])

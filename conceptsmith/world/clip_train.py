@@ -40,11 +40,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from conceptsmith.io import atomic_directory, save_numpy, save_torch, write_text
 
 from . import render as R
 from . import vocab as V
+from .pipeline import refuse_shipped
+from .tokenizer import clip_tokenizer, save_clip_tokenizer
 
 WORLD_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = WORLD_DIR / "weights"
@@ -101,7 +106,6 @@ def rendered_dataset(n: int, seed: int, split: str, workers: int = 2) -> tuple[n
         return np.load(img_path), json.loads(lab_path.read_text())
     chunk = 1000
     jobs = [(min(chunk, n - s), seed, s, split) for s in range(0, n, chunk)]
-    from tqdm.auto import tqdm
 
     if workers > 1:
         with get_context("fork").Pool(workers) as pool:
@@ -216,8 +220,6 @@ def _contrastive_train(
     :func:`render.binding_variants` of two-object scenes (4 per scene): captions with the same words
     and different bindings, so that the text tower must encode which color and place go with which
     object (without them it barely tells "left of" from "right of": token cosine 0.997)."""
-    from tqdm.auto import tqdm
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     ckpt = cache_dir() / f"ckpt-{name}.pt"
@@ -296,8 +298,6 @@ def _contrastive_train(
 # ----------------------------------------------------------------------------- stage (a): text tower
 
 def _hf_encoder():
-    from .tokenizer import clip_tokenizer
-
     tok = clip_tokenizer()
     return lambda c: tok(c, add_special_tokens=False).input_ids
 
@@ -306,8 +306,6 @@ def train_text_tower(out_dir: str | Path, steps: int | None = None, seed: int | 
                      resume: bool = True, threads: int = 2, **overrides: Any) -> Path:
     """Stage (a): contrastive training; saves ``out_dir/text_encoder`` (fp16) and ``out_dir/tokenizer`` (a
     generator pipeline folder such as ``<world train --out>/shapes-sd``; never the shipped weights)."""
-    from .pipeline import refuse_shipped
-
     refuse_shipped(out_dir)
     cfg = dict(TEXT_TOWER_DEFAULTS, **overrides)
     steps = steps or cfg["steps"]
@@ -340,7 +338,6 @@ def train_text_tower(out_dir: str | Path, steps: int | None = None, seed: int | 
     text = model.text.eval().requires_grad_(False)
     with atomic_directory(out / "text_encoder") as temporary:
         copy.deepcopy(text).to(torch.float16).save_pretrained(temporary)
-    from .tokenizer import save_clip_tokenizer
 
     save_clip_tokenizer(out / "tokenizer")
     return out / "text_encoder"
@@ -383,9 +380,6 @@ def train_evaluator(out_dir: str | Path, steps: int | None = None, seed: int | N
     """Stage (b): the open_clip evaluator; saves ``out_dir/shapes-clip/{open_clip_config.json,
     open_clip_model.safetensors}`` (weights in float16; never into the shipped weights)."""
     import open_clip
-    from safetensors.torch import save_file
-
-    from .pipeline import refuse_shipped
 
     refuse_shipped(out_dir)
     cfg = dict(EVALUATOR_DEFAULTS, **overrides)
@@ -538,7 +532,6 @@ def zero_shot_accuracy(
 def evaluate_shapes_clip(n: int = 220, seed: int = 4242, device: str = "cpu", weights_dir=None) -> dict[str, float]:
     """Zero-shot accuracies of the shipped evaluator, loaded through open_clip, using its preprocess."""
     model, preprocess, tokenizer = load_shapes_clip(device, weights_dir)
-    from PIL import Image
 
     def tf(arr):
         return torch.stack([preprocess(Image.fromarray(a)) for a in arr]).to(device)

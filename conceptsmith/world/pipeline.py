@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from conceptsmith.io import atomic_directory
+from conceptsmith.models import dtype_kwargs, register_builtin
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 PIPE_DIR = SHIPPED_DIR / "shapes-sd"
 
@@ -50,8 +53,6 @@ def save_pipeline(out_dir: Path, *, unet, vae, text_encoder, tokenizer, schedule
     ``out_dir`` as a whole (:func:`conceptsmith.io.atomic_directory`)."""
     from diffusers import StableDiffusionPipeline
 
-    from conceptsmith.io import atomic_directory
-
     refuse_shipped(out_dir)
     parts = {name: copy.deepcopy(m).to(torch.float16).eval() for name, m in
              dict(unet=unet, vae=vae, text_encoder=text_encoder).items()}
@@ -66,8 +67,6 @@ def save_pipeline(out_dir: Path, *, unet, vae, text_encoder, tokenizer, schedule
 def load_shapes_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu", pipe_dir: Path | None = None):
     """Load the shipped pipeline (or ``pipe_dir``) as a ``StableDiffusionPipeline``."""
     from diffusers import StableDiffusionPipeline
-
-    from conceptsmith.models import dtype_kwargs
 
     pipe_dir = Path(pipe_dir) if pipe_dir else PIPE_DIR
     if not (pipe_dir / "model_index.json").exists() or not any((pipe_dir / "unet").glob("*.safetensors")):
@@ -86,8 +85,6 @@ def load_shapes_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"
 
 
 def _register() -> None:
-    from conceptsmith.models import register_builtin
-
     register_builtin(
         "shapes",
         load_shapes_pipeline,

@@ -14,6 +14,8 @@ import gzip
 from functools import lru_cache
 from pathlib import Path
 
+from conceptsmith.io import atomic_directory
+
 N_MERGES = 49152 - 256 - 2  # as in CLIP's SimpleTokenizer
 VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -65,8 +67,6 @@ build_clip_tokenizer = clip_tokenizer
 def save_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Path:
     """Write the SD 1.x-style tokenizer with ``save_pretrained`` (``CLIPTokenizer.from_pretrained`` loads it),
     replacing ``out_dir`` as a whole."""
-    from conceptsmith.io import atomic_directory
-
     out = Path(out_dir)
     with atomic_directory(out) as temporary:
         clip_tokenizer(model_max_length=model_max_length).save_pretrained(temporary)

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from conceptsmith.io import atomic_directory, save_torch, write_text
+from conceptsmith.world import render as R
+from conceptsmith.world.pipeline import refuse_shipped, save_pipeline
 from conceptsmith.world.vae_train import cache_dir, log, render_pool, to_tensor, weights_dir
 
 
@@ -231,10 +234,6 @@ def train_unet(cfg: UNetTrainConfig | None, pipe_dir: Path, logfile: str | Path 
     shortens the schedule to end by then: every 50 steps its length is re-planned from the measured speed
     (:func:`fit_schedule`, at most ``cfg.steps``), and the cosine decays over the planned length."""
     from diffusers import AutoencoderKL, DDPMScheduler
-    from tqdm.auto import tqdm
-
-    from conceptsmith.world import render as R
-    from conceptsmith.world.pipeline import refuse_shipped
 
     refuse_shipped(pipe_dir)
     cfg = cfg or UNetTrainConfig()
@@ -281,7 +280,6 @@ def train_unet(cfg: UNetTrainConfig | None, pipe_dir: Path, logfile: str | Path 
         log(f"UNet: resumed from {ckpt} at step {step} ({elapsed / 60:.1f} min trained)", logfile)
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"UNet {n_params / 1e6:.2f}M params; config {json.dumps(asdict(cfg))}", logfile)
-    from conceptsmith.world.pipeline import save_pipeline
 
     save_pipeline(pipe_dir, unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     empty = encode_text(tokenizer, text_encoder, [""])[0]
@@ -375,8 +373,6 @@ def _note_history(seed: int, note: str) -> None:
 def export_unet(unet, pipe_dir: Path) -> None:
     """Write the (EMA) UNet into the pipeline dir in fp16 (loads into fp32 with torch_dtype=float32), replacing
     ``unet/`` as a whole."""
-    from conceptsmith.world.pipeline import refuse_shipped
-
     half = copy.deepcopy(unet).to(torch.float16)
     with atomic_directory(refuse_shipped(pipe_dir) / "unet") as temporary:
         half.save_pretrained(temporary)

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from conceptsmith.io import atomic_directory, save_numpy, save_torch, write_text
+from conceptsmith.world import render as R
+from conceptsmith.world.pipeline import refuse_shipped
 
 VAE_CONFIG: dict = dict(
     in_channels=3,
@@ -66,10 +69,6 @@ def render_pool(n: int, seed: int, *, progress: bool = True, logfile: str | Path
 
     Returns (images uint8 [n,64,64,3], labels list[dict]). Captions are re-drawn from the labels
     at training time (``render.make_caption``), so one image is seen under many captions."""
-    from tqdm.auto import tqdm
-
-    from conceptsmith.world import render as R
-
     root = cache_dir() / f"pool_generator_s{seed}"
     root.mkdir(parents=True, exist_ok=True)
     n_chunks = math.ceil(n / POOL_CHUNK)
@@ -131,10 +130,6 @@ def train_vae(cfg: VAETrainConfig | None, out_dir: Path, logfile: str | Path | N
               progress: bool = True, resume: bool = True):
     """Train (or resume) the autoencoder; writes ``out_dir`` (e.g. ``<world train --out>/shapes-sd/vae``) with
     save_pretrained, never the shipped weights."""
-    from tqdm.auto import tqdm
-
-    from conceptsmith.world.pipeline import refuse_shipped
-
     refuse_shipped(out_dir)
     cfg = cfg or VAETrainConfig()
     torch.set_num_threads(cfg.threads)
@@ -208,9 +203,6 @@ def finetune_decoder(vae_dir: Path, steps: int = 2000, batch_size: int = 32, lr:
     and shifts colors (measured on the crop-32 decoder before this fine-tune: a mean tint of up to 20/255 per
     background, evaluator color accuracy on reconstructions 0.78 vs 0.97 on the renders themselves)."""
     from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
-
-    from conceptsmith.world.pipeline import refuse_shipped
 
     refuse_shipped(vae_dir)
     torch.set_num_threads(threads)
