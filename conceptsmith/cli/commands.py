@@ -341,7 +341,7 @@ def bench(
 ) -> None:
     """Run a benchmark: fit every method, generate, score, write results.json and a report.
     On several GPUs: accelerate launch --multi_gpu --num_processes N -m conceptsmith bench CONFIG."""
-    from conceptsmith.evaluation.bench import bench_command
+    from conceptsmith.cli.bench import bench_command
 
     _check_bench(config, model, out, cache)
     bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json,
@@ -352,7 +352,7 @@ def _check_bench(config: str, model: str | None, out: str | None, cache: str | N
     """A benchmark's YAML (bounded, templates checked), ``--model`` and its folders; a run folder is resumed,
     so an existing one is written into (its cache makes a rerun do only what is new)."""
     from conceptsmith.config import read_yaml
-    from conceptsmith.evaluation.bench import resolve_bench_path
+    from conceptsmith.evaluation.bench_spec import resolve_bench_path
 
     path = resolve_bench_path(config)
     validate.check_templates(read_yaml(path), str(path))
@@ -376,7 +376,7 @@ def evaluate(
     dtype: DtypeOption = None,
 ) -> None:
     """Score the unedited model and each saved edit on a benchmark's prompts."""
-    from conceptsmith.evaluation.bench import evaluate_command
+    from conceptsmith.cli.bench import evaluate_command
 
     _check_bench(bench_config, model, out, cache)
     _load_edits(edit)
