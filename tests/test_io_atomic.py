@@ -249,13 +249,13 @@ def test_generate_stopped_midway_keeps_its_images_and_a_rerun_makes_only_the_res
 def test_bench_stopped_after_a_row_reuses_it_and_gives_the_numbers_of_one_run(tmp_path, monkeypatch, evaluator_file):
     import torch
 
-    from conceptsmith.evaluation import bench
+    from conceptsmith.evaluation import engine, erasure_suite, session
 
     torch.set_num_threads(1)
     kwargs = dict(model="builtin:tiny-test", evaluator=str(evaluator_file), progress=False, report=False,
                   cache_dir=tmp_path / "cache")
-    whole = bench.run_bench("shapes-smoke", tmp_path / "whole", **kwargs)
-    real_score = bench._score_row
+    whole = engine.run_bench("shapes-smoke", tmp_path / "whole", **kwargs)
+    real_score = erasure_suite._score
     scored: list[int] = []
 
     def stopped_at_the_second_row(*args, **kw):
@@ -264,18 +264,18 @@ def test_bench_stopped_after_a_row_reuses_it_and_gives_the_numbers_of_one_run(tm
         scored.append(1)
         return real_score(*args, **kw)
 
-    monkeypatch.setattr(bench, "_score_row", stopped_at_the_second_row)
+    monkeypatch.setattr(erasure_suite, "_score", stopped_at_the_second_row)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        bench.run_bench("shapes-smoke", out, **kwargs)
-    journal = io.read_jsonl(out / bench.ROWS_JOURNAL)
+        engine.run_bench("shapes-smoke", out, **kwargs)
+    journal = io.read_jsonl(out / session.ROWS_JOURNAL)
     assert [entry["row"]["method"] for entry in journal] == ["unedited"] and not (out / "results.json").exists()
 
     scored.clear()
-    monkeypatch.setattr(bench, "_score_row", lambda *args, **kw: scored.append(1) or real_score(*args, **kw))
-    bench.run_bench("shapes-smoke", out, **kwargs)
+    monkeypatch.setattr(erasure_suite, "_score", lambda *args, **kw: scored.append(1) or real_score(*args, **kw))
+    engine.run_bench("shapes-smoke", out, **kwargs)
     assert len(scored) == 1  # only the row the stopped run had not finished
-    assert not (out / bench.ROWS_JOURNAL).exists()  # results.json holds them all
+    assert not (out / session.ROWS_JOURNAL).exists()  # results.json holds them all
     written = json.loads((out / "results.json").read_text())
     expected = json.loads(json.dumps(whole.results, default=float))
     for key in ("images", "summary", "summary_by_task"):
