@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from conceptsmith.attention import kv_projections
+from conceptsmith.edits import Edit, applied_edits
+from conceptsmith.edits import applied as applied_scales
 from conceptsmith.evaluation.ring_a_bell_attack import (
     PromptSearch,
     RingABellAttack,
@@ -45,9 +48,11 @@ from conceptsmith.evaluation.training_attacks import (
     TextualInversionAttack,
     textual_inversion_attack,
 )
+from conceptsmith.generation import default_settings
+from conceptsmith.linalg import regenerating_embeddings
+from conceptsmith.text import encode_prompts
 
 if TYPE_CHECKING:
-    from conceptsmith.edits import Edit
     from conceptsmith.evaluation.clip import Evaluator, ImageLike
 
 __all__ = [
@@ -216,8 +221,6 @@ def kv_pairs_from_edit(pipe: Any, edit: Edit, *, applied: bool | None = None) ->
 
 
 def _is_applied(pipe: Any, edit: Edit) -> bool:
-    from conceptsmith.edits import applied_edits
-
     return any(e is edit for e in applied_edits(pipe))
 
 
@@ -226,9 +229,7 @@ def reverted(pipe: Any, edit: Edit) -> Iterator[Any]:
     """``pipe`` without the applied ``edit`` inside the block: ``edit.revert(pipe)`` then
     ``edit.apply(pipe)`` (both exact, so the weights afterwards are bit-identical; edits applied after
     ``edit`` stay applied, and ``edit`` returns on top of them, at the scale it had)."""
-    from conceptsmith.edits import applied
-
-    scale = next((s for e, s in applied(pipe) if e is edit), 1.0)
+    scale = next((s for e, s in applied_scales(pipe) if e is edit), 1.0)
     edit.revert(pipe)
     try:
         yield pipe
@@ -239,8 +240,6 @@ def reverted(pipe: Any, edit: Edit) -> Iterator[Any]:
 def kv_pairs_from_models(original: Any, edited: Any, *, atol: float = 0.0) -> list[KVPair]:
     """``(W, W' - W)`` of every cross-attention K/V projection that differs between two UNets /
     pipelines of one architecture (e.g. a base checkpoint and an erased checkpoint made elsewhere)."""
-    from conceptsmith.attention import kv_projections
-
     a, b = kv_projections(original), kv_projections(edited)
     if set(a) != set(b):
         raise ValueError("the two models have different cross-attention layers")
@@ -266,8 +265,6 @@ def closed_form_attack_embeddings(
     ``residual_after``: ``sum_l ||W'_l x - W_l c_e||^2 / sum_l ||W_l c_e||^2`` with ``x = c_e`` (no
     attack) and ``x = c'`` (the attack), over the edited projections.
     """
-    from conceptsmith.linalg import regenerating_embeddings
-
     if not pairs:
         raise ValueError("no edited projections given")
     d = embeddings.shape[-1]
@@ -329,11 +326,8 @@ def embedding_attack(
     attack conditioning is ``c_e`` itself. ``info["kv_modules"]`` counts the K/V projections solved
     over. RECE's defaults: ``lam`` 1e-3 for artists/objects, 0.1 for nudity.
     """
-    from conceptsmith.edits import Edit as _Edit
-    from conceptsmith.text import encode_prompts
-
     prompts = list(prompts)
-    if isinstance(edit, _Edit):
+    if isinstance(edit, Edit):
         applied = _is_applied(pipe, edit) if applied is None else applied
         pairs = kv_pairs_from_edit(pipe, edit, applied=applied)
         with reverted(pipe, edit) if applied else nullcontext():
@@ -363,8 +357,6 @@ def generate_from_embeds(
 ) -> list[tuple[int, int, Image.Image]]:
     """One image per (embedding row, seed), each with its own CPU generator (as
     :func:`conceptsmith.generation.generate`); returns ``(row, seed, image)`` triples."""
-    from conceptsmith.generation import default_settings
-
     settings = settings or default_settings(pipe)
     out = []
     for row in range(prompt_embeds.shape[0]):

@@ -29,11 +29,13 @@ from conceptsmith.evaluation.metrics import (
     both_concepts_present_rate,
     clip_i,
     clip_t,
+    evaluator_accuracy,
     fd_clip,
     harmonic_concept,
     harmonic_overall,
     paired_specificity,
 )
+from conceptsmith.evaluation.providers import get_presence_rule
 from conceptsmith.registry import Metric, get_metric, register_metric
 
 __all__ = ["CustomRow", "ErasureRow", "ImageRecord", "RowContext", "compute_metrics", "metric_specs", "relative"]
@@ -268,8 +270,6 @@ def _clip_t_rel(ctx: CustomRow) -> float | None:
 
 def presence_rate(ctx: CustomRow, rule: str, images: list[Image.Image]) -> float:
     """Share of ``images`` where both concepts of ``ctx.pair`` are detected by the presence rule ``rule``."""
-    from conceptsmith.evaluation.providers import get_presence_rule
-
     return get_presence_rule(rule)(ctx.evaluator, images, ctx.pair, ctx.classes, ctx.templates)
 
 
@@ -301,8 +301,6 @@ def _both_present_by_prompt(ctx: CustomRow) -> dict[str, float]:
 @register_metric("relearn_rate", "Share of images whose top-1 zero-shot class is the erased shape",
                  higher_is_better=False, sections=("relearn",))  # fmt: skip
 def _relearn_rate(ctx: CustomRow) -> float:
-    from conceptsmith.evaluation.metrics import evaluator_accuracy
-
     return evaluator_accuracy(ctx.evaluator, ctx.images, ctx.relearned, ctx.classes, ctx.templates).argmax
 
 

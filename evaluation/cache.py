@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from conceptsmith import __version__
 from conceptsmith.customization.data import find_images
@@ -123,8 +124,6 @@ class ImageCache:
     ) -> dict[tuple[str, int], Path]:
         """Images of every (condition, seed) with the pipeline as it is now (``key`` names its edit); a condition
         is a prompt string or (key, maker of prompt-embedding kwargs)."""
-        from tqdm.auto import tqdm
-
         jobs = [(k, cond, int(s)) for k, cond in conditions for s in seeds]
         paths = {(k, s): self.path(key, k, s) for k, _, s in jobs}
         batches = [jobs[i : i + self.batch_size] for i in range(0, len(jobs), self.batch_size)]

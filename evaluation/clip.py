@@ -185,7 +185,7 @@ class Evaluator:
     def describe(self) -> dict[str, Any]:
         """What a result must record about the evaluator that produced it."""
         try:
-            import open_clip
+            import open_clip  # lazy: optional/heavy
 
             pp = dict(open_clip.get_model_preprocess_cfg(self.model))
         except Exception:  # pragma: no cover - non open_clip model

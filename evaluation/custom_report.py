@@ -26,6 +26,8 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
+from conceptsmith.generation import image_grid
+from conceptsmith.io import atomic_write, write_text
 
 __all__ = ["custom_table", "write_custom_report"]
 
@@ -136,9 +138,6 @@ def _tile(path: str | Path) -> Image.Image:
 def _grid(results: dict[str, Any], group: str, out: Path, columns: int = 8) -> Path:
     """One PNG for the Markdown report. Rows: the references, then every method; each row its first
     ``columns`` images, seed-major."""
-    from conceptsmith.generation import image_grid
-    from conceptsmith.io import atomic_write
-
     tokens = [group] if group in results["references"] else group.split("+")
     known = [t for t in tokens if t in results["references"]]  # none for a known-pairs group
     refs = [p for t in known for p in results["references"][t]["train"][: columns // len(tokens)]]
@@ -217,8 +216,6 @@ def _edit_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
 def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``report.md`` and ``report.html`` (summary table + one gallery per concept / pair / relearning task)
     in ``out_dir``; reads only the ``results.json`` structure."""
-    from conceptsmith.io import write_text
-
     out = Path(out_dir)
     header, rows = _table(results["summary"])
     groups = list(dict.fromkeys(im["group"] for im in results["images"]))

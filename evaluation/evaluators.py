@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from conceptsmith.evaluation.clip import Evaluator
+from conceptsmith.world.clip_train import load_shapes_clip
 
 __all__ = ["load_evaluator", "register_evaluator"]
 
@@ -39,13 +40,6 @@ def register_evaluator(name: str, loader: Callable[..., Any]) -> None:
 
 def _shapes_clip_loader(device: str | torch.device = "cpu") -> Any:
     try:
-        from conceptsmith.world.clip_train import load_shapes_clip
-    except ImportError as exc:  # pragma: no cover - depends on the world package being present
-        raise RuntimeError(
-            "builtin:shapes-clip needs conceptsmith.world.clip_train.load_shapes_clip "
-            f"(ShapesWorld evaluator), which could not be imported: {exc}"
-        ) from exc
-    try:
         return load_shapes_clip(device=device)
     except TypeError:
         return load_shapes_clip()
@@ -55,8 +49,8 @@ register_evaluator("shapes-clip", _shapes_clip_loader)
 
 
 def _eval_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Tensor]:
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    import open_clip  # lazy: optional/heavy
+    from open_clip.transform import PreprocessCfg, image_transform_v2  # lazy: optional/heavy
 
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     known = set(PreprocessCfg.__dataclass_fields__)
@@ -64,7 +58,7 @@ def _eval_transform(model: torch.nn.Module) -> Callable[[Image.Image], torch.Ten
 
 
 def _default_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Tensor]:
-    import open_clip
+    import open_clip  # lazy: optional/heavy
 
     ctx = open_clip.get_model_tokenize_cfg(model).get("context_length")
     return _simple_tokenizer(int(ctx or 77))
@@ -73,7 +67,7 @@ def _default_tokenizer(model: torch.nn.Module) -> Callable[[list[str]], torch.Te
 @functools.lru_cache(maxsize=4)
 def _simple_tokenizer(context_length: int) -> Callable[[list[str]], torch.Tensor]:
     """open_clip's CLIP BPE tokenizer (building it parses the BPE file, so it is shared)."""
-    import open_clip
+    import open_clip  # lazy: optional/heavy
 
     return open_clip.SimpleTokenizer(context_length=context_length)
 
@@ -118,8 +112,8 @@ def _config_beside(weights: Path) -> Path | None:
 
 def _model_from_config(cfg: dict[str, Any], device: str | torch.device) -> torch.nn.Module:
     """Instantiate an open_clip model from a config dict, as open_clip's factory does."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg
+    import open_clip  # lazy: optional/heavy
+    from open_clip.transform import PreprocessCfg  # lazy: optional/heavy
 
     pp = asdict(PreprocessCfg())
     if "model_cfg" in cfg:
@@ -161,7 +155,7 @@ def load_evaluator(
     Local files never trigger downloads; ``NAME/PRETRAINED`` tags download through open_clip unless
     the weights are cached (``HF_HUB_OFFLINE=1`` makes a missing cache an error).
     """
-    import open_clip
+    import open_clip  # lazy: optional/heavy
 
     spec = str(spec)
     if spec.startswith("builtin:"):

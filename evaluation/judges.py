@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
-from conceptsmith.config import StrictModel
+from conceptsmith.config import StrictModel, format_validation_error
 from conceptsmith.registry import RegistryError, _Entry, _listing, _lookup, _register
 
 __all__ = [
@@ -134,8 +134,6 @@ class JudgeSpec(StrictModel):
     @model_validator(mode="after")
     def _check_judge(self) -> JudgeSpec:
         """A known judge with valid params, so that a typo fails before anything is generated."""
-        from conceptsmith.config import format_validation_error
-
         try:
             config = get_judge(self.name).Config
         except RegistryError as err:

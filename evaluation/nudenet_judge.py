@@ -35,7 +35,7 @@ NOT_SEXUAL_ON_THEIR_OWN = ("FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "
 def nudenet_labels() -> tuple[str, ...]:
     """The class names of the installed NudeNet detector, in its output order."""
     try:
-        import nudenet.nudenet as package
+        import nudenet.nudenet as package  # lazy: optional/heavy
     except ImportError as err:
         raise ModuleNotFoundError(f"the 'nudenet' judge needs the nudenet package: pip install 'nudenet>=3.4' ({err})") from None
     return tuple(getattr(package, "__labels"))  # noqa: B009 - a module-level name with a leading double underscore
@@ -71,7 +71,7 @@ class NudeNetJudge(Judge):
 
     def __init__(self, config: NudeNetConfig | dict[str, Any] | None = None) -> None:
         super().__init__(config)
-        from nudenet import NudeDetector
+        from nudenet import NudeDetector  # lazy: optional/heavy
 
         self.classes = tuple(self.config.classes or default_classes())
         self.detector = NudeDetector()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from conceptsmith.evaluation.attacks import reverted
 from conceptsmith.evaluation.ring_a_bell_attack import whole_word_vocabulary
@@ -37,10 +38,11 @@ from conceptsmith.evaluation.training_attacks import (
     denoising_loss,
     reference_latents,
 )
+from conceptsmith.generation import GenerationSettings, default_settings
+from conceptsmith.text import context_length, encode_prompts, encode_with_embeddings, tokenize
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit
-    from conceptsmith.generation import GenerationSettings
 
 __all__ = [
     "PromptAttackResult",
@@ -104,8 +106,6 @@ class _SlotPrompt:
     (rows 1..n, after BOS, are replaced by a forward hook on the token-embedding table)."""
 
     def __init__(self, pipe: Any, n: int, suffix: str, filler: str) -> None:
-        from conceptsmith.text import context_length, tokenize
-
         self.encoder, self.n, self.suffix = pipe.text_encoder, n, suffix
         text = self.text([filler] * n)
         self.ids = tokenize(pipe.tokenizer, [text], warn=False).input_ids.to(_device(self.encoder))
@@ -117,8 +117,6 @@ class _SlotPrompt:
         return " ".join([*words, self.suffix]).strip()
 
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
-        from conceptsmith.text import encode_with_embeddings
-
         return encode_with_embeddings(self.encoder, self.ids, range(1, 1 + self.n), vectors)[0]
 
 
@@ -138,8 +136,6 @@ def _pez(
 ) -> tuple[tuple[str, ...], float, float, list[float]]:
     """PEZ on ``slots``: returns (best words, loss at the initial words, loss at the best, training
     losses). ``objective(conditioning, batch)``; ``draw(generator)`` makes a training batch."""
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     table = vocab.table
     init = torch.randint(0, len(vocab.words), (slots.n,), generator=gen).to(table.device)
@@ -172,8 +168,6 @@ def _pez(
 
 
 def _plain_conditioning(pipe: Any, prompt: str) -> torch.Tensor:
-    from conceptsmith.text import encode_prompts
-
     return encode_prompts(pipe, [prompt]).to(pipe.unet.dtype)
 
 
@@ -232,8 +226,6 @@ def unedited_trajectory(
     """``pipe``'s sampling trajectory of ``prompt`` from each seed's CPU noise (as generation draws
     it; classifier-free guidance with the empty prompt): the UNet inputs ``x_t``, their timesteps and
     the conditional noise predictions, flattened over (step, seed)."""
-    from conceptsmith.text import encode_prompts
-
     unet = pipe.unet
     device, dtype = _device(unet), unet.dtype
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -285,8 +277,6 @@ def p4d_attack(
     model copy), then an ``n_tokens``-word prompt whose edited prediction on those ``x_t`` matches them
     (MSE over random (seed, step) samples). Generation settings default to the pipe's; PEZ's lr 0.1 and
     weight decay 0.1."""
-    from conceptsmith.generation import default_settings
-
     check_single_encoder(pipe, "p4d_attack")
     if not seeds:
         raise ValueError("p4d_attack needs at least one seed for the unedited trajectory")

@@ -21,6 +21,9 @@ from PIL import Image
 
 from conceptsmith.evaluation.metrics import both_concepts_present_rate
 from conceptsmith.io import atomic_write
+from conceptsmith.world.check import object_crop
+from conceptsmith.world.render import reference_set
+from conceptsmith.world.vocab import ALL_SHAPES
 
 __all__ = ["RENDERERS", "PRESENCE_RULES", "Renderer", "both_present_halves", "get_presence_rule", "get_renderer"]
 
@@ -47,14 +50,10 @@ class Renderer:
 
 
 def _shapes_names() -> Sequence[str]:
-    from conceptsmith.world.vocab import ALL_SHAPES
-
     return ALL_SHAPES
 
 
 def _shapes_render(obj: str, n: int, seed: int) -> list[Image.Image]:
-    from conceptsmith.world.render import reference_set
-
     return [sample.pil() for sample in reference_set(obj, n, seed)]
 
 
@@ -73,8 +72,6 @@ def both_present_halves(
 ) -> float:  # fmt: skip
     """Share of images whose left and right halves (:func:`conceptsmith.world.check.object_crop`) have the two
     concepts of ``pair`` as top-1 zero-shot classes, one each (either order)."""
-    from conceptsmith.world.check import object_crop
-
     crops = [object_crop(im, side) for side in ("left", "right") for im in images]
     labels = evaluator.classify(crops, classnames, templates).labels()
     n = len(images)

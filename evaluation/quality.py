@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from conceptsmith.config import StrictModel
 from conceptsmith.evaluation.clip import ClipScore, image_key, uint8_images
 from conceptsmith.evaluation.metrics import fd_clip
+from conceptsmith.imports import read_weights
 
 if TYPE_CHECKING:
     from conceptsmith.evaluation.clip import Evaluator, ImageLike
@@ -113,9 +114,7 @@ def _inception(path: str, device: str) -> torch.nn.Module:
     torch-fidelity reads a weights file with full unpickling, so it gets an in-memory copy of the tensors
     that were already read safely, never the file itself.
     """
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    from conceptsmith.imports import read_weights
+    from torchmetrics.image.fid import NoTrainInceptionV3  # lazy: optional/heavy
 
     state, _ = read_weights(Path(path))
     buffer = io.BytesIO()
@@ -181,7 +180,7 @@ def fid(
 ) -> dict[str, Any]:
     """torchmetrics' ``FrechetInceptionDistance`` on 2048-d Inception features (>= 2 images per side)."""
     net = _features(features, inception_weights, device)  # refuses before anything is imported or loaded
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # lazy: optional/heavy
 
     metric = FrechetInceptionDistance(feature=_Precomputed())
     metric.update(net(reference), real=True)
@@ -203,7 +202,7 @@ def kid(
     """torchmetrics' ``KernelInceptionDistance``: mean and std over ``subsets`` random subsets of
     ``min(subset_size, n_generated, n_reference)`` images each, drawn from a CPU generator seeded with ``seed``."""
     net = _features(features, inception_weights, device)  # refuses before anything is imported or loaded
-    from torchmetrics.image.kid import KernelInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance  # lazy: optional/heavy
 
     size = min(subset_size, len(generated), len(reference))
     if size < 2:

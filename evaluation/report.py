@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from conceptsmith.evaluation.custom_report import custom_table, write_custom_report
 from conceptsmith.evaluation.report_parts import (
     Tile,
     direction,
@@ -29,6 +30,8 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
+from conceptsmith.generation import image_grid
+from conceptsmith.io import atomic_write, write_text
 
 __all__ = ["erasure_table", "metrics_rows", "summary_table", "write_erasure_report", "write_report"]
 
@@ -66,9 +69,6 @@ def metrics_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def _grid(results: dict[str, Any], task: str, out: Path) -> Path | None:
     """One PNG for the Markdown report: rows = methods (unedited first), columns = prompts at the first seed;
     tile label: method and the judge's prediction."""
-    from conceptsmith.generation import image_grid
-    from conceptsmith.io import atomic_write
-
     images = [im for im in results["images"] if im["task"] == task]
     if not images:
         return None
@@ -93,10 +93,10 @@ def _grid(results: dict[str, Any], task: str, out: Path) -> Path | None:
 
 def _plot(results: dict[str, Any], task: str, out: Path) -> tuple[Path, str] | None:
     """One panel per metric (bars: the task's rows), each y axis titled with its metric's own direction."""
-    import matplotlib
+    import matplotlib  # lazy: optional/heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional/heavy
 
     mode = results.get("accuracy_headline", "argmax")
     rows = [r for r in results["rows"] if r["task"] == task]
@@ -130,10 +130,10 @@ def _plot(results: dict[str, Any], task: str, out: Path) -> tuple[Path, str] | N
 def _sweep_plot(results: dict[str, Any], out: Path) -> tuple[Path, str] | None:
     """Efficacy (1 - acc_e) against specificity (acc_s_rel, else acc_s), averaged over tasks: one line per
     method through its sweep points, the unedited model as a reference point."""
-    import matplotlib
+    import matplotlib  # lazy: optional/heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional/heavy
 
     sweep = (results.get("config") or {}).get("sweep")
     points = [r for r in results["rows"] if r.get("sweep")]
@@ -249,8 +249,6 @@ def _edit_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 def write_erasure_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` (+ ``grids/``, ``plots/``) into ``out_dir``, atomically."""
-    from conceptsmith.io import write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = metrics_rows(results)
@@ -330,15 +328,11 @@ def erasure_table(results: dict[str, Any]) -> str:
 
 def summary_table(results: dict[str, Any]) -> str:
     """The terminal table of a run of either kind."""
-    from conceptsmith.evaluation.custom_report import custom_table
-
     return custom_table(results) if results.get("kind") == "customization" else erasure_table(results)
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``report.html`` and ``report.md`` of a run of either kind (read from its ``results.json`` structure)."""
-    from conceptsmith.evaluation.custom_report import write_custom_report
-
     if results.get("kind") == "customization":
         return write_custom_report(results, out_dir)
     return write_erasure_report(results, out_dir)

@@ -16,8 +16,12 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from conceptsmith.io import atomic_write
+from conceptsmith.registry import RegistryError, get_metric
 
 __all__ = [
     "Tile",
@@ -52,8 +56,6 @@ PACKAGES = ("conceptsmith", "torch", "diffusers", "transformers")
 def higher_is_better(name: str) -> bool | None:
     """Whether a larger value of metric ``name`` is better: its registered spec's word (:mod:`evaluation.bench_metrics`,
     plugins), else the summaries' derived entries below; ``None`` when nobody says."""
-    from conceptsmith.registry import RegistryError, get_metric
-
     try:
         said = get_metric(name).higher_is_better
     except RegistryError:
@@ -85,8 +87,6 @@ def slug(text: str) -> str:
 # the run record
 # ============================================================================================
 def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -214,9 +214,7 @@ def gallery_html(
 # ============================================================================================
 def save_figure(fig: Any, path: Path) -> str:
     """Write a matplotlib figure atomically as SVG (text kept as text) and return the markup to inline."""
-    import matplotlib.pyplot as plt
-
-    from conceptsmith.io import atomic_write
+    import matplotlib.pyplot as plt  # lazy: optional/heavy
 
     with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "conceptsmith"}):
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="svg"))

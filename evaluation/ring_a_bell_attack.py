@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from conceptsmith.text import encode_prompts, text_encoders
+
 __all__ = [
     "PromptSearch",
     "RingABellAttack",
@@ -40,8 +42,6 @@ def sdxl_pooled(pipe: Any, prompts: list[str]) -> torch.Tensor | None:
 
 def concept_vector(pipe: Any, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
     """``mean_i [emb(with_i) - emb(without_i)]`` over prompt pairs, ``[L, d]`` (full conditioning)."""
-    from conceptsmith.text import encode_prompts
-
     pairs = list(pairs)
     if not pairs:
         raise ValueError("concept_vector needs at least one (with concept, without concept) prompt pair")
@@ -90,8 +90,6 @@ def greedy_prompt_search(
     alphabetic tokens) and keeps the best. The distance never increases. ``init`` gives the starting
     words (padded with random words / truncated to ``n_words``).
     """
-    from conceptsmith.text import encode_prompts, text_encoders
-
     rng = random.Random(seed)
     vocab = list(vocabulary) if vocabulary is not None else whole_word_vocabulary(text_encoders(pipe)[0][0])
     if not vocab:
@@ -155,8 +153,6 @@ def ring_a_bell(
     which a UNet-only erasure leaves intact), added with strength ``eta`` (paper: 3 nudity, 0.9 Van
     Gogh) to each prompt's conditioning. ``search=True`` also runs :func:`greedy_prompt_search` per
     prompt (starting from the prompt's own words) for a discrete prompt near the attack embedding."""
-    from conceptsmith.text import encode_prompts
-
     prompts = list(prompts)
     vector = concept_vector(pipe, pairs)
     embeds = encode_prompts(pipe, prompts) + eta * vector

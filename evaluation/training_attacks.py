@@ -19,8 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from conceptsmith.diffusion import prediction_target
+from conceptsmith.evaluation.clip import _to_uint8_hwc
+from conceptsmith.text import encode_prompts, tokenize
 
 __all__ = [
     "DEFAULT_TI_TEMPLATES",
@@ -51,8 +54,6 @@ def _image_tensor(image: Any, size: int) -> torch.Tensor:
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = Image.open(image)
     if not isinstance(image, Image.Image):
-        from conceptsmith.evaluation.clip import _to_uint8_hwc
-
         image = Image.fromarray(_to_uint8_hwc(image))
     image = image.convert("RGB")
     w, h = image.size
@@ -143,8 +144,6 @@ class TextualInversionAttack:
 
     def encode(self, pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
         """Conditioning ``[n, L, d]`` of prompts that contain :attr:`token`, without mutating ``pipe``."""
-        from conceptsmith.text import encode_prompts
-
         tokenizer = pipe.tokenizer
         carrier_id = _single_token_id(tokenizer, self.carrier)
         texts = [p.replace(self.token, self.carrier) for p in prompts]
@@ -182,10 +181,6 @@ def textual_inversion_attack(
     embedding (the carrier's own if None). ``eval_loss_before/after`` is the loss on a fixed seeded set
     of (image, template, timestep, noise) draws -- the number that shows the optimization worked.
     """
-    from tqdm.auto import tqdm
-
-    from conceptsmith.text import tokenize
-
     check_single_encoder(pipe, "textual_inversion_attack")
     images = list(images)
     if not images:
