@@ -147,6 +147,20 @@ def validate(data: dict[str, Any], model: type[M], source: str) -> M:
         raise ConfigError(format_validation_error(err, source, model)) from err
 
 
+def check_plugin_params(kind: str, name: str, lookup: Any, params: dict[str, Any]) -> None:
+    """A registered plugin ``name`` (``lookup(name)`` raises a ``KeyError`` naming the known ones) whose ``Config``
+    accepts ``params``; a ``ValueError`` in one line otherwise (``attack 'p4d' params: key 'stesp': unknown key``)."""
+    try:
+        config = lookup(name).Config
+    except KeyError as err:
+        raise ValueError(str(err)) from None
+    try:
+        config.model_validate(params)
+    except ValidationError as err:
+        problems = format_validation_error(err, name, config).splitlines()[1:]
+        raise ValueError(f"{kind} '{name}' params: " + "; ".join(p.strip() for p in problems)) from None
+
+
 def format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     """One line per problem: ``file: key 'a.b': message (allowed: ...)``."""
     lines = [f"{source}: invalid {model.__name__}:"]

@@ -26,9 +26,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptsmith import __version__
-from conceptsmith.customization.data import find_images
 from conceptsmith.edits import Edit
 from conceptsmith.edits import content_digest as edit_digest
+from conceptsmith.images import find_images
 from conceptsmith.io import save_image
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.text import encode_prompts

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conceptsmith.customization.data import find_images
 from conceptsmith.edits import Edit
 from conceptsmith.evaluation.bench_metrics import CustomRow, ImageRecord, compute_metrics
 from conceptsmith.evaluation.bench_spec import MethodSpec, resolve_method, resolve_path
 from conceptsmith.evaluation.custom_spec import ConceptSpec
 from conceptsmith.evaluation.providers import get_renderer
 from conceptsmith.evaluation.session import Session
+from conceptsmith.images import find_images
 from conceptsmith.registry import EditRequest, get_editor
 
 __all__ = ["References", "concept_references", "customization_request", "customize", "generate", "rendered", "score"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from conceptsmith.config import ConfigError, StrictModel, format_validation_error
+from conceptsmith.config import ConfigError, StrictModel, check_plugin_params
 from conceptsmith.evaluation.bench_spec import BenchBase, MethodSpec, resolve_method
 from conceptsmith.evaluation.judges import JudgeSpec
 from conceptsmith.evaluation.quality import QualitySpec
-from conceptsmith.registry import RegistryError, get_attack, get_editor
+from conceptsmith.registry import get_attack, get_editor
 
 __all__ = ["AttackSpec", "ErasureBench", "SweepSpec", "TaskSpec", "check_erasure_bench"]
 
@@ -35,15 +35,7 @@ class AttackSpec(StrictModel):
     @model_validator(mode="after")
     def _check_attack(self) -> AttackSpec:
         """A known attack with valid params, so that a typo fails before anything is generated."""
-        try:
-            config = get_attack(self.kind).Config
-        except RegistryError as err:
-            raise ValueError(str(err)) from None
-        try:
-            config.model_validate(self.params)
-        except ValidationError as err:
-            problems = format_validation_error(err, self.kind, config).splitlines()[1:]
-            raise ValueError(f"attack '{self.kind}' params: " + "; ".join(p.strip() for p in problems)) from None
+        check_plugin_params("attack", self.kind, get_attack, self.params)
         return self
 
 

@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from conceptsmith.config import StrictModel, format_validation_error
-from conceptsmith.registry import RegistryError, _Entry, _listing, _lookup, _register
+from conceptsmith.config import StrictModel, check_plugin_params
+from conceptsmith.registry import _Entry, _listing, _lookup, _register
 
 __all__ = [
     "JUDGE_GROUP",
@@ -134,15 +134,7 @@ class JudgeSpec(StrictModel):
     @model_validator(mode="after")
     def _check_judge(self) -> JudgeSpec:
         """A known judge with valid params, so that a typo fails before anything is generated."""
-        try:
-            config = get_judge(self.name).Config
-        except RegistryError as err:
-            raise ValueError(str(err)) from None
-        try:
-            config.model_validate(self.params)
-        except ValidationError as err:
-            problems = format_validation_error(err, self.name, config).splitlines()[1:]
-            raise ValueError(f"judge '{self.name}' params: " + "; ".join(p.strip() for p in problems)) from None
+        check_plugin_params("judge", self.name, get_judge, self.params)
         return self
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptsmith.diffusion import prediction_target
-from conceptsmith.evaluation.clip import _to_uint8_hwc
+from conceptsmith.evaluation.clip import uint8_images
 from conceptsmith.text import encode_prompts, tokenize
 
 __all__ = [
@@ -54,7 +54,7 @@ def _image_tensor(image: Any, size: int) -> torch.Tensor:
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         image = Image.open(image)
     if not isinstance(image, Image.Image):
-        image = Image.fromarray(_to_uint8_hwc(image))
+        image = Image.fromarray(uint8_images(image)[0])
     image = image.convert("RGB")
     w, h = image.size
     s = size / min(w, h)
