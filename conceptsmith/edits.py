@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from conceptsmith import __version__
+from conceptsmith.errors import EditError
 from conceptsmith.identity import (
     IDENTITY_VERSION,
     Fingerprint,
@@ -52,6 +52,8 @@ from conceptsmith.identity import (
 from conceptsmith.io import save_safetensors
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import RegistryError, get_hook
+from conceptsmith.validate import check_scale
+from conceptsmith.validate import parse_edit_spec as parse_edit_spec  # re-exported: the --edit syntax
 
 Kind = Literal["weights", "lora", "hook", "composite"]
 KINDS: tuple[str, ...] = ("weights", "lora", "hook", "composite")
@@ -71,10 +73,6 @@ MAX_METADATA_DEPTH = 64
 MAX_RELATIVE_CHANGE = 100.0
 
 Undo = Callable[[Any], None]
-
-
-class EditError(ValueError):
-    """A user-facing problem with an Edit; the message names the file or module, the problem and the fix."""
 
 
 @dataclass(eq=False)
@@ -483,30 +481,6 @@ def content_digest(edit: Edit, scale: float = 1.0) -> str:
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         queue.extend(current.parts)
     return digest.hexdigest()[:16]
-
-
-def check_scale(scale: Any, where: str = "") -> float:
-    """``scale`` as a float, or an :class:`EditError` unless it is a finite real number."""
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise EditError(f"Edit scale {scale!r}{where} must be a finite number, e.g. 0.5 (half strength) or 1 (as computed).")
-    return float(scale)
-
-
-def parse_edit_spec(spec: str | Path) -> tuple[Path, float]:
-    """``FILE`` or ``FILE:SCALE`` (``no-skull.safetensors:0.5``) -> ``(path, scale)``, the CLI's ``--edit`` syntax.
-
-    The text after the last ``:`` is a scale only when it parses as a number, so a path that contains ``:``
-    (``C:\\edits\\a.safetensors``) stays a path; ``C:\\edits\\a.safetensors:0.5`` is that path at 0.5.
-    """
-    text = str(spec)
-    head, colon, tail = text.rpartition(":")
-    if not colon or not head:
-        return Path(text), 1.0
-    try:
-        scale = float(tail)
-    except ValueError:
-        return Path(text), 1.0
-    return Path(head), check_scale(scale, f" in '{text}'")
 
 
 def compose(edits: Sequence[Edit]) -> Edit:

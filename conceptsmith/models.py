@@ -24,6 +24,7 @@ from conceptsmith.devices import DeviceError, resolve_device, resolve_dtype
 from conceptsmith.identity import Fingerprint
 from conceptsmith.mmdit import is_mmdit, joint_attention, mmdit_family
 from conceptsmith.resources import shipped_config
+from conceptsmith.validate import looks_like_path, missing_model
 
 Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 
@@ -156,8 +157,8 @@ def load_pipeline(
             pipe = _load_directory(path, dtype)
         elif path.is_file():
             pipe = _load_single_file(path, dtype, target.single_file_config)
-        elif _looks_like_path(spec):
-            raise ModelLoadError(f"Model path '{spec}' does not exist. Check the path, or pass a hub id or builtin:<name>.")
+        elif looks_like_path(spec):
+            raise ModelLoadError(missing_model(spec))
         else:
             pipe = _load_hub(spec, dtype)
     pipe = pipe.to(device)
@@ -210,16 +211,6 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
     name = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
     return {name: dtype}
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else that names no file is a missing path."""
-    return (
-        spec.startswith((".", "/", "~"))
-        or spec.count("/") > 1
-        or "\\" in spec
-        or spec.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
-    )
 
 
 def _load_builtin(name: str, dtype: torch.dtype, device: str) -> object:

@@ -11,12 +11,14 @@ one ``error: ...`` line with exit code 2) naming the argument, the problem and t
 * templates: ``str.format`` fields limited to the ones a template needs (:func:`check_template`), so that no
   template reads an attribute or an item of its argument (``{0.__class__}``);
 * images: size and mode read from the header before any decoding (:func:`check_image`);
-* edits: the same edit (by :func:`conceptsmith.edits.content_digest`) is not listed twice (:func:`distinct_edits`).
+* edits: ``--edit FILE[:SCALE]`` (:func:`parse_edit_spec`); the same edit (by
+  :func:`conceptsmith.edits.content_digest`) is not listed twice (:func:`distinct_edits`).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import stat
@@ -26,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from conceptsmith.errors import EditError
 from conceptsmith.images import find_images
 
 #: Most seeds one run takes; a longer list is split into several runs.
@@ -111,10 +114,35 @@ def input_path(path: str | Path, what: str) -> Path:
     return input_file(path, what)
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether a model ``spec`` that names no file is a missing path: hub ids are ``name`` or ``org/name``."""
+    return (
+        spec.startswith((".", "/", "~"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or spec.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+    )
+
+
+def missing_model(spec: str) -> str:
+    """The message for a model ``spec`` that looks like a path (:func:`looks_like_path`) but names nothing."""
+    return f"Model path '{spec}' does not exist. Check the path, or pass a hub id or builtin:<name>."
+
+
 def model_spec(spec: str) -> str:
-    """A ``--model`` that names a local path must be a folder or a regular file (a FIFO would block the loader)."""
-    if spec and not spec.startswith("builtin:") and os.path.lexists(spec):
+    """A ``--model`` that names a local path must be a folder or a regular file (a FIFO would block the loader);
+    one that looks like a path (:func:`looks_like_path`) must exist, a model config (``.yaml``) as a regular file."""
+    if not spec or spec.startswith("builtin:"):
+        return spec
+    if os.path.lexists(spec):
         input_path(spec, "--model")
+        return spec
+    stripped = spec.strip()  # as the loader reads it
+    path = Path(stripped).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        input_file(path, "Config file")
+    elif looks_like_path(stripped) and not path.exists():
+        raise InputError(missing_model(stripped))
     return spec
 
 
@@ -377,6 +405,30 @@ def check_images(sources: Sequence[str | Path], option: str = "--images") -> lis
 
 
 # -- edits -------------------------------------------------------------------------------------------------
+
+
+def check_scale(scale: Any, where: str = "") -> float:
+    """``scale`` as a float, or an :class:`~conceptsmith.errors.EditError` unless it is a finite real number."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise EditError(f"Edit scale {scale!r}{where} must be a finite number, e.g. 0.5 (half strength) or 1 (as computed).")
+    return float(scale)
+
+
+def parse_edit_spec(spec: str | Path) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE`` (``no-skull.safetensors:0.5``) -> ``(path, scale)``, the CLI's ``--edit`` syntax.
+
+    The text after the last ``:`` is a scale only when it parses as a number, so a path that contains ``:``
+    (``C:\\edits\\a.safetensors``) stays a path; ``C:\\edits\\a.safetensors:0.5`` is that path at 0.5.
+    """
+    text = str(spec)
+    head, colon, tail = text.rpartition(":")
+    if not colon or not head:
+        return Path(text), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return Path(text), 1.0
+    return Path(head), check_scale(scale, f" in '{text}'")
 
 
 def distinct_edits(edits: Sequence[tuple[Any, Any]], option: str = "--edit",

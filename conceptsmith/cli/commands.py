@@ -42,16 +42,22 @@ def _load(model: str, dtype: str | None = "float32", device: str | None = "cpu")
     return pipe, info
 
 
-def _load_edits(specs: list[str]) -> list[tuple[Path, Any, float]]:
-    """``(path, Edit, scale)`` of each ``--edit FILE[:SCALE]``: regular files, scales in range, no edit twice."""
-    from conceptsmith.edits import Edit, parse_edit_spec
-
-    loaded = []
+def _check_edits(specs: list[str]) -> list[tuple[Path, float]]:
+    """``(path, scale)`` of each ``--edit FILE[:SCALE]``: regular files, scales in range (nothing is loaded)."""
+    checked = []
     for spec in specs:
-        path, scale = parse_edit_spec(spec)
+        path, scale = validate.parse_edit_spec(spec)
         validate.input_file(path, "--edit")
         validate.number(scale, f"The scale of --edit '{spec}'", *validate.EDIT_SCALE)
-        loaded.append((path, Edit.load(path), scale))
+        checked.append((path, scale))
+    return checked
+
+
+def _load_edits(checked: list[tuple[Path, float]]) -> list[tuple[Path, Any, float]]:
+    """``(path, Edit, scale)`` of each :func:`_check_edits` pair; no edit twice."""
+    from conceptsmith.edits import Edit
+
+    loaded = [(path, Edit.load(path), scale) for path, scale in checked]
     validate.distinct_edits([(str(path), edit) for path, edit, _ in loaded])
     return loaded
 
@@ -93,10 +99,11 @@ def generate(
     validate.output_path(out, "--out", folder=True)
     prompts = _read_prompts(prompt, prompts_file)
     seed_list = validate.parse_seeds(seeds)
+    checked = _check_edits(edit)
     from conceptsmith.edits import content_digest
     from conceptsmith.generation import default_settings, generate_to_folder, image_grid
 
-    edits = _load_edits(edit)
+    edits = _load_edits(checked)
     pipe, info = _load(model, dtype, device)
     for _, loaded, scale in edits:
         loaded.apply(pipe, scale=scale)
@@ -148,9 +155,10 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show a model's family, cross-attention layers, dimensions and base fingerprint."""
+    validate.model_spec(model)
     from conceptsmith.attention import find_cross_attention
 
-    pipe, info = _load(validate.model_spec(model))
+    pipe, info = _load(model)
     layers = find_cross_attention(pipe.unet)
     report = {
         "spec": info.spec,
@@ -308,11 +316,12 @@ def merge(
     validate.number(rank, "--rank", *validate.RANK, integer=True)
     validate.model_spec(model or "")
     validate.output_path(out, "--out", validate.local_inputs(model, *edits), overwrite, suffix=".safetensors")
+    paths = [validate.input_file(path, "Edit file") for path in edits]
     from conceptsmith.customization.merge import merge as merge_edits
     from conceptsmith.customization.merge import needs_pipeline
     from conceptsmith.edits import Edit
 
-    loaded = [Edit.load(validate.input_file(path, "Edit file")) for path in edits]
+    loaded = [Edit.load(path) for path in paths]
     validate.distinct_edits(list(zip(edits, loaded, strict=True)), "merge: edit",
                             "merging an edit with itself counts it twice; pass each edit once (--weight 2 weighs one more)")
     pipe = None
@@ -341,9 +350,9 @@ def bench(
 ) -> None:
     """Run a benchmark: fit every method, generate, score, write results.json and a report.
     On several GPUs: accelerate launch --multi_gpu --num_processes N -m conceptsmith bench CONFIG."""
+    _check_bench(config, model, out, cache)
     from conceptsmith.cli.bench import bench_command
 
-    _check_bench(config, model, out, cache)
     bench_command(config, out=out, methods=methods, model=model, evaluator=evaluator, cache=cache, as_json=as_json,
                   device=device, dtype=dtype, report=report)
 
@@ -376,10 +385,11 @@ def evaluate(
     dtype: DtypeOption = None,
 ) -> None:
     """Score the unedited model and each saved edit on a benchmark's prompts."""
+    _check_bench(bench_config, model, out, cache)
+    checked = _check_edits(edit)
     from conceptsmith.cli.bench import evaluate_command
 
-    _check_bench(bench_config, model, out, cache)
-    _load_edits(edit)
+    _load_edits(checked)
     evaluate_command(bench_config, model=model, edits=edit, out=out, evaluator=evaluator, cache=cache, as_json=as_json,
                      device=device, dtype=dtype)
 
@@ -396,14 +406,15 @@ def export(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Bake edits into a single-file checkpoint in the original SD layout (WebUI / from_single_file)."""
+    validate.model_spec(model)
+    checked = _check_edits(edit)
+    validate.output_path(out, "--out", validate.local_inputs(model, *(path for path, _ in checked)), overwrite,
+                         suffix=".safetensors")
     import torch
 
     from conceptsmith.export import export_single_file
 
-    validate.model_spec(model)
-    edits = _load_edits(edit)
-    validate.output_path(out, "--out", validate.local_inputs(model, *(path for path, _, _ in edits)), overwrite,
-                         suffix=".safetensors")
+    edits = _load_edits(checked)
     pipe, info = _load(model)
     for _, loaded, scale in edits:
         loaded.apply(pipe, scale=scale)

@@ -48,13 +48,13 @@ def import_command(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Import a LoRA or textual-inversion file as an Edit of MODEL (merge, generate, evaluate and bench take it)."""
-    from conceptsmith.imports import import_file
-
     if out.suffix != ".safetensors":
         raise ValueError(f"--out '{out}' must end in .safetensors (edits are saved as safetensors).")
     validate.input_path(file, "FILE")
     validate.model_spec(model)
     validate.output_path(out, "--out", validate.local_inputs(file, model), overwrite)
+    from conceptsmith.imports import import_file
+
     pipe, info = load(model)
     edit = import_file(file, pipe, token=token, concepts=concept or None)
     edit.save(out)
@@ -78,16 +78,17 @@ def export_lora(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Write an edit as a LoRA file (diffusers or kohya format); learned tokens as embedding files beside it."""
+    validate.number(rank, "--rank", *validate.RANK, integer=True)
+    validate.model_spec(model or "")
+    inputs = validate.local_inputs(edit, model)
+    validate.output_path(out, "--out", inputs, overwrite, suffix=".safetensors")
+    validate.input_file(edit, "EDIT")
     from conceptsmith.edits import Edit
     from conceptsmith.lora_formats import LAYOUTS, edit_tokens, token_files
 
     if layout not in LAYOUTS:
         raise validate.InputError(f"Unknown LoRA format '{layout}'; choose one of {', '.join(LAYOUTS)} (--format).")
-    validate.number(rank, "--rank", *validate.RANK, integer=True)
-    validate.model_spec(model or "")
-    inputs = validate.local_inputs(edit, model)
-    validate.output_path(out, "--out", inputs, overwrite, suffix=".safetensors")
-    loaded = Edit.load(validate.input_file(edit, "EDIT"))
+    loaded = Edit.load(edit)
     tokens = [token for token, _ in edit_tokens(loaded)]
     for path in token_files(out, tokens, layout).values():
         validate.output_path(path, "token file", inputs, overwrite)

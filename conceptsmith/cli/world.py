@@ -73,8 +73,6 @@ def train(
     is written; the shipped weights are only read (the UNet stage takes the tokenizer, text encoder and VAE from
     them when no earlier stage wrote OUT's). Wall time per stage is summed over resumed runs and printed at the end;
     the log is world/train.log in the cache."""
-    from conceptsmith.world import stage_clock, unet_train, vae_train
-
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
@@ -87,6 +85,8 @@ def train(
     if budget_hours and "unet" in chosen and "evaluator" in chosen and jobs < 2:
         raise typer.BadParameter("--budget-hours fits the UNet's schedule to the budget, so the evaluator must not "
                                  "train after it: use --jobs 2 (the default) or train the evaluator separately")
+    from conceptsmith.world import stage_clock, unet_train, vae_train
+
     pipe_dir = prepare_out(out, overwrite) / "shapes-sd"
     if not resume:
         stage_clock.reset()
@@ -245,6 +245,12 @@ def check(
     dtype: DtypeOption = None,
 ) -> None:
     """Measure the evaluator on renders and the generator on held-out prompts; last line is JSON."""
+    if model_card and model != "builtin:shapes":
+        raise typer.BadParameter("--model-card describes the shipped builtin:shapes; drop it or --model")
+    validate.number(seeds, "--seeds", 1, 1000, integer=True)
+    validate.model_spec(model)
+    if not json_only:
+        validate.output_path(grid, "--grid", validate.local_inputs(model), overwrite, suffix=".png")
     from conceptsmith.models import resolve_model
     from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, load_generator, run_check
 
@@ -252,12 +258,6 @@ def check(
     bad = [m for m in metrics if m not in GEN_METRICS]
     if bad:
         raise typer.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(GEN_METRICS)}")
-    if model_card and model != "builtin:shapes":
-        raise typer.BadParameter("--model-card describes the shipped builtin:shapes; drop it or --model")
-    validate.number(seeds, "--seeds", 1, 1000, integer=True)
-    validate.model_spec(model)
-    if not json_only:
-        validate.output_path(grid, "--grid", validate.local_inputs(model), overwrite, suffix=".png")
     say = (lambda message: None) if json_only else typer.echo
     target = resolve_model(model, dtype, device)
     pipe = load_generator(model).to(target.device, target.dtype)
