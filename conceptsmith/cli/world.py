@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,13 +208,28 @@ def _start_evaluator_process(resume: bool, log, out: Path) -> multiprocessing.Pr
 
     logfile = vae_train.cache_dir() / "evaluator.log"
     log(f"stage evaluator: in a second process, output in {logfile}")
-    process = multiprocessing.get_context("spawn").Process(target=_evaluator_job, args=(resume, str(logfile), out),
+    process = multiprocessing.get_context("spawn").Process(target=_evaluator_job, args=(resume, str(logfile), out, os.getpid()),
                                                             name="shapes-clip")
     process.start()
     return process
 
 
-def _evaluator_job(resume: bool, logfile: str, out: Path) -> None:
+def exit_with_parent(parent: int, every: float = 1.0) -> threading.Thread:
+    """Watch the process ``parent`` from a daemon thread and end this process once it is gone: a child that outlives
+    a killed ``world train`` (SIGKILL runs no cleanup) would otherwise keep training on a core for an hour."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    watcher.start()
+    return watcher
+
+
+def _evaluator_job(resume: bool, logfile: str, out: Path, parent: int) -> None:
+    exit_with_parent(parent)
     with open(logfile, "a") as log:  # an append-only log: what a killed run printed stays
         sys.stdout = sys.stderr = log
         _evaluator_stage(resume, 1, out)
