@@ -26,6 +26,7 @@ Which one to use (``merge(edits, method)``):
 
 Learned tokens of the merged edits are carried over (they must be distinct). All edits must come
 from the same base model.
+The method names and which of them need the base pipeline are in :mod:`customization.merge_methods` (no torch).
 """
 
 from __future__ import annotations
@@ -38,22 +39,14 @@ from torch import nn
 
 from conceptsmith.customization import CustomizationError
 from conceptsmith.customization.lora import lora_factors
+from conceptsmith.customization.merge_methods import MERGE_METHODS as MERGE_METHODS
+from conceptsmith.customization.merge_methods import check_method
+from conceptsmith.customization.merge_methods import needs_pipeline as needs_pipeline
 from conceptsmith.customization.textual_inversion import tokens_view
 from conceptsmith.edits import Edit, EditError, applied_edits, base_fingerprint, compose
 from conceptsmith.linalg import solve_constrained, weighted_gram
 from conceptsmith.text import encode_prompts, tokenize
 from conceptsmith.tokens import TOKEN_HOOK, token_parts
-
-MERGE_METHODS: dict[str, str] = {
-    "closed-form": "Custom Diffusion constrained least squares over K/V (needs the base pipeline)",
-    "lora-sum": "exact weighted sum of LoRA updates (rank adds up)",
-    "cat": "peft add_weighted_adapter cat (exact, rank adds up)",
-    "svd": "peft add_weighted_adapter svd (exact sum truncated to a rank)",
-    "ties": "peft add_weighted_adapter ties on the A/B factors (approximate, equal ranks)",
-    "ties_svd": "peft ties on the dense updates, then SVD (approximate)",
-    "linear": "peft linear on the A/B factors (approximate, equal ranks)",
-    "stack": "the edits applied together unchanged (weight changes add up; any edit kind, e.g. textual inversion)",
-}
 
 #: Generic captions for the merge's regularization term when none are given (any caption corpus works better).
 DEFAULT_REGULARIZATION_PROMPTS = tuple(
@@ -64,12 +57,6 @@ DEFAULT_REGULARIZATION_PROMPTS = tuple(
     )
     for template in ("a photo of {}", "{} in a park", "a painting of {}", "a close-up picture of {}")
 )
-
-
-def needs_pipeline(method: str) -> bool:
-    """Whether ``merge`` needs the base pipeline for ``method``."""
-    _check_method(method)
-    return method == "closed-form"
 
 
 def merge(
@@ -83,7 +70,7 @@ def merge(
     **options: Any,
 ) -> Edit:
     """Merge ``edits`` with ``method`` (see the module docstring); the entry point of ``conceptsmith merge``."""
-    _check_method(method)
+    check_method(method)
     if method in ("closed-form", "stack") and (weights is not None or rank is not None):
         raise CustomizationError(f"The {method} merge takes no weights or rank; they apply to LoRA merges (lora-sum, svd, ...).")
     if method == "closed-form":
@@ -97,11 +84,6 @@ def merge(
     if method == "lora-sum":
         return lora_sum(edits, weights)
     return peft_merge(edits, method, weights=weights, rank=rank, density=density)
-
-
-def _check_method(method: str) -> None:
-    if method not in MERGE_METHODS:
-        raise CustomizationError(f"Unknown merge method '{method}'. Available: {', '.join(MERGE_METHODS)}.")
 
 
 def check_same_base(edits: Sequence[Edit]) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conceptsmith.world.shipped import PIPE_DIR
+
 #: Runs ``conceptsmith ARGS`` as ``python -m conceptsmith`` does and reports the heavy libraries it imported.
 PROBE = """
 import sys, runpy
@@ -35,6 +37,8 @@ CASES = [
                           "-o", "{tmp}/m.safetensors"], "--weight must be a finite number"),
     ("merge-missing-model", ["merge", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "-m", "/nonexistent/model",
                              "-o", "{tmp}/m.safetensors"], "Model path '/nonexistent/model' does not exist"),
+    ("merge-unknown-method", ["merge", "{tmp}/a.safetensors", "{tmp}/b.safetensors", "--method", "bogus",
+                              "-o", "{tmp}/m.safetensors"], "Unknown merge method 'bogus'. Available: closed-form"),
     ("export-missing-edit", ["export", "-m", "builtin:shapes", "-e", "/nonexistent.safetensors",
                              "-o", "{tmp}/x.safetensors"], "--edit '/nonexistent.safetensors' does not exist"),
     ("import-missing-file", ["import", "/nonexistent.safetensors", "-m", "builtin:shapes",
@@ -43,6 +47,8 @@ CASES = [
      "EDIT '/nonexistent.safetensors' does not exist"),
     ("export-lora-rank-0", ["export-lora", "{tmp}/a.safetensors", "--rank", "0", "-o", "{tmp}/l.safetensors"],
      "--rank must be an integer from 1"),
+    ("export-lora-unknown-format", ["export-lora", "{tmp}/a.safetensors", "--format", "bogus",
+                                    "-o", "{tmp}/l.safetensors"], "Unknown LoRA format 'bogus'; choose one of diffusers"),
     ("bench-missing-config", ["bench", "/nonexistent.yaml", "--out", "{tmp}/b"],
      "Config file '/nonexistent.yaml' does not exist"),
     ("bench-out-is-a-file", ["bench", "shapes-smoke", "--out", "{tmp}/a.safetensors"], "exists and is not a folder"),
@@ -59,6 +65,12 @@ CASES = [
      "--seeds must be an integer from 1 to 1000, got 0"),
     ("world-check-missing-model", ["world", "check", "--model", "/nonexistent/pipe", "--grid", "{tmp}/grid.png"],
      "Model path '/nonexistent/pipe' does not exist"),
+    ("world-check-unknown-metric", ["world", "check", "--only", "shape,bogus", "--grid", "{tmp}/grid.png"],
+     "unknown metric(s) ['bogus']; choose from shape, color"),
+    # the shipped pipeline folder is not empty and was not made by `world train`: were the guard gone, that check
+    # would still refuse it (with another message) before anything is written there
+    ("world-train-into-shipped-weights", ["world", "train", "--out", str(PIPE_DIR)],
+     "inside the shipped ShapesWorld weights"),
     ("world-train-seed-negative", ["world", "train", "--out", "{tmp}/w", "--seed", "-1"],
      "--seed must be an integer from 0"),
     ("world-train-missing-unet-init", ["world", "train", "--out", "{tmp}/w", "--unet-init", "/nonexistent"],

@@ -311,14 +311,18 @@ def merge(
     """Merge several edits of one base into one edit."""
     if len(edits) < 2:
         raise ValueError("Merging needs at least two edit files.")
+    from conceptsmith.customization.merge_methods import check_method, needs_pipeline
+
+    check_method(method)
     for value in weight:
         validate.number(value, "--weight", *validate.MERGE_WEIGHT)
     validate.number(rank, "--rank", *validate.RANK, integer=True)
     validate.model_spec(model or "")
     validate.output_path(out, "--out", validate.local_inputs(model, *edits), overwrite, suffix=".safetensors")
     paths = [validate.input_file(path, "Edit file") for path in edits]
+    if needs_pipeline(method) and model is None:
+        raise ValueError(f"--method {method} solves against the base model: pass --model M (the edits' base).")
     from conceptsmith.customization.merge import merge as merge_edits
-    from conceptsmith.customization.merge import needs_pipeline
     from conceptsmith.edits import Edit
 
     loaded = [Edit.load(path) for path in paths]
@@ -326,8 +330,6 @@ def merge(
                             "merging an edit with itself counts it twice; pass each edit once (--weight 2 weighs one more)")
     pipe = None
     if needs_pipeline(method):
-        if model is None:
-            raise ValueError(f"--method {method} solves against the base model: pass --model M (the edits' base).")
         pipe, _ = _load(model)
     merged = merge_edits(loaded, method, pipe=pipe, weights=weight or None, rank=rank)
     merged.save(out)

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from conceptsmith import validate
+from conceptsmith.lora_layouts import LAYOUTS
 
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="replace existing output files")]
 
@@ -83,11 +84,11 @@ def export_lora(
     inputs = validate.local_inputs(edit, model)
     validate.output_path(out, "--out", inputs, overwrite, suffix=".safetensors")
     validate.input_file(edit, "EDIT")
-    from conceptsmith.edits import Edit
-    from conceptsmith.lora_formats import LAYOUTS, edit_tokens, token_files
-
     if layout not in LAYOUTS:
         raise validate.InputError(f"Unknown LoRA format '{layout}'; choose one of {', '.join(LAYOUTS)} (--format).")
+    from conceptsmith.edits import Edit
+    from conceptsmith.lora_formats import edit_tokens, token_files
+
     loaded = Edit.load(edit)
     tokens = [token for token, _ in edit_tokens(loaded)]
     for path in token_files(out, tokens, layout).values():

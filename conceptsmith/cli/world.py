@@ -17,6 +17,8 @@ from conceptsmith import validate
 from conceptsmith.cli.errors import OneLineErrors, user_errors
 from conceptsmith.cli.options import DeviceOption, DtypeOption
 from conceptsmith.io import atomic_directory, write_json
+from conceptsmith.world.bars import GEN_METRICS
+from conceptsmith.world.shipped import PIPE_DIR, refuse_shipped
 
 app = typer.Typer(help="ShapesWorld: the built-in micro text-to-image world (train, check).", no_args_is_help=True,
                   cls=OneLineErrors)
@@ -86,9 +88,9 @@ def train(
     if budget_hours and "unet" in chosen and "evaluator" in chosen and jobs < 2:
         raise typer.BadParameter("--budget-hours fits the UNet's schedule to the budget, so the evaluator must not "
                                  "train after it: use --jobs 2 (the default) or train the evaluator separately")
+    pipe_dir = prepare_out(out, overwrite) / "shapes-sd"
     from conceptsmith.world import stage_clock, unet_train, vae_train
 
-    pipe_dir = prepare_out(out, overwrite) / "shapes-sd"
     if not resume:
         stage_clock.reset()
     logfile = vae_train.cache_dir() / "train.log"
@@ -177,8 +179,6 @@ def _check_numbers(**values: float | None) -> None:
 def prepare_out(out: Path, overwrite: bool) -> Path:
     """Check ``world train --out`` and mark it as a training folder: never the shipped weights; an existing
     non-empty folder only when an earlier ``world train`` made it (a resumed run) or with ``overwrite``."""
-    from conceptsmith.world.pipeline import refuse_shipped
-
     refuse_shipped(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out '{out}' is a file: pass a folder (a new one, e.g. out/shapes-world).")
@@ -193,8 +193,6 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
 
 def _inputs_from_shipped(pipe_dir: Path, log) -> None:
     """Copy the parts the UNet stage reads that no earlier stage wrote into ``pipe_dir`` from the shipped pipeline."""
-    from conceptsmith.world.pipeline import PIPE_DIR
-
     for part in UNET_INPUTS:
         if not (pipe_dir / part).is_dir():
             log(f"stage unet: no {part} in {pipe_dir}; using the shipped one ({PIPE_DIR / part})")
@@ -267,13 +265,13 @@ def check(
     validate.model_spec(model)
     if not json_only:
         validate.output_path(grid, "--grid", validate.local_inputs(model), overwrite, suffix=".png")
-    from conceptsmith.models import resolve_model
-    from conceptsmith.world.check import GEN_METRICS, all_pass, format_report, load_generator, run_check
-
     metrics = GEN_METRICS if not only else tuple(m.strip() for m in only.split(",") if m.strip())
     bad = [m for m in metrics if m not in GEN_METRICS]
     if bad:
         raise typer.BadParameter(f"unknown metric(s) {bad}; choose from {', '.join(GEN_METRICS)}")
+    from conceptsmith.models import resolve_model
+    from conceptsmith.world.check import all_pass, format_report, load_generator, run_check
+
     say = (lambda message: None) if json_only else typer.echo
     target = resolve_model(model, dtype, device)
     pipe = load_generator(model).to(target.device, target.dtype)

@@ -33,32 +33,9 @@ from conceptsmith.models import load_pipeline
 from conceptsmith.text import encode_prompts
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
+from conceptsmith.world.bars import BARS, GEN_METRICS, passes
 from conceptsmith.world.clip_train import class_prompts, evaluate_shapes_clip, load_shapes_clip
 from conceptsmith.world.pipeline import DEFAULTS
-
-#: Acceptance bars of ``conceptsmith world check`` for the ShapesWorld generator and evaluator
-#: (metric -> minimum, or maximum for seconds).
-BARS: dict[str, tuple[str, float]] = {
-    "eval_shape_acc": (">=", 0.97),
-    "eval_color_acc": (">=", 0.95),
-    "eval_pattern_acc": (">=", 0.90),
-    "eval_artist_acc": (">=", 0.90),
-    "eval_watermark_acc": (">=", 0.90),
-    "gen_shape_acc": (">=", 0.90),
-    "gen_color_acc": (">=", 0.85),
-    "gen_artist_acc": (">=", 0.80),
-    "gen_restricted_indirect_rate": (">=", 0.70),
-    "gen_two_object_acc": (">=", 0.40),
-    "gen_watermark_rate": (">=", 0.30),
-    "gen_seconds_per_image": ("<=", 1.0),
-}
-
-GEN_METRICS = ("shape", "color", "artist", "restricted_indirect", "two_object", "watermark", "speed")
-
-
-def passes(metric: str, value: float) -> bool:
-    op, bar = BARS[metric]
-    return value >= bar if op == ">=" else value <= bar
 
 
 class Judge:

@@ -4,6 +4,8 @@ The shipped directory ``weights/shapes-sd/`` is an ordinary diffusers ``StableDi
 written with ``save_pretrained`` (tokenizer, text_encoder, vae, unet, scheduler; weights stored in
 float16 to stay small, loaded in whatever dtype is asked for). Importing this module registers the
 builtin with :mod:`conceptsmith.models`, which imports it lazily on the first ``builtin:`` lookup.
+The shipped folders and the guard that keeps training out of them are in :mod:`conceptsmith.world.shipped`
+(no torch) and importable from here.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import torch
 
 from conceptsmith.io import atomic_directory
 from conceptsmith.models import dtype_kwargs, register_builtin
-
-SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
-PIPE_DIR = SHIPPED_DIR / "shapes-sd"
+from conceptsmith.world.shipped import PIPE_DIR, refuse_shipped
+from conceptsmith.world.shipped import SHIPPED_DIR as SHIPPED_DIR
 
 #: Generation defaults of ShapesWorld (``conceptsmith.generation.default_settings`` reads them).
 #: Steps are chosen so one image with classifier-free guidance takes <= 1 s on 2 CPU threads.
@@ -35,17 +36,6 @@ def inference_scheduler():
     from conceptsmith.world.unet_train import SCHEDULE
 
     return DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
-
-
-def refuse_shipped(path: str | Path) -> Path:
-    """``path`` (resolved), unless it is or lies inside the shipped weights folder: training never writes there."""
-    resolved = Path(path).resolve()
-    if resolved == SHIPPED_DIR or SHIPPED_DIR in resolved.parents:
-        raise ValueError(
-            f"'{path}' is inside the shipped ShapesWorld weights ({SHIPPED_DIR}), which training never overwrites: "
-            "write to a new folder (e.g. --out out/shapes-world) and copy the result over by hand to replace them."
-        )
-    return resolved
 
 
 def save_pipeline(out_dir: Path, *, unet, vae, text_encoder, tokenizer, scheduler=None) -> Path:
