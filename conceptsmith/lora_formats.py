@@ -32,7 +32,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -42,7 +42,6 @@ from conceptsmith.io import save_safetensors
 from conceptsmith.lora_layouts import LAYOUTS
 from conceptsmith.tokens import token_entries, token_parts
 
-Layout = Literal["diffusers", "kohya"]
 COMPONENTS: tuple[str, ...] = ("unet", "transformer", "text_encoder", "text_encoder_2")  # transformer: SD3 / FLUX (diffusers only)
 KOHYA_PREFIXES: tuple[str, ...] = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}

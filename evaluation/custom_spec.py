@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from conceptsmith.config import ConfigError, StrictModel
 from conceptsmith.customization.conditioning_ceiling import CeilingConfig
-from conceptsmith.customization.merge import MERGE_METHODS
+from conceptsmith.customization.merge_methods import MERGE_METHODS
 from conceptsmith.evaluation.bench_spec import BenchBase, MethodSpec, resolve_method, resolve_path
 from conceptsmith.evaluation.providers import PRESENCE_RULES, get_renderer
 from conceptsmith.images import find_images
