@@ -133,7 +133,9 @@ def open_session(cfg: Any, bench_path: Path | None, out_dir: Path, cache_dir: st
     cache_root = Path(cache_dir) if cache_dir else out_dir / "cache"
     root = cache_root / info.fingerprint
     images = ImageCache(pipe, cfg.generation.pipeline_kwargs(), cfg.generation.batch_size, root, state, progress)
-    evaluator = load_evaluator(cfg.evaluator, device=pipe.device) if state.is_main_process else None
+    # erasure rows are scored on the main process; a customization suite scores on every one (as it always did)
+    scoring = state.is_main_process or cfg.kind == "customization"
+    evaluator = load_evaluator(cfg.evaluator, device=pipe.device) if scoring else None
     try:
         finished = {e["key"]: e for e in read_jsonl(out_dir / ROWS_JOURNAL)}
     except (ValueError, KeyError, TypeError):
