@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm.auto import tqdm
 
 from conceptsmith.io import save_image, write_json
@@ -163,29 +162,3 @@ def generate_to_folder(
             with Image.open(out / name) as stored:
                 made[name] = stored.copy()
     return FolderRun([(p, s, made[n]) for p, s, n in jobs], [done[n] for _, _, n in jobs], len(jobs) - len(pending))
-
-
-def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] | None = None) -> Image.Image:
-    """Tile images row-major into one picture, with an optional caption strip under each tile."""
-    if not images:
-        raise ValueError("image_grid needs at least one image.")
-    columns = max(1, min(columns, len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    strip = 12 if labels else 0
-    grid = Image.new("RGB", (columns * width, rows * (height + strip)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        x, y = (index % columns) * width, (index // columns) * (height + strip)
-        grid.paste(image.convert("RGB").resize((width, height)), (x, y))
-        if labels and labels[index]:
-            draw.text((x + 2, y + height), labels[index][: _label_chars(labels, index, columns, width)], fill="black")
-    return grid
-
-
-def _label_chars(labels: Sequence[str], index: int, columns: int, width: int) -> int:
-    """How many characters of ``labels[index]`` fit: its tile plus the empty-labelled tiles after it in its row."""
-    span = 1
-    while (index + span) % columns and index + span < len(labels) and not labels[index + span]:
-        span += 1
-    return max(4, span * width // 6)

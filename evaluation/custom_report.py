@@ -26,7 +26,7 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
-from conceptsmith.generation import image_grid
+from conceptsmith.grids import image_grid
 from conceptsmith.io import atomic_write, write_text
 
 __all__ = ["custom_table", "write_custom_report"]
@@ -216,6 +216,7 @@ def _edit_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
 def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``report.md`` and ``report.html`` (summary table + one gallery per concept / pair / relearning task)
     in ``out_dir``; reads only the ``results.json`` structure."""
+    specs = results.get("metrics")  # the run's metric specs: directions without loading plugins
     out = Path(out_dir)
     header, rows = _table(results["summary"])
     groups = list(dict.fromkeys(im["group"] for im in results["images"]))
@@ -262,19 +263,19 @@ def write_custom_report(results: dict[str, Any], out_dir: str | Path) -> dict[st
         "<h2>Protocol</h2><ul>",
         *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts],
         "</ul>",
-        *([table_html(header, rows)] if rows else []),
+        *([table_html(header, rows, specs)] if rows else []),
     ]
     if by_prompt:
         body += [
-            f"<h3>both_present by composition prompt (rule: {e(results['presence'])}; {direction('both_present')})</h3>",
-            table_html(*by_prompt),
+            f"<h3>both_present by composition prompt (rule: {e(results['presence'])}; {direction('both_present', specs)})</h3>",
+            table_html(*by_prompt, specs),
         ]
     if by_seed:
-        body += [f"<h3>both_present by training seed (one training run each; {direction('both_present')})</h3>",
-                 table_html(*by_seed)]  # fmt: skip
+        body += [f"<h3>both_present by training seed (one training run each; {direction('both_present', specs)})</h3>",
+                 table_html(*by_seed, specs)]  # fmt: skip
     if relearn:
-        title = f"{_relearn_title(results['summary'])} ({direction('relearn_rate')}: the erased shape stays gone)"
-        body += [f"<h3>{e(title)}</h3>", table_html(*relearn)]
+        title = f"{_relearn_title(results['summary'])} ({direction('relearn_rate', specs)}: the erased shape stays gone)"
+        body += [f"<h3>{e(title)}</h3>", table_html(*relearn, specs)]
     for g in groups:
         body += [f"<h2>{e(g)}</h2>", _references_html(results, g, out), *_galleries(results, g, out)]
     paths = {

@@ -30,7 +30,7 @@ from conceptsmith.evaluation.report_parts import (
     slug,
     table_html,
 )
-from conceptsmith.generation import image_grid
+from conceptsmith.grids import image_grid
 from conceptsmith.io import atomic_write, write_text
 
 __all__ = ["erasure_table", "metrics_rows", "summary_table", "write_erasure_report", "write_report"]
@@ -93,6 +93,7 @@ def _grid(results: dict[str, Any], task: str, out: Path) -> Path | None:
 
 def _plot(results: dict[str, Any], task: str, out: Path) -> tuple[Path, str] | None:
     """One panel per metric (bars: the task's rows), each y axis titled with its metric's own direction."""
+    specs = results.get("metrics")  # the run's metric specs: directions without loading plugins
     import matplotlib  # lazy: optional/heavy
 
     matplotlib.use("Agg")
@@ -117,7 +118,7 @@ def _plot(results: dict[str, Any], task: str, out: Path) -> tuple[Path, str] | N
         ax.bar(range(len(rows)), [math.nan if v is None else v for v in values], color=f"C{panels.index(name) % 10}")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(min(0.0, *(v for v in values if v is not None)), 1.05)
-        ax.set_ylabel(metric_label(name), fontsize=8)
+        ax.set_ylabel(metric_label(name, specs), fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     for ax in axes.flat[len(panels) :]:
         ax.remove()
@@ -130,6 +131,7 @@ def _plot(results: dict[str, Any], task: str, out: Path) -> tuple[Path, str] | N
 def _sweep_plot(results: dict[str, Any], out: Path) -> tuple[Path, str] | None:
     """Efficacy (1 - acc_e) against specificity (acc_s_rel, else acc_s), averaged over tasks: one line per
     method through its sweep points, the unedited model as a reference point."""
+    specs = results.get("metrics")  # the run's metric specs: directions without loading plugins
     import matplotlib  # lazy: optional/heavy
 
     matplotlib.use("Agg")
@@ -160,8 +162,8 @@ def _sweep_plot(results: dict[str, Any], out: Path) -> tuple[Path, str] | None:
         x = base.get(spec, 1.0 if spec == "acc_s_rel" else None)
         if x is not None:
             ax.plot([x], [1.0 - base["acc_e"]], marker="*", markersize=12, color="black", linestyle="", label="unedited")
-    ax.set_xlabel(f"specificity: {spec} ({direction(spec)})")
-    ax.set_ylabel(f"efficacy: 1 - acc_e ({direction('efficacy')})")
+    ax.set_xlabel(f"specificity: {spec} ({direction(spec, specs)})")
+    ax.set_ylabel(f"efficacy: 1 - acc_e ({direction('efficacy', specs)})")
     mode = results.get("accuracy_headline", "argmax")
     ax.set_title(f"Efficacy vs specificity over the {sweep['param']} sweep (mean over tasks, {mode})", fontsize=9)
     ax.legend(fontsize=8)
@@ -249,6 +251,7 @@ def _edit_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 def write_erasure_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.html`` and ``report.md`` (+ ``grids/``, ``plots/``) into ``out_dir``, atomically."""
+    specs = results.get("metrics")  # the run's metric specs: directions without loading plugins
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, rows = metrics_rows(results)
@@ -274,7 +277,7 @@ def write_erasure_report(results: dict[str, Any], out_dir: str | Path) -> dict[s
     md += [f"* **{k}**: {v}" for k, v in facts]
     md += [f"* **{k}**: {run[k]}" for k in ("command", "date") if run.get(k)]
     md += ["* **results**: [results.json](results.json)", ""]
-    md += ["| " + " | ".join(metric_label(h) for h in header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(metric_label(h, specs) for h in header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     if sweep:
         md += ["", f"![efficacy vs specificity over the sweep]({sweep[0].relative_to(out).as_posix()})"]
@@ -291,7 +294,7 @@ def write_erasure_report(results: dict[str, Any], out_dir: str | Path) -> dict[s
     body = [f"<h1>Benchmark <code>{e(results['bench'])}</code></h1>", f"<p>{e(results.get('description', ''))}</p>"]
     body.append(metadata_html(results, out, _edit_rows(results)))
     body += ["<h2>Protocol</h2><ul>", *[f"<li><b>{e(k)}</b>: {e(str(v))}</li>" for k, v in facts], "</ul>"]
-    body += ["<h2>Metrics</h2>", table_html(header, rows)]
+    body += ["<h2>Metrics</h2>", table_html(header, rows, specs)]
     if sweep:
         body += ["<h2>Sweep: efficacy vs specificity</h2>", f"<figure class='plot' id='sweep-plot'>{sweep[1]}</figure>"]
     for t in tasks:

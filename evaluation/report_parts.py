@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -53,13 +53,17 @@ _PREFIXES = (("asr_", False), ("asr:", False), ("ASR ", False), ("clip_", True),
 PACKAGES = ("conceptsmith", "torch", "diffusers", "transformers")
 
 
-def higher_is_better(name: str) -> bool | None:
-    """Whether a larger value of metric ``name`` is better: its registered spec's word (:mod:`evaluation.bench_metrics`,
-    plugins), else the summaries' derived entries below; ``None`` when nobody says."""
-    try:
-        said = get_metric(name).higher_is_better
-    except RegistryError:
-        said = None
+def higher_is_better(name: str, specs: Mapping[str, Any] | None = None) -> bool | None:
+    """Whether a larger value of metric ``name`` is better: the spec a run recorded (``specs``: its results'
+    ``metrics``, so a report rebuilt from a results file loads no plugin) or else the registered spec's word
+    (:mod:`evaluation.bench_metrics`, plugins), else the summaries' derived entries below; ``None`` when nobody says."""
+    if specs is not None:  # a run records every registered metric it computed; other names are derived entries
+        said = specs.get(name, {}).get("higher_is_better")
+    else:
+        try:
+            said = get_metric(name).higher_is_better
+        except RegistryError:
+            said = None
     if said is not None:
         return said
     if name in HIGHER_IS_BETTER:
@@ -67,15 +71,16 @@ def higher_is_better(name: str) -> bool | None:
     return next((better for prefix, better in _PREFIXES if name.startswith(prefix)), None)
 
 
-def direction(name: str) -> str:
-    """``"higher is better"``, ``"lower is better"`` or ``""`` (unknown) for metric ``name``."""
-    better = higher_is_better(name)
+def direction(name: str, specs: Mapping[str, Any] | None = None) -> str:
+    """``"higher is better"``, ``"lower is better"`` or ``""`` (unknown) for metric ``name`` (``specs``: as
+    :func:`higher_is_better`)."""
+    better = higher_is_better(name, specs)
     return "" if better is None else ("higher is better" if better else "lower is better")
 
 
-def metric_label(name: str) -> str:
+def metric_label(name: str, specs: Mapping[str, Any] | None = None) -> str:
     """The metric's name with its own direction, for axis titles and table headers."""
-    way = direction(name)
+    way = direction(name, specs)
     return f"{name} ({way})" if way else name
 
 
@@ -242,9 +247,10 @@ def page(title: str, body: Sequence[str]) -> str:
     )
 
 
-def table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A table whose metric headers state their direction (``metric`` + a "higher/lower is better" line)."""
+def table_html(header: Sequence[str], rows: Sequence[Sequence[str]], specs: Mapping[str, Any] | None = None) -> str:
+    """A table whose metric headers state their direction (``metric`` + a "higher/lower is better" line; ``specs``:
+    as :func:`higher_is_better`)."""
     e = html.escape
-    head = "".join(f"<th>{e(h)}" + (f" <small>{direction(h)}</small>" if direction(h) else "") + "</th>" for h in header)
+    head = "".join(f"<th>{e(h)}" + (f" <small>{way}</small>" if (way := direction(h, specs)) else "") + "</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -37,7 +37,7 @@ def test_generate_writes_images_grid_and_manifest(tmp_path):
 
 def test_grid_row_labels_run_across_the_empty_tiles_after_them():
     """A row's label (a bench row such as 'joint-lora-all-layers-cutmix @ seed 3') is not cut to one tile."""
-    from conceptsmith.generation import image_grid
+    from conceptsmith.grids import image_grid
 
     tiles = [Image.new("RGB", (32, 32), "gray")] * 6
 

@@ -19,12 +19,14 @@ from urllib.parse import unquote
 
 import pytest
 import yaml
+from PIL import Image
+
 from conceptsmith.evaluation.bench_spec import BENCH_DIR
-from conceptsmith.evaluation.erasure_suite import summarize_rows
 from conceptsmith.evaluation.custom_report import write_custom_report
+from conceptsmith.evaluation.erasure_suite import summarize_rows
 from conceptsmith.evaluation.report import write_report
 from conceptsmith.evaluation.report_parts import higher_is_better, run_record
-from PIL import Image
+from conceptsmith.registry import get_metric
 
 REPO = Path(__file__).resolve().parent.parent
 JUDGE = "builtin:shapes-clip"
@@ -276,6 +278,8 @@ def synthetic_results(root: Path, monkeypatch) -> dict:
         "config": {"seeds": seeds, "sweep": {"param": "erase_scale", "values": [0.5, 2]}},
         "model": {"spec": "builtin:shapes", "family": "sd1", "fingerprint": "f1e2d3c4b5a69788"},
         "evaluator": {"spec": JUDGE, "logit_scale": 100.0}, "conventions": {},
+        "metrics": {n: {"description": get_metric(n).description, "higher_is_better": get_metric(n).higher_is_better,
+                        "aggregation": get_metric(n).aggregation} for n in ("acc_e", "acc_s", "paired_specificity")},
         "summary": summarize_rows(rows), "rows": rows, "images": images, "attack_images": attacks,
         "edit_files": files, "run": run_record(started, 12.34, root / "cache" / "fp") | {"cwd": str(root)},
     }  # fmt: skip
@@ -433,3 +437,18 @@ def test_a_sweep_param_no_method_has_fails_before_loading_a_model(tmp_path):
         from conceptsmith.evaluation.engine import load_bench
 
         load_bench(bench)
+
+
+def test_a_report_is_rebuilt_from_its_results_without_torch(tmp_path, monkeypatch):
+    """Rebuilding report.html from results.json (grids, plots, tables) imports no model stack."""
+    synthetic_results(tmp_path, monkeypatch)
+    script = (
+        "import json, sys\n"
+        "from conceptsmith.evaluation.report import write_report\n"
+        f"paths = write_report(json.load(open({str(tmp_path / 'run' / 'results.json')!r})), {str(tmp_path / 'rebuilt')!r})\n"
+        "print(sorted(paths), sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("[]"), proc.stdout
+    assert "'html'" in proc.stdout and (tmp_path / "rebuilt" / "report.html").exists()

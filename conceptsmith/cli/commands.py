@@ -101,7 +101,8 @@ def generate(
     seed_list = validate.parse_seeds(seeds)
     checked = _check_edits(edit)
     from conceptsmith.edits import content_digest
-    from conceptsmith.generation import default_settings, generate_to_folder, image_grid
+    from conceptsmith.generation import default_settings, generate_to_folder
+    from conceptsmith.grids import image_grid
 
     edits = _load_edits(checked)
     pipe, info = _load(model, dtype, device)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conceptsmith.generation import DEFAULTS_ATTRIBUTE, default_settings, generate, image_grid
+from conceptsmith.generation import DEFAULTS_ATTRIBUTE, default_settings, generate
+from conceptsmith.grids import image_grid
 from conceptsmith.io import save_image
 from conceptsmith.models import load_pipeline
 from conceptsmith.text import encode_prompts
