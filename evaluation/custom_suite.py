@@ -46,7 +46,7 @@ from conceptsmith.evaluation.summary import mean_summary
 from conceptsmith.io import atomic_write
 from conceptsmith.registry import EditRequest, get_editor
 
-__all__ = ["KNOWN_PAIRS", "header", "rows", "select", "summarize", "summarize_rows"]
+__all__ = ["KNOWN_PAIRS", "header", "rows", "select", "summaries", "summarize_rows"]
 
 #: Row name of the unedited model composing ``known_pairs`` (the both_present ceiling of the prompt set).
 KNOWN_PAIRS = "known-pairs"
@@ -195,8 +195,9 @@ def _composition_rows(session: Session, selected: set[str]) -> Iterator[Row]:
         yield Row("composition", group, KNOWN_PAIRS, "unedited", metrics)
 
 
-def summarize(cfg: CustomBench, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return summarize_rows(rows, cfg.relearn.concept if cfg.relearn else None, cfg.prompt_sets)
+def summaries(cfg: CustomBench, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results' summary entries: ``summary`` (:func:`summarize_rows`)."""
+    return {"summary": summarize_rows(rows, cfg.relearn.concept if cfg.relearn else None, cfg.prompt_sets)}
 
 
 def summarize_rows(rows: list[dict[str, Any]], relearn_concept: str | None = None,
@@ -240,7 +241,3 @@ def _by_prompt(entries: list[dict[str, Any]], prompt_sets: dict[str, list[str]])
     if len(by_seed) > 1:  # several training runs: their spread is part of the result
         out["both_present_by_training_seed"] = {str(seed): sum(v) / len(v) for seed, v in by_seed.items()}
     return out
-
-
-def extra_summaries(cfg: CustomBench, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {}

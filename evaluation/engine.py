@@ -116,8 +116,7 @@ def run_bench(
                         "aggregation": m.aggregation} for n in names},  # fmt: skip
         **suite.header(session),
         "processes": session.state.num_processes,
-        "summary": suite.summarize(cfg, rows),
-        **suite.extra_summaries(cfg, rows),
+        **suite.summaries(cfg, rows),
         "rows": rows,
         **session.records,
         "edit_files": edit_files,

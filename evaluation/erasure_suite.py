@@ -27,7 +27,7 @@ from conceptsmith.evaluation.summary import headline, mean_summary
 from conceptsmith.io import copy_file
 from conceptsmith.registry import EditRequest, get_attack
 
-__all__ = ["Prompt", "Selection", "header", "rows", "select", "summarize", "summarize_rows", "task_prompts"]
+__all__ = ["Prompt", "Selection", "header", "rows", "select", "summaries", "summarize_rows", "task_prompts"]
 
 CONVENTIONS = {
     "argmax": "share of images whose top-1 zero-shot class is the target",
@@ -246,8 +246,10 @@ def _method_images(session: Session, spec: MethodSpec, task: TaskSpec) -> list[P
     return folders
 
 
-def summarize(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    return summarize_rows(rows, cfg.accuracy)
+def summaries(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The results' summary entries: ``summary`` over every task (:func:`summarize_rows`) and ``summary_by_task``."""
+    by_task = {t.name: summarize_rows([r for r in rows if r["task"] == t.name], cfg.accuracy) for t in cfg.tasks}
+    return {"summary": summarize_rows(rows, cfg.accuracy), "summary_by_task": by_task}
 
 
 def summarize_rows(rows: Sequence[dict[str, Any]], mode: str = "argmax") -> dict[str, dict[str, float]]:
@@ -272,7 +274,3 @@ def summarize_rows(rows: Sequence[dict[str, Any]], mode: str = "argmax") -> dict
     for method, entry in summary.items():
         entry["tasks"] = len({r["task"] for r in rows if r["method"] == method})
     return summary
-
-
-def extra_summaries(cfg: ErasureBench, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"summary_by_task": {t.name: summarize(cfg, [r for r in rows if r["task"] == t.name]) for t in cfg.tasks}}
