@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import init_empty_weights
-from conceptsmith.erasure._closed_form import map_weights
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -29,6 +28,7 @@ from conceptsmith.architectures import (
     T5_XXL_TEXT,
 )
 from conceptsmith.attention import find_cross_attention, kv_projections
+from conceptsmith.erasure._closed_form import map_weights
 from conceptsmith.mmdit import POOLED_MAP, TOKEN_MAP, joint_attention
 from conceptsmith.models import detect_family
 from conceptsmith.text import encode_mmdit, encode_prompts, text_segments

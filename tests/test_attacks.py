@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from conceptsmith.attention import find_cross_attention
+from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.evaluation.attacks import (
     KVPair,
     attack_success_rate,
@@ -19,10 +23,6 @@ from conceptsmith.evaluation.attacks import (
     textual_inversion_attack,
 )
 from conceptsmith.evaluation.clip import Classification
-from PIL import Image
-
-from conceptsmith.attention import find_cross_attention
-from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.text import concept_token_embeddings, encode_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conceptsmith.evaluation.bench_spec import BENCH_DIR
 from conceptsmith.evaluation.engine import bench_kind, load_bench, run_bench
 from conceptsmith.evaluation.report import summary_table

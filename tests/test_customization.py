@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from conceptsmith.config import EditConfig, load_config
 from conceptsmith.customization import CustomizationError
 from conceptsmith.customization.data import (
     CutMix,
@@ -23,9 +26,6 @@ from conceptsmith.customization.data import (
     to_pixels,
     zoomed_out,
 )
-from PIL import Image
-
-from conceptsmith.config import EditConfig, load_config
 from conceptsmith.diffusion import denoising_loss
 from conceptsmith.edits import Edit, EditError, applied_edits
 from conceptsmith.models import fingerprint
@@ -319,7 +319,6 @@ def test_textual_inversion_end_to_end(tiny_pipe, refs, tmp_path):
 
     # the exported token, loaded by diffusers into a fresh pipe, conditions the UNet identically
     from conceptsmith.customization.textual_inversion import export_embeddings
-
     from conceptsmith.text import encode_prompts
 
     ours = encode_prompts(pipe, prompts)
@@ -341,8 +340,9 @@ def test_textual_inversion_on_sdxl_learns_a_vector_per_encoder(tiny_sdxl_pipe, r
     assert pipe.tokenizer_2.tokenize("a <xl>") == ["a</w>", "<xl>"]
     _generate(pipe, ["a photo of a <xl>"])
     edit.revert(pipe)
-    from conceptsmith.customization.textual_inversion import export_embeddings
     from safetensors.torch import load_file
+
+    from conceptsmith.customization.textual_inversion import export_embeddings
 
     [path] = export_embeddings(edit, tmp_path)
 
@@ -364,7 +364,6 @@ def test_shipped_customize_configs_validate_against_their_editors():
 def test_conditioning_ceiling_fits_the_whole_conditioning_and_leaves_the_pipe_alone(tiny_pipe, tiny_sdxl_pipe, refs):
     from conceptsmith.customization.conditioning_ceiling import CeilingConfig, invert_conditioning
     from conceptsmith.customization.data import default_resolution
-
     from conceptsmith.diffusion import Conditioning, noise_scheduler
     from conceptsmith.text import encode_prompts
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conceptsmith.customization import CustomizationError
 from test_customization import make_references
 
+from conceptsmith.customization import CustomizationError
 from conceptsmith.edits import Edit, base_fingerprint
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor

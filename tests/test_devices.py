@@ -148,12 +148,12 @@ def test_uce_and_lora_edits_apply_generate_and_revert_bit_exactly_in_half_precis
 
 def test_bench_yaml_device_and_dtype(tmp_path):
     """A bench YAML may set device / dtype (validated); images of a half-precision model get their own cache keys."""
-    from conceptsmith.evaluation.bench_spec import GenerationConfig
-    from conceptsmith.evaluation.cache import ImageCache
-    from conceptsmith.evaluation.engine import load_bench
     from conftest import build_tiny_pipe
 
     from conceptsmith.config import ConfigError
+    from conceptsmith.evaluation.bench_spec import GenerationConfig
+    from conceptsmith.evaluation.cache import ImageCache
+    from conceptsmith.evaluation.engine import load_bench
 
     head = "name: x\nmodel: builtin:tiny-test\nevaluator: e\nseeds: [0]\ntasks: [{name: t, erase: [a]}]\n"
     config = tmp_path / "b.yaml"

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
+from conceptsmith.attention import kv_projections
+from conceptsmith.edits import EditError, compose
 from conceptsmith.erasure._closed_form import kv_weights
 from conceptsmith.erasure.mace_cfr import MaceCFR, load_or_build_prior, match_surrounding
 from conceptsmith.erasure.realera import RealEra, RealEraConfig, sample_band
 from conceptsmith.erasure.rece import RECE
 from conceptsmith.erasure.uce import UCE
-from safetensors.torch import load_file
-
-from conceptsmith.attention import kv_projections
-from conceptsmith.edits import EditError, compose
 from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor, list_editors

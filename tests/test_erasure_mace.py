@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conceptsmith.erasure._closed_form import kv_weights
-from conceptsmith.erasure._mace_data import concept_examples, token_mask
-from conceptsmith.erasure.mace import MACE, MACEConfig, attention_mass, fuse_loras
 from PIL import Image
 from safetensors import safe_open
 
 from conceptsmith.attention import AttentionMapRecorder
 from conceptsmith.diffusion import TextConditioner, predict
 from conceptsmith.edits import Edit, EditError
+from conceptsmith.erasure._closed_form import kv_weights
+from conceptsmith.erasure._mace_data import concept_examples, token_mask
+from conceptsmith.erasure.mace import MACE, MACEConfig, attention_mass, fuse_loras
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.training import TrainingError

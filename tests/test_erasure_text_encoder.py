@@ -10,10 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conceptsmith.erasure._trained import TextEncoderTraining
-from conceptsmith.erasure.advunlearn import AdvUnlearnConfig, AdvUnlearnObjective
-from conceptsmith.erasure.esd import esd_target
-from conceptsmith.erasure.te_unlearn import AscentObjective, TEUnlearnConfig
 from pydantic import ValidationError
 from test_customization import make_references
 
@@ -26,6 +22,10 @@ from conceptsmith.diffusion import (
     predict,
 )
 from conceptsmith.edits import Edit
+from conceptsmith.erasure._trained import TextEncoderTraining
+from conceptsmith.erasure.advunlearn import AdvUnlearnConfig, AdvUnlearnObjective
+from conceptsmith.erasure.esd import esd_target
+from conceptsmith.erasure.te_unlearn import AscentObjective, TEUnlearnConfig
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, UnsupportedArchitectureError, get_editor
 from conceptsmith.text import encode_prompts, encode_with_embeddings, prefix_slot_ids
@@ -127,8 +127,9 @@ def test_te_unlearn_raises_the_concept_loss_and_round_trips(tiny_pipe, refs, tmp
     edit.revert(pipe)
     assert _unchanged(pipe, state)
 
-    from conceptsmith.customization.lora import export_diffusers
     from safetensors.torch import load_file
+
+    from conceptsmith.customization.lora import export_diffusers
 
     written = export_diffusers(edit, tmp_path / "export")
     assert all(k.startswith("text_encoder.text_model.") for k in load_file(written["lora"]))
@@ -272,7 +273,6 @@ SHAPES = ["circle", "square", "triangle", "star", "heart"]
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory, one_thread):
     from conceptsmith.evaluation.evaluators import load_evaluator
-
     from conceptsmith.models import load_pipeline
     from conceptsmith.world.render import reference_set
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conceptsmith.erasure._trained import unet_modules
-from conceptsmith.erasure.concept_ablation import ablation_loss
-from conceptsmith.erasure.esd import esd_target
 from pydantic import ValidationError
 
 from conceptsmith.diffusion import FrozenTrajectories, TextConditioner, predict
 from conceptsmith.edits import Edit, compose
+from conceptsmith.erasure._trained import unet_modules
+from conceptsmith.erasure.concept_ablation import ablation_loss
+from conceptsmith.erasure.esd import esd_target
 from conceptsmith.registry import EditRequest, get_editor
 from conceptsmith.trainable import TrainableModules, select_modules
 from conceptsmith.training import TrainingError

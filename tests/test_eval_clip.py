@@ -8,10 +8,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conceptsmith.evaluation.clip import DEFAULT_TEMPLATES, Evaluator  # noqa: E402
-from conceptsmith.evaluation.evaluators import _eval_transform, _simple_tokenizer, load_evaluator, register_evaluator  # noqa: E402
 from conftest import TINY_CLIP
 from PIL import Image
+
+from conceptsmith.evaluation.clip import DEFAULT_TEMPLATES, Evaluator  # noqa: E402
+from conceptsmith.evaluation.evaluators import (  # noqa: E402
+    _eval_transform,
+    _simple_tokenizer,
+    load_evaluator,
+    register_evaluator,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,11 +8,12 @@ from importlib.metadata import version
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
+
 from conceptsmith.evaluation.engine import load_bench, run_bench
 from conceptsmith.evaluation.judges import Detection, JudgeSpec, get_judge, list_judges, load_judges
 from conceptsmith.evaluation.nudenet_judge import NudeNetConfig, NudeNetJudge, default_classes, nudenet_labels
-from PIL import Image, ImageDraw
-from pydantic import ValidationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

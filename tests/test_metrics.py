@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from conceptsmith.evaluation.clip import Classification
 from conceptsmith.evaluation.metrics import (
     Accuracy,
@@ -174,9 +175,8 @@ def test_both_concepts_present_and_acc_wrappers():
 
 
 def test_bench_metrics_are_registered_specs_with_their_direction():
-    from conceptsmith.registry import get_metric
-
     import conceptsmith.evaluation.bench_metrics as bench_metrics
+    from conceptsmith.registry import get_metric
 
     for name in (*bench_metrics.ERASURE_METRICS, *bench_metrics.CUSTOM_METRICS):
         spec = get_metric(name)

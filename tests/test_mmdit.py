@@ -12,11 +12,11 @@ import string
 
 import pytest
 import torch
-from conceptsmith.erasure._closed_form import map_weights
 from typer.testing import CliRunner
 
 from conceptsmith.cli import app
 from conceptsmith.edits import Edit
+from conceptsmith.erasure._closed_form import map_weights
 from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.mmdit import POOLED_MAP, TOKEN_MAP
 from conceptsmith.models import describe, detect_family

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from conceptsmith.evaluation.attack_plugins import AttackCondition, AttackPlan, score_attack
-from conceptsmith.evaluation.attacks import reverted
-from conceptsmith.evaluation.prompt_attacks import PromptVocabulary, p4d_attack, unlearn_diff_attack
 from test_attacks import _concept_images, _uce_like_edit
 
 from conceptsmith.edits import applied_edits
+from conceptsmith.evaluation.attack_plugins import AttackCondition, AttackPlan, score_attack
+from conceptsmith.evaluation.attacks import reverted
+from conceptsmith.evaluation.prompt_attacks import PromptVocabulary, p4d_attack, unlearn_diff_attack
 from conceptsmith.registry import Attack, RegistryError, get_attack, list_attacks, register_attack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,10 +127,9 @@ def test_union_counting_by_hand():
 
 
 def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file):
+    from conceptsmith.config import validate
     from conceptsmith.evaluation.engine import load_bench, run_bench
     from conceptsmith.evaluation.erasure_spec import ErasureBench
-
-    from conceptsmith.config import validate
 
     cfg, _ = load_bench("shapes-smoke")
     data = cfg.model_dump() | {

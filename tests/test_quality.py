@@ -12,6 +12,9 @@ from importlib.metadata import version
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pydantic import ValidationError
+
 from conceptsmith.evaluation.clip import ClipScore, Evaluator
 from conceptsmith.evaluation.metrics import frechet_distance
 from conceptsmith.evaluation.quality import (
@@ -25,9 +28,6 @@ from conceptsmith.evaluation.quality import (
     kid,
     quality,
 )
-from PIL import Image
-from pydantic import ValidationError
-
 from conceptsmith.registry import get_metric
 
 pytestmark = pytest.mark.usefixtures("one_thread")

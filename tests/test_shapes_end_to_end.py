@@ -7,6 +7,7 @@ name or its paraphrase, and the other shapes still are. This is the triangle tas
 from __future__ import annotations
 
 import pytest
+
 from conceptsmith.evaluation.engine import load_bench, run_bench
 
 

@@ -7,6 +7,7 @@ drawn far less than by the unedited model, and the five preserved shapes still a
 from __future__ import annotations
 
 import pytest
+
 from conceptsmith.evaluation.engine import load_bench, run_bench
 
 METHODS = ("esd", "concept-ablation", "mace")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from conceptsmith.evaluation.evaluators import load_evaluator
 
+from conceptsmith.evaluation.evaluators import load_evaluator
 from conceptsmith.world import render as R
 from conceptsmith.world import vocab as V
 
