@@ -263,9 +263,14 @@ def _apply_weights(edit: Edit, pipe: Any, scale: float) -> Undo:
     return undo
 
 
+#: diffusers' loggers that warn about a component without LoRA keys (text encoders; the denoiser).
+_LORA_LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.peft")
+
+
 class _NoMissingComponentWarning(logging.Filter):
-    """Drops diffusers' warning that a LoRA has no keys for a text encoder: an edit that changes only the UNet
-    has none by design, and the warning (repeated at every apply) says nothing about it."""
+    """Drops diffusers' warning that a LoRA has no keys for a component: an edit that changes only the UNet (or
+    only a text encoder) has none for the other by design, and the warning (repeated at every apply) says nothing
+    about it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No LoRA keys associated to")
@@ -275,12 +280,14 @@ def _apply_lora(edit: Edit, pipe: Any, scale: float) -> Undo:
     name = f"conceptsmith_{uuid.uuid4().hex[:8]}"
     active = _active_adapters(pipe)
     tensors = {key: value * scale if key.endswith(".lora_B.weight") else value for key, value in edit.tensors.items()}
-    quiet, diffusers_logger = _NoMissingComponentWarning(), logging.getLogger("diffusers.loaders.lora_base")
-    diffusers_logger.addFilter(quiet)
+    quiet = _NoMissingComponentWarning()
+    for logger in _LORA_LOADER_LOGGERS:
+        logging.getLogger(logger).addFilter(quiet)
     try:
         pipe.load_lora_weights(tensors, adapter_name=name)
     finally:
-        diffusers_logger.removeFilter(quiet)
+        for logger in _LORA_LOADER_LOGGERS:
+            logging.getLogger(logger).removeFilter(quiet)
     pipe.set_adapters([*active, name])  # loading activates only the new adapter; keep the others on
 
     def undo(pipe: Any) -> None:
