@@ -45,7 +45,8 @@ from conceptsmith.registry import (
     register_editor,
     register_hook,
 )
-from conceptsmith.text import phrase_positions, tokenize
+from conceptsmith.text import tokenize
+from conceptsmith.token_positions import phrase_positions
 
 # -- shared machinery (also used by A-STAR) -------------------------------------------------------------
 

@@ -33,17 +33,9 @@ from conceptsmith.linalg import RidgeSolution, SingularSystemError, solve_ridge
 from conceptsmith.mmdit import is_mmdit, text_maps
 from conceptsmith.models import detect_family
 from conceptsmith.registry import EditorConfig, EditRequest
-from conceptsmith.text import (
-    TextSegment,
-    TokenPolicy,
-    concept_token_embeddings,
-    concept_token_positions,
-    encode_mmdit,
-    encode_prompts,
-    text_encoders,
-    text_segments,
-    tokenize,
-)
+from conceptsmith.text import encode_prompts, text_encoders, tokenize
+from conceptsmith.text_segments import TextSegment, encode_mmdit, text_segments
+from conceptsmith.token_positions import TokenPolicy, concept_token_embeddings, concept_token_positions
 
 SolveDtype = Literal["float64", "float32"]
 
@@ -300,7 +292,7 @@ def uce_groups(
     cache: Path | None = None,
 ) -> list[MapGroup]:
     """:func:`uce_rows` for every group of :func:`map_weights`: an MMDiT's token rows are gathered run by run
-    (:func:`conceptsmith.text.text_segments`), its pooled rows map each prompt's pooled embedding to the guide's."""
+    (:func:`conceptsmith.text_segments.text_segments`), its pooled rows map each prompt's pooled embedding to the guide's."""
     weights = map_weights(pipe)
     if not is_mmdit(pipe):
         return [MapGroup("cross_attention", weights["cross_attention"], uce_rows(pipe, prompts, phrases, guide, preserve, policy, cache))]

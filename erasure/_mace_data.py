@@ -29,7 +29,8 @@ from PIL import Image
 from conceptsmith.customization.data import Examples, default_resolution, load_images, to_pixels
 from conceptsmith.errors import CustomizationError
 from conceptsmith.images import find_images
-from conceptsmith.text import concept_token_positions, context_length, text_encoders
+from conceptsmith.text import context_length, text_encoders
+from conceptsmith.token_positions import concept_token_positions
 from conceptsmith.training import TrainingError
 from conceptsmith.world import vocab
 from conceptsmith.world.render import object_masks, render

@@ -44,7 +44,7 @@ from conceptsmith.erasure._trained import (
 )
 from conceptsmith.erasure.esd import esd_target
 from conceptsmith.registry import Editor, EditRequest, register_editor
-from conceptsmith.text import encode_with_embeddings, prefix_slot_ids
+from conceptsmith.token_positions import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.trainable import frozen, pipe_components
 from conceptsmith.training import TrainStep, train
 

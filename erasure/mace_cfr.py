@@ -56,7 +56,8 @@ from conceptsmith.erasure._closed_form import (
 from conceptsmith.erasure.uce import default_guide
 from conceptsmith.io import save_safetensors
 from conceptsmith.registry import UNET_FAMILIES, Editor, EditRequest, register_editor
-from conceptsmith.text import concept_token_embeddings, encode_prompts, tokenize
+from conceptsmith.text import encode_prompts, tokenize
+from conceptsmith.token_positions import concept_token_embeddings
 from conceptsmith.world.render import make_caption, sample_labels
 
 OBJECT_TEMPLATES: tuple[str, ...] = (

@@ -56,7 +56,7 @@ from conceptsmith.erasure._closed_form import (
     uce_groups,
 )
 from conceptsmith.registry import ALL_FAMILIES, Editor, EditRequest, register_editor
-from conceptsmith.text import TokenPolicy
+from conceptsmith.token_positions import TokenPolicy
 
 
 class UCEConfig(ClosedFormConfig):

@@ -39,7 +39,8 @@ from conceptsmith.evaluation.training_attacks import (
     reference_latents,
 )
 from conceptsmith.generation import GenerationSettings, default_settings
-from conceptsmith.text import context_length, encode_prompts, encode_with_embeddings, tokenize
+from conceptsmith.text import context_length, encode_prompts, tokenize
+from conceptsmith.token_positions import encode_with_embeddings
 
 if TYPE_CHECKING:
     from conceptsmith.edits import Edit

@@ -31,7 +31,8 @@ from conceptsmith.attention import find_cross_attention, kv_projections
 from conceptsmith.erasure._closed_form import map_weights
 from conceptsmith.mmdit import POOLED_MAP, TOKEN_MAP, joint_attention
 from conceptsmith.models import detect_family
-from conceptsmith.text import encode_mmdit, encode_prompts, text_segments
+from conceptsmith.text import encode_prompts
+from conceptsmith.text_segments import encode_mmdit, text_segments
 from conceptsmith.world.tokenizer import clip_tokenizer
 
 # family -> (unet config, layers, d_in, UNet parameters)

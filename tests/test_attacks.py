@@ -23,7 +23,8 @@ from conceptsmith.evaluation.attacks import (
     textual_inversion_attack,
 )
 from conceptsmith.evaluation.clip import Classification
-from conceptsmith.text import concept_token_embeddings, encode_prompts
+from conceptsmith.text import encode_prompts
+from conceptsmith.token_positions import concept_token_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

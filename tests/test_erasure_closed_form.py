@@ -27,7 +27,8 @@ from conceptsmith.erasure.uce import UCE
 from conceptsmith.linalg import regenerating_embeddings
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, get_editor, list_editors
-from conceptsmith.text import concept_token_embeddings, encode_prompts
+from conceptsmith.text import encode_prompts
+from conceptsmith.token_positions import concept_token_embeddings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "erase"
 METHODS = ("uce", "rece", "realera", "mace-cfr")

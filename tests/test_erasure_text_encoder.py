@@ -28,7 +28,8 @@ from conceptsmith.erasure.esd import esd_target
 from conceptsmith.erasure.te_unlearn import AscentObjective, TEUnlearnConfig
 from conceptsmith.models import fingerprint
 from conceptsmith.registry import EditRequest, UnsupportedArchitectureError, get_editor
-from conceptsmith.text import encode_prompts, encode_with_embeddings, prefix_slot_ids
+from conceptsmith.text import encode_prompts
+from conceptsmith.token_positions import encode_with_embeddings, prefix_slot_ids
 from conceptsmith.training import TrainingError, TrainStep, train
 
 FAST = {"progress": False}

@@ -27,7 +27,9 @@ from conceptsmith.registry import (
     get_editor,
     list_editors,
 )
-from conceptsmith.text import concept_token_embeddings, text_segments, tokenize
+from conceptsmith.text import tokenize
+from conceptsmith.text_segments import text_segments
+from conceptsmith.token_positions import concept_token_embeddings
 from conceptsmith.world.tokenizer import clip_tokenizer
 
 MAPS = {f"transformer.{TOKEN_MAP}", f"transformer.{POOLED_MAP}"}

@@ -8,13 +8,12 @@ import warnings
 import pytest
 import torch
 
-from conceptsmith.text import (
+from conceptsmith.text import encode_prompts, tokenize
+from conceptsmith.token_positions import (
     TOKEN_POLICIES,
     concept_token_embeddings,
     concept_token_positions,
-    encode_prompts,
     phrase_positions,
-    tokenize,
 )
 from conceptsmith.world.tokenizer import clip_tokenizer
 
