@@ -93,3 +93,8 @@ def process_state(device: torch.device) -> Any:
 
     return PartialState(cpu=device.type == "cpu")
 
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without parameters)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from conceptsmith.devices import module_device
 from conceptsmith.text import text_encoders
-from conceptsmith.trainable import module_device
 from conceptsmith.training import TrainingError, TrainStep
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from conceptsmith.devices import module_device
 from conceptsmith.mmdit import is_mmdit
 from conceptsmith.prompts import check_prompts
 from conceptsmith.text_segments import TextSegment, encode_mmdit
@@ -185,11 +186,6 @@ def convert_prompts(pipe: object, prompts: list[str], tokenizer: object) -> list
 # --------------------------------------------------------------------------------------------
 
 
-def _device(module: torch.nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _resolve_length(max_length: int | str | None, tokenized: TokenizedPrompts | None, context: int) -> int:
     if max_length is None:
         return context
@@ -236,7 +232,7 @@ def encode_prompt_list(
         ids = tokenized.input_ids[:, :length]
         use_mask = bool(getattr(getattr(encoder, "config", None), "use_attention_mask", False)) and not dual
         mask = tokenized.attention_mask[:, :length] if use_mask else None
-        device = _device(encoder)
+        device = module_device(encoder)
         chunks = []
         with torch.no_grad():
             for start in range(0, ids.shape[0], batch_size):

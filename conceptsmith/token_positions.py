@@ -24,6 +24,7 @@ from typing import Literal, get_args
 
 import torch
 
+from conceptsmith.devices import module_device
 from conceptsmith.prompts import check_prompts
 from conceptsmith.text import (
     TokenizedPrompts,
@@ -35,7 +36,6 @@ from conceptsmith.text import (
     short_prompt,
     tokenize,
 )
-from conceptsmith.trainable import module_device
 
 __all__ = [
     "TOKEN_POLICIES",

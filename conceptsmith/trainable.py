@@ -67,9 +67,6 @@ def pipe_components(pipe: object) -> list[nn.Module]:
     return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
 
-def module_device(module: nn.Module) -> torch.device:
-    param = next(module.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 

@@ -14,9 +14,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from conceptsmith.devices import module_device
 from conceptsmith.diffusion import FrozenTrajectories, TextConditioner, predict
 from conceptsmith.registry import EditRequest
-from conceptsmith.trainable import TrainableModules, TrainMode, module_device, select_modules, trained_edit
+from conceptsmith.trainable import TrainableModules, TrainMode, select_modules, trained_edit
 from conceptsmith.training import TrainingConfig, TrainingError
 
 UnetVariant = Literal["x", "x-strict", "u", "all"]

@@ -30,14 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from conceptsmith.devices import module_device
 from conceptsmith.evaluation.attacks import reverted
 from conceptsmith.evaluation.ring_a_bell_attack import whole_word_vocabulary
-from conceptsmith.evaluation.training_attacks import (
-    _device,
-    check_single_encoder,
-    denoising_loss,
-    reference_latents,
-)
+from conceptsmith.evaluation.training_attacks import check_single_encoder, denoising_loss, reference_latents
 from conceptsmith.generation import GenerationSettings, default_settings
 from conceptsmith.text import context_length, encode_prompts, tokenize
 from conceptsmith.token_positions import encode_with_embeddings
@@ -109,7 +105,7 @@ class _SlotPrompt:
     def __init__(self, pipe: Any, n: int, suffix: str, filler: str) -> None:
         self.encoder, self.n, self.suffix = pipe.text_encoder, n, suffix
         text = self.text([filler] * n)
-        self.ids = tokenize(pipe.tokenizer, [text], warn=False).input_ids.to(_device(self.encoder))
+        self.ids = tokenize(pipe.tokenizer, [text], warn=False).input_ids.to(module_device(self.encoder))
         needed = n + 2 + len(pipe.tokenizer(suffix, add_special_tokens=False)["input_ids"])
         if needed > context_length(pipe.tokenizer, self.encoder):
             raise ValueError(f"{n} attack tokens + {suffix!r} do not fit the text encoder's context")
@@ -228,7 +224,7 @@ def unedited_trajectory(
     it; classifier-free guidance with the empty prompt): the UNet inputs ``x_t``, their timesteps and
     the conditional noise predictions, flattened over (step, seed)."""
     unet = pipe.unet
-    device, dtype = _device(unet), unet.dtype
+    device, dtype = module_device(unet), unet.dtype
     scheduler = copy.deepcopy(pipe.scheduler)
     scheduler.set_timesteps(settings.num_inference_steps, device=device)
     scale = int(getattr(pipe, "vae_scale_factor", 8))

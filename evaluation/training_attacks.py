@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from conceptsmith.devices import module_device
 from conceptsmith.diffusion import prediction_target
 from conceptsmith.evaluation.clip import uint8_images
 from conceptsmith.text import encode_prompts, tokenize
@@ -45,10 +46,6 @@ DEFAULT_TI_TEMPLATES: tuple[str, ...] = (
 # ============================================================================================
 # shared: images -> latents, the denoising loss, token-embedding overrides
 # ============================================================================================
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 def _image_tensor(image: Any, size: int) -> torch.Tensor:
     """An image as a 3 x size x size tensor in [-1, 1] (shorter side resized, center crop)."""
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
@@ -71,7 +68,7 @@ def reference_latents(pipe: Any, images: Sequence[Any]) -> torch.Tensor:
     """Latents of ``images`` at the UNet's native size: VAE posterior means, scaled as the UNet expects."""
     unet, vae = pipe.unet, pipe.vae
     size = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    pixels = torch.stack([_image_tensor(im, size) for im in images]).to(_device(unet), vae.dtype)
+    pixels = torch.stack([_image_tensor(im, size) for im in images]).to(module_device(unet), vae.dtype)
     return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
@@ -147,7 +144,7 @@ class TextualInversionAttack:
         tokenizer = pipe.tokenizer
         carrier_id = _single_token_id(tokenizer, self.carrier)
         texts = [p.replace(self.token, self.carrier) for p in prompts]
-        with _EmbeddingOverride(pipe.text_encoder, carrier_id, self.embedding.to(_device(pipe.text_encoder))):
+        with _EmbeddingOverride(pipe.text_encoder, carrier_id, self.embedding.to(module_device(pipe.text_encoder))):
             return encode_prompts(pipe, texts)
 
     def install(self, pipe: Any) -> None:
@@ -191,7 +188,7 @@ def textual_inversion_attack(
         )
     templates = [t if "{}" in t else t + " {}" for t in templates]
     tokenizer, encoder, scheduler = pipe.tokenizer, pipe.text_encoder, pipe.scheduler
-    device = _device(pipe.unet)
+    device = module_device(pipe.unet)
     carrier_id = _single_token_id(tokenizer, carrier)
     table = encoder.get_input_embeddings().weight
     init_id = _single_token_id(tokenizer, init_word) if init_word else carrier_id
