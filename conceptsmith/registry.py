@@ -156,26 +156,31 @@ class Attack(abc.ABC):
 
 
 @dataclass(frozen=True)
-class _Entry:
+class PluginEntry:
+    """One registered plugin of a kind's table (``{name: entry}``); :func:`register_entry`, :func:`lookup_entry`
+    and :func:`list_entries` are the table mechanics every kind uses (judges keep their table in
+    :mod:`conceptsmith.evaluation.judges`)."""
+
     obj: Any
     description: str
 
 
-_EDITORS: dict[str, _Entry] = {}
-_METRICS: dict[str, _Entry] = {}
-_HOOKS: dict[str, _Entry] = {}
-_ATTACKS: dict[str, _Entry] = {}
+_EDITORS: dict[str, PluginEntry] = {}
+_METRICS: dict[str, PluginEntry] = {}
+_HOOKS: dict[str, PluginEntry] = {}
+_ATTACKS: dict[str, PluginEntry] = {}
 
 E = TypeVar("E", bound=type[Editor])
 A = TypeVar("A", bound=type[Attack])
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _register(table: dict[str, _Entry], kind: str, name: str, obj: Any, description: str) -> None:
+def register_entry(table: dict[str, PluginEntry], kind: str, name: str, obj: Any, description: str) -> None:
+    """Add ``obj`` to ``table``; another object already under ``name`` is a :class:`RegistryError`."""
     existing = table.get(name)
     if existing is not None and existing.obj is not obj and _qualname(existing.obj) != _qualname(obj):
         raise RegistryError(f"A {kind} named '{name}' is already registered ({_qualname(existing.obj)}); pick another name.")
-    table[name] = _Entry(obj, description)
+    table[name] = PluginEntry(obj, description)
 
 
 def _qualname(obj: Any) -> str:
@@ -190,7 +195,7 @@ def register_editor(name: str, description: str) -> Callable[[E], E]:
             raise TypeError(f"register_editor('{name}') decorates Editor subclasses, got {cls!r}.")
         cls.name = name
         cls.description = description
-        _register(_EDITORS, "editor", name, cls, description)
+        register_entry(_EDITORS, "editor", name, cls, description)
         return cls
 
     return decorate
@@ -204,7 +209,7 @@ def register_attack(name: str, description: str) -> Callable[[A], A]:
             raise TypeError(f"register_attack('{name}') decorates Attack subclasses, got {cls!r}.")
         cls.name = name
         cls.description = description
-        _register(_ATTACKS, "attack", name, cls, description)
+        register_entry(_ATTACKS, "attack", name, cls, description)
         return cls
 
     return decorate
@@ -239,7 +244,7 @@ def register_metric(
 
     def decorate(fn: F) -> F:
         spec = Metric(name, description, fn, higher_is_better, aggregation, tuple(sections))
-        _register(_METRICS, "metric", name, spec, description)
+        register_entry(_METRICS, "metric", name, spec, description)
         return fn
 
     return decorate
@@ -249,7 +254,7 @@ def register_hook(name: str, description: str = "") -> Callable[[F], F]:
     """Decorator for the factory behind ``hook`` Edits: ``factory(edit, pipe)`` returns a handle with ``remove()``."""
 
     def decorate(fn: F) -> F:
-        _register(_HOOKS, "hook", name, fn, description)
+        register_entry(_HOOKS, "hook", name, fn, description)
         return fn
 
     return decorate
@@ -269,9 +274,11 @@ def _load_entry_points(group: str) -> None:
         entry_point.load()
 
 
-def _lookup(
-    table: dict[str, _Entry], kind: str, group: str | None, name: str, hint: str = "`conceptsmith methods`"
+def lookup_entry(
+    table: dict[str, PluginEntry], kind: str, group: str | None, name: str, hint: str = "`conceptsmith methods`"
 ) -> Any:
+    """The object registered as ``name``, loading the built-in plugins and the ``group`` entry points first if
+    it is not there yet; unknown names are a :class:`RegistryError` listing the known ones."""
     if name not in table:
         load_builtin_plugins()
         if group is not None:
@@ -282,7 +289,8 @@ def _lookup(
     return table[name].obj
 
 
-def _listing(table: dict[str, _Entry], group: str | None) -> dict[str, str]:
+def list_entries(table: dict[str, PluginEntry], group: str | None) -> dict[str, str]:
+    """``{name: description}`` of ``table`` after loading every plugin, sorted by name."""
     load_builtin_plugins()
     if group is not None:
         _load_entry_points(group)
@@ -290,28 +298,28 @@ def _listing(table: dict[str, _Entry], group: str | None) -> dict[str, str]:
 
 
 def get_editor(name: str) -> type[Editor]:
-    return _lookup(_EDITORS, "editor", EDITOR_GROUP, name)
+    return lookup_entry(_EDITORS, "editor", EDITOR_GROUP, name)
 
 
 def get_metric(name: str) -> Metric:
-    return _lookup(_METRICS, "metric", METRIC_GROUP, name)
+    return lookup_entry(_METRICS, "metric", METRIC_GROUP, name)
 
 
 def get_hook(name: str) -> Callable[..., Any]:
-    return _lookup(_HOOKS, "hook", EDITOR_GROUP, name)
+    return lookup_entry(_HOOKS, "hook", EDITOR_GROUP, name)
 
 
 def get_attack(name: str) -> type[Attack]:
-    return _lookup(_ATTACKS, "attack", ATTACK_GROUP, name, "`conceptsmith.registry.list_attacks()`")
+    return lookup_entry(_ATTACKS, "attack", ATTACK_GROUP, name, "`conceptsmith.registry.list_attacks()`")
 
 
 def list_editors() -> dict[str, str]:
-    return _listing(_EDITORS, EDITOR_GROUP)
+    return list_entries(_EDITORS, EDITOR_GROUP)
 
 
 def list_metrics() -> dict[str, str]:
-    return _listing(_METRICS, METRIC_GROUP)
+    return list_entries(_METRICS, METRIC_GROUP)
 
 
 def list_attacks() -> dict[str, str]:
-    return _listing(_ATTACKS, ATTACK_GROUP)
+    return list_entries(_ATTACKS, ATTACK_GROUP)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import Field, model_validator
 
 from conceptsmith.config import StrictModel, check_plugin_params
-from conceptsmith.registry import _Entry, _listing, _lookup, _register
+from conceptsmith.registry import PluginEntry, list_entries, lookup_entry, register_entry
 
 __all__ = [
     "JUDGE_GROUP",
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 JUDGE_GROUP = "conceptsmith.judges"
-_JUDGES: dict[str, _Entry] = {}
+_JUDGES: dict[str, PluginEntry] = {}
 
 
 @dataclass(frozen=True)
@@ -110,18 +110,18 @@ def register_judge(name: str, description: str) -> Callable[[J], J]:
             raise TypeError(f"register_judge('{name}') decorates Judge subclasses, got {cls!r}.")
         cls.name = name
         cls.description = description
-        _register(_JUDGES, "judge", name, cls, description)
+        register_entry(_JUDGES, "judge", name, cls, description)
         return cls
 
     return decorate
 
 
 def get_judge(name: str) -> type[Judge]:
-    return _lookup(_JUDGES, "judge", JUDGE_GROUP, name, "`conceptsmith.evaluation.judges.list_judges()`")
+    return lookup_entry(_JUDGES, "judge", JUDGE_GROUP, name, "`conceptsmith.evaluation.judges.list_judges()`")
 
 
 def list_judges() -> dict[str, str]:
-    return _listing(_JUDGES, JUDGE_GROUP)
+    return list_entries(_JUDGES, JUDGE_GROUP)
 
 
 class JudgeSpec(StrictModel):
