@@ -32,7 +32,7 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
 
 def signature(run_key: str, named: Mapping[str, nn.Parameter], config: TrainingConfig) -> str:
-    ignored = {"steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "progress"}
+    ignored = {"steps", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "progress", "step_in_backward"}
     hyper = {k: v for k, v in config.training_fields().items() if k not in ignored}
     shapes = {name: list(p.shape) for name, p in named.items()}
     blob = json.dumps({"run": run_key, "shapes": shapes, "config": hyper}, sort_keys=True, default=str)

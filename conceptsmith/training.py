@@ -18,6 +18,11 @@
 * **seeded and resumable exactly**: the loss function draws all its randomness from the step's own
   generator (``TrainStep.generator``, seeded by (seed, step, micro-step)) and the global RNG is
   re-seeded the same way (dropout), so a resumed run reproduces the uninterrupted run bit for bit;
+* **gradients freed as they are used**: where nothing needs all gradients at once (one process, no gradient
+  accumulation, no clipping, no fp16 loss scaling), each parameter is stepped from a post-accumulate-grad hook
+  during the backward pass and its gradient dropped (``step_in_backward``), so the peak holds the gradient of
+  one parameter instead of all; AdamW's update of a parameter does not depend on the others', so the
+  weights come out the same;
 * a tqdm progress bar with the running loss.
 
 What to train comes from :mod:`conceptsmith.trainable` (peft LoRA or full weights on any modules of
@@ -70,6 +75,11 @@ class TrainingConfig(EditorConfig):
         "auto", description="auto: bf16/fp16 autocast on CUDA, float32 elsewhere"
     )
     gradient_checkpointing: bool = False
+    step_in_backward: bool = Field(
+        True,
+        description="step each parameter as soon as its gradient is complete and free that gradient (lower peak "
+        "memory, the same result); used only where it can be: one process, no accumulation, no clipping, no fp16",
+    )
     checkpoint_dir: str | None = Field(None, description="folder for resumable checkpoints (null: none)")
     checkpoint_every: int = Field(0, ge=0, description="save every N steps (0: only at the end, if checkpoint_dir)")
     keep_checkpoints: int = Field(2, ge=1)
@@ -253,6 +263,38 @@ def _groups(params: ParamSpec, lr: float) -> list[tuple[dict[str, nn.Parameter],
     return groups
 
 
+def _check_finite(loss: float, step: int, config: TrainingConfig) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"The training loss became {loss} at step {step}; lower learning_rate (now "
+            f"{config.effective_lr():g}) or use mixed_precision='no'."
+        )
+
+
+def _steps_in_backward(config: TrainingConfig, processes: int, micro_steps: int, precision: str) -> bool:
+    """Whether each parameter can be stepped inside the backward pass: nothing needs every gradient first (no
+    clipping by the global norm, no DDP averaging, no accumulation, no fp16 loss scaler)."""
+    return (config.step_in_backward and config.max_grad_norm is None and processes == 1 and micro_steps == 1
+            and precision != "fp16")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _stepping_hooks(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> Any:
+    """Step ``optimizer`` for one parameter as soon as its gradient is accumulated, then free that gradient
+    (PyTorch's optimizer-step-in-backward recipe with one optimizer: a step skips parameters without a gradient)."""
+
+    def step(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(step) for p in params]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def train(
     params: ParamSpec,
     loss_fn: Callable[[TrainStep], torch.Tensor | Mapping[str, torch.Tensor]],
@@ -325,9 +367,11 @@ def train(
         if config.gradient_checkpointing:
             _enable_checkpointing(module)
     cuda_devices = [device] if device.type == "cuda" else []
+    in_backward = _steps_in_backward(config, world, per_process, precision)
+    stepping = _stepping_hooks(optimizer, list(named.values())) if in_backward else contextlib.nullcontext()
     bar = tqdm(total=config.steps, initial=start, desc=description, unit="step", disable=not config.progress)
     try:
-        with torch.random.fork_rng(devices=cuda_devices):
+        with torch.random.fork_rng(devices=cuda_devices), stepping:
             for step in range(start, config.steps):
                 factor = _lr_factor(config, step)
                 for group, base in zip(optimizer.param_groups, base_lrs):
@@ -342,6 +386,8 @@ def train(
                         with accelerator.autocast():
                             out = model(TrainStep(step, micro, generator, device))
                         loss = out if isinstance(out, torch.Tensor) else out["loss"]
+                        if in_backward:  # the backward pass updates the weights: refuse a bad loss first
+                            _check_finite(float(loss.detach()), step, config)
                         accelerator.backward(loss / per_process, inputs=list(named.values()))
                     total += float(loss.detach()) / per_process
                     if not isinstance(out, torch.Tensor):
@@ -351,15 +397,12 @@ def train(
                 if world > 1:  # the step's loss over every process's micro-steps, the same number on all
                     total, *rest = _process_mean(accelerator, [total, *extras.values()], device)
                     extras = dict(zip(extras, rest))
-                if not math.isfinite(total):
-                    raise TrainingError(
-                        f"The training loss became {total} at step {step}; lower learning_rate (now "
-                        f"{config.effective_lr():g}) or use mixed_precision='no'."
-                    )
-                if config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
-                prepared.step()
-                prepared.zero_grad(set_to_none=True)
+                _check_finite(total, step, config)
+                if not in_backward:
+                    if config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(list(named.values()), config.max_grad_norm)
+                    prepared.step()
+                    prepared.zero_grad(set_to_none=True)
                 result.losses.append(total)
                 for key, v in extras.items():
                     result.logs.setdefault(key, []).append(v)

@@ -263,6 +263,43 @@ def test_training_loop_learns_checkpoints_and_resumes_bit_exactly(tmp_path):
         _toy_run(TrainingConfig(steps=2, resume=True, **base))
 
 
+def _shared_weight_run(step_in_backward: bool, alive: list[int] | None = None):
+    """Three parameters, one used twice, AdamW with weight decay, warmup then cosine; ``alive`` records how many
+    gradients exist whenever one parameter's gradient is complete."""
+    generator = torch.Generator().manual_seed(1)
+    params = {name: torch.nn.Parameter(torch.randn(4, 4, generator=generator)) for name in ("a", "b", "c")}
+    if alive is not None:
+        for p in params.values():  # registered before train's own hooks, so it runs first
+            p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params.values())))
+
+    def loss_fn(step):
+        x = torch.randn(8, 4, generator=step.generator)
+        h = torch.tanh(x @ params["a"]) @ params["b"]
+        return ((h @ params["a"]).sin() + h @ params["c"]).pow(2).mean()
+
+    config = TrainingConfig(steps=6, learning_rate=0.05, weight_decay=0.01, lr_schedule="cosine", lr_warmup_steps=2,
+                            max_grad_norm=None, eval_batches=0, progress=False, step_in_backward=step_in_backward)
+    result = train(params, loss_fn, config, seed=3)
+    return {name: p.detach().clone() for name, p in params.items()}, result
+
+
+def test_stepping_inside_the_backward_pass_frees_gradients_and_changes_no_bit():
+    alive_in, alive_after = [], []
+    fused, fused_result = _shared_weight_run(True, alive_in)
+    plain, plain_result = _shared_weight_run(False, alive_after)
+    assert all(torch.equal(fused[name], plain[name]) for name in plain)  # AdamW per parameter: the same bits
+    assert fused_result.losses == plain_result.losses
+    assert max(alive_in) == 1  # each gradient is stepped and dropped before the next one completes
+    assert max(alive_after) == 3  # the usual loop holds every gradient until the optimizer step
+
+
+def test_stepping_inside_the_backward_pass_refuses_a_bad_loss_before_any_update():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TrainingError, match="became nan"):
+        train({"p": p}, lambda step: p.sum() * float("nan"), TrainingConfig(steps=1, max_grad_norm=None, progress=False))
+    assert torch.equal(p.detach(), torch.ones(2))
+
+
 def test_training_loop_mixed_precision_and_errors():
     with pytest.warns(UserWarning, match="not available on cpu"):
         assert resolve_mixed_precision("fp16", torch.device("cpu")) == "no"
