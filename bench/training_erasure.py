@@ -6,7 +6,8 @@ with ``--threads`` threads (2). ESD-x with full weights (the published setting: 
 parameter trained, Adam, negative guidance 1, DDIM 50 steps, start guidance 3), two ways, timed in
 separate processes of the same run so that each peak RSS is its own:
 
-* **library**: ``get_editor("esd")`` -- the frozen model's DDIM runs made once (``--trajectories``),
+* **library**: ``get_editor("esd")`` (no clipping, as published: each weight is stepped inside the backward
+  pass) -- the frozen model's DDIM runs made once (``--trajectories``),
   frozen predictions from the same network with the original weights swapped in (cached per state);
   ``step_s`` = the training loop's seconds / steps (frozen predictions of new states included),
   ``setup_s`` = the frozen runs and the rest of ``fit``; ``amortized_step_s`` = ``step_s + setup_s / 200``
