@@ -77,8 +77,9 @@ class TrainingConfig(EditorConfig):
     gradient_checkpointing: bool = False
     step_in_backward: bool = Field(
         True,
-        description="step each parameter as soon as its gradient is complete and free that gradient (lower peak "
-        "memory, the same result); used only where it can be: one process, no accumulation, no clipping, no fp16",
+        description="step each parameter as soon as its gradient is complete and free that gradient (one gradient "
+        "alive instead of all, the same result); used only where it can be: one process, no accumulation, no "
+        "clipping, no fp16",
     )
     checkpoint_dir: str | None = Field(None, description="folder for resumable checkpoints (null: none)")
     checkpoint_every: int = Field(0, ge=0, description="save every N steps (0: only at the end, if checkpoint_dir)")
