@@ -6,8 +6,8 @@ with ``--threads`` threads (2). ESD-x with full weights (the published setting: 
 parameter trained, Adam, negative guidance 1, DDIM 50 steps, start guidance 3), two ways, timed in
 separate processes of the same run so that each peak RSS is its own:
 
-* **library**: ``get_editor("esd")`` (no clipping, as published: each weight is stepped inside the backward
-  pass) -- the frozen model's DDIM runs made once (``--trajectories``),
+* **library**: ``get_editor("esd")`` (no clipping, as published, and ``step_in_backward``: each weight is
+  stepped inside the backward pass) -- the frozen model's DDIM runs made once (``--trajectories``),
   frozen predictions from the same network with the original weights swapped in (cached per state);
   ``step_s`` = the training loop's seconds / steps (frozen predictions of new states included),
   ``setup_s`` = the frozen runs and the rest of ``fit``; ``amortized_step_s`` = ``step_s + setup_s / 200``
@@ -65,7 +65,7 @@ def build_pipe(tiny: bool) -> SimpleNamespace:
 def esd_config(steps: int, trajectories: int) -> dict[str, Any]:
     return {"variant": "x", "mode": "full", "steps": steps, "learning_rate": LR, "negative_guidance": ETA,
             "trajectories": trajectories, "ddim_steps": DDIM_STEPS, "sample_guidance": START_GUIDANCE,
-            "max_grad_norm": None, "eval_batches": 0, "progress": False, "templates": ["{}"]}
+            "max_grad_norm": None, "step_in_backward": True, "eval_batches": 0, "progress": False, "templates": ["{}"]}
 
 
 def run_library(pipe: SimpleNamespace, steps: int, trajectories: int, record: list | None = None) -> tuple[Any, float]:

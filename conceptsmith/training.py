@@ -18,10 +18,10 @@
 * **seeded and resumable exactly**: the loss function draws all its randomness from the step's own
   generator (``TrainStep.generator``, seeded by (seed, step, micro-step)) and the global RNG is
   re-seeded the same way (dropout), so a resumed run reproduces the uninterrupted run bit for bit;
-* **gradients freed as they are used**: where nothing needs all gradients at once (one process, no gradient
-  accumulation, no clipping, no fp16 loss scaling), each parameter is stepped from a post-accumulate-grad hook
-  during the backward pass and its gradient dropped (``step_in_backward``), so the peak holds the gradient of
-  one parameter instead of all; AdamW's update of a parameter does not depend on the others', so the
+* **gradients freed as they are used** (``step_in_backward``, on request): where nothing needs all gradients at
+  once (one process, no gradient accumulation, no clipping, no fp16 loss scaling), each parameter is stepped from
+  a post-accumulate-grad hook during the backward pass and its gradient dropped, so the peak holds the gradient
+  of one parameter instead of all; AdamW's update of a parameter does not depend on the others', so the
   weights come out the same;
 * a tqdm progress bar with the running loss.
 
@@ -76,10 +76,10 @@ class TrainingConfig(EditorConfig):
     )
     gradient_checkpointing: bool = False
     step_in_backward: bool = Field(
-        True,
+        False,
         description="step each parameter as soon as its gradient is complete and free that gradient (one gradient "
-        "alive instead of all, the same result); used only where it can be: one process, no accumulation, no "
-        "clipping, no fp16",
+        "alive instead of all, the same result, ~0.15 ms more per parameter and step on a CPU); used only where it "
+        "can be: one process, no accumulation, no clipping, no fp16",
     )
     checkpoint_dir: str | None = Field(None, description="folder for resumable checkpoints (null: none)")
     checkpoint_every: int = Field(0, ge=0, description="save every N steps (0: only at the end, if checkpoint_dir)")

@@ -296,7 +296,8 @@ def test_stepping_inside_the_backward_pass_frees_gradients_and_changes_no_bit():
 def test_stepping_inside_the_backward_pass_refuses_a_bad_loss_before_any_update():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(TrainingError, match="became nan"):
-        train({"p": p}, lambda step: p.sum() * float("nan"), TrainingConfig(steps=1, max_grad_norm=None, progress=False))
+        train({"p": p}, lambda step: p.sum() * float("nan"), TrainingConfig(steps=1, max_grad_norm=None, step_in_backward=True,
+                                                                                 progress=False))
     assert torch.equal(p.detach(), torch.ones(2))
 
 
