@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from conceptsmith.evaluation.attacks import embedding_attack
-from conceptsmith.evaluation.cache import digest, load_images
+from conceptsmith.evaluation.cache import digest, files_digest, load_images
 from conceptsmith.evaluation.prompt_attacks import (
     PromptAttackResult,
     PromptVocabulary,
@@ -222,7 +222,7 @@ class TextualInversion(Attack):
         conditions, info = [], {}
         for c in ctx.concepts:
             refs = ctx.references(c)
-            ti_key = digest("ti", ctx.edit_key, c, given, [str(r) for r in refs])
+            ti_key = digest("ti", ctx.edit_key, c, given, files_digest(refs))
 
             def compute(refs: list[Path] = refs) -> dict[str, Any]:
                 r = textual_inversion_attack(ctx.pipe, load_images(refs), **given)
@@ -288,7 +288,7 @@ class UnlearnDiffAtk(Attack):
             return unlearn_diff_attack(ctx.pipe, prompt, images, vocabulary=vocabulary, progress=ctx.progress, **params)
 
         def key(prompt: str) -> str:
-            return digest(ctx.edit_key, prompt, self.config.model_dump(), [str(r) for r in refs(prompt)])
+            return digest(ctx.edit_key, prompt, self.config.model_dump(), files_digest(refs(prompt)))
 
         found = _prompt_plan(self.name, ctx, run, key)
         return AttackPlan([c for c, _ in found], {"prompts": [f for _, f in found]}, count="union")

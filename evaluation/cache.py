@@ -9,6 +9,8 @@
   resolved params, the request (concepts, tokens, class words, preserve set, ...) with every reference image
   replaced by its bytes' digest, the edit it was fitted on top of, the seed and the package version. Run-time
   settings that do not change the result (progress bars, where class images or checkpoints live) stay out.
+* **Attack artifacts** (``attacks/*.json``: learned tokens, optimized prompts) are keyed the same way: the edit
+  key, the attack's params and the digest of the reference images' bytes, so moving ``--cache`` keeps them.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from conceptsmith.edits import Edit, parse_edit_spec
 from conceptsmith.evaluation.attack_plugins import AttackContext, score_attack
 from conceptsmith.evaluation.bench_metrics import ErasureRow, ImageRecord, compute_metrics
 from conceptsmith.evaluation.bench_spec import MethodSpec, method_config
-from conceptsmith.evaluation.cache import digest, edit_key, load_images
+from conceptsmith.evaluation.cache import digest, edit_key, files_digest, load_images
 from conceptsmith.evaluation.erasure_spec import ErasureBench, SweepSpec, TaskSpec
 from conceptsmith.evaluation.judges import judge_images, judge_settings, load_judges
 from conceptsmith.evaluation.session import Row, Session
@@ -235,7 +235,7 @@ def _method_images(session: Session, spec: MethodSpec, task: TaskSpec) -> list[P
         seeds = list(range(1000, 1000 + -(-spec.n_images // len(prompts))))
         paths = session.images.run("unedited", [(p, p) for p in prompts], seeds, desc=f"{task.name}: images of {concept}")
         chosen = [paths[(p, s)] for s in seeds for p in prompts][: spec.n_images]
-        folder = session.cache / "references" / digest("unedited", concept, [str(c) for c in chosen])
+        folder = session.cache / "references" / digest("unedited", concept, files_digest(chosen))
         if session.state.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             for i, path in enumerate(chosen):

@@ -126,7 +126,7 @@ def test_union_counting_by_hand():
         score_attack(AttackPlan(conditions, count="union"), predictions, seeds)
 
 
-def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file):
+def test_bench_runs_the_prompt_attacks_and_caches_them_by_content(tmp_path, evaluator_file):
     from conceptsmith.config import validate
     from conceptsmith.evaluation.engine import load_bench, run_bench
     from conceptsmith.evaluation.erasure_spec import ErasureBench
@@ -136,6 +136,7 @@ def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file)
         "attacks": [
             {"kind": "unlearndiffatk", "params": {"steps": 3, "prefix_tokens": 2}},
             {"kind": "p4d", "params": {"steps": 3, "n_tokens": 3, "trajectories": 1}},
+            {"kind": "textual_inversion", "params": {"steps": 2, "eval_samples": 1}},
         ]
     }
     cfg = validate(data, ErasureBench, "test")
@@ -151,7 +152,14 @@ def test_bench_runs_the_prompt_attacks_and_caches_them(tmp_path, evaluator_file)
     assert attacks["unlearndiffatk"]["asr"] == attacks["unlearndiffatk"]["info"]["asr_union"]
     assert attacks["p4d"]["asr"] == attacks["p4d"]["info"]["asr_attack"]
     stored = sorted(p.name.split("-")[0] for p in (tmp_path / "out" / "cache").glob("*/attacks/*.json"))
-    assert stored == ["p4d", "unlearndiffatk"]
+    assert stored == ["p4d", "ti", "unlearndiffatk"]
     again = run_bench(cfg, tmp_path / "out", **kw)
     assert again.generated == 0
     assert json.dumps(again.results["rows"][1]["attacks"]) == json.dumps(attacks)
+    # artifacts are keyed by what the attacks learn from (the reference images' bytes), not where the cache lies
+    artifacts = sorted(p.name for p in (tmp_path / "out" / "cache").glob("*/attacks/*.json"))
+    (tmp_path / "out" / "cache").rename(tmp_path / "moved")
+    moved = run_bench(cfg, tmp_path / "out2", cache_dir=tmp_path / "moved", **kw)
+    assert moved.generated == 0 and moved.trained == 0
+    assert sorted(p.name for p in (tmp_path / "moved").glob("*/attacks/*.json")) == artifacts
+    assert json.dumps(moved.results["rows"][1]["attacks"]) == json.dumps(attacks)
