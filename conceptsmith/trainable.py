@@ -67,9 +67,6 @@ def pipe_components(pipe: object) -> list[nn.Module]:
     return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
 
-
-
-
 def select_modules(model: nn.Module, include: str, exclude: str | None = None) -> list[str]:
     """Names of the Linear / Conv2d modules of ``model`` whose full name matches the regex ``include``
     (``re.search``) and not ``exclude``, in module order."""
