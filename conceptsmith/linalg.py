@@ -192,42 +192,7 @@ def solve_ridge(
             prior = None
     m = 0 if p is None else p.shape[0]
 
-    # -- the shared d_in x d_in system, factored once --------------------------------------------------
-    system = weighted_gram(c, a, dtype=dtype)
-    if p is not None:
-        system += weighted_gram(p, b, dtype=dtype)
-    if prior is not None:
-        system += prior
-    if lam == 0 and p is None and prior is None and k >= d_in:
-        raise SingularSystemError(
-            f"{k} edit vectors >= d_in = {d_in} input dimensions with lam = 0 and nothing preserved: the edit "
-            "over-determines the projection (not every edit can be met) and nothing ties the result to the "
-            "original weights, which would be overwritten by a least-squares fit. Set lam > 0 (e.g. 0.5, UCE's "
-            "default) or add preserve vectors."
-        )
-    system.diagonal().add_(lam)
-    condition = _condition_number(system)
-    chol, info = torch.linalg.cholesky_ex(system)
-    precision_lost = condition * torch.finfo(dtype).eps
-    if int(info) != 0 or not math.isfinite(condition) or (lam == 0 and precision_lost > 0.1):
-        rank = int(torch.linalg.matrix_rank(system - lam * torch.eye(d_in, dtype=dtype, device=device)))
-        if lam == 0:
-            raise SingularSystemError(
-                f"The system matrix is singular: with lam = 0 the {k} edit and {m} preserve vectors span only "
-                f"{rank} of the d_in = {d_in} input dimensions, so the edit is not unique. Set lam > 0 (e.g. 0.5, "
-                "UCE's default) or add preserve vectors that cover the remaining dimensions."
-            )
-        raise SingularSystemError(
-            f"The system matrix is numerically singular (condition number {condition:.3g} in {dtype}); "
-            f"increase lam (now {lam}) or solve in float64."
-        )
-    if precision_lost > 1e-3:
-        warnings.warn(
-            f"Ill-conditioned closed-form system (condition number {condition:.3g} in {dtype}): the edit may be "
-            "inaccurate. Increase lam or solve in float64.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    chol, condition = _factored_system(c, a, p, b, prior, lam, dtype)  # shared by every projection
 
     # down = A C^T M^-1 (shared by every projection): M is symmetric, so down^T = M^-1 C A.
     down = torch.cholesky_solve((c * a[:, None]).T.contiguous(), chol).T.contiguous()  # [k, d_in]
@@ -304,6 +269,53 @@ def solve_ridge(
         n_edit=k,
         n_preserve=m,
     )
+
+
+def _factored_system(
+    c: Tensor, a: Tensor, p: Tensor | None, b: Tensor | None, prior: Tensor | None, lam: float, dtype: torch.dtype
+) -> tuple[Tensor, float]:
+    """The Cholesky factor of :func:`solve_ridge`'s shared ``d_in x d_in`` system
+    ``M = C^T A C + P^T B P + prior + lam I`` and its condition number; a singular or, with ``lam = 0``,
+    numerically singular system is a :class:`SingularSystemError` naming the fix, an ill-conditioned one a
+    warning."""
+    k, d_in = c.shape
+    m = 0 if p is None else p.shape[0]
+    system = weighted_gram(c, a, dtype=dtype)
+    if p is not None:
+        system += weighted_gram(p, b, dtype=dtype)
+    if prior is not None:
+        system += prior
+    if lam == 0 and p is None and prior is None and k >= d_in:
+        raise SingularSystemError(
+            f"{k} edit vectors >= d_in = {d_in} input dimensions with lam = 0 and nothing preserved: the edit "
+            "over-determines the projection (not every edit can be met) and nothing ties the result to the "
+            "original weights, which would be overwritten by a least-squares fit. Set lam > 0 (e.g. 0.5, UCE's "
+            "default) or add preserve vectors."
+        )
+    system.diagonal().add_(lam)
+    condition = _condition_number(system)
+    chol, info = torch.linalg.cholesky_ex(system)
+    precision_lost = condition * torch.finfo(dtype).eps
+    if int(info) != 0 or not math.isfinite(condition) or (lam == 0 and precision_lost > 0.1):
+        rank = int(torch.linalg.matrix_rank(system - lam * torch.eye(d_in, dtype=dtype, device=system.device)))
+        if lam == 0:
+            raise SingularSystemError(
+                f"The system matrix is singular: with lam = 0 the {k} edit and {m} preserve vectors span only "
+                f"{rank} of the d_in = {d_in} input dimensions, so the edit is not unique. Set lam > 0 (e.g. 0.5, "
+                "UCE's default) or add preserve vectors that cover the remaining dimensions."
+            )
+        raise SingularSystemError(
+            f"The system matrix is numerically singular (condition number {condition:.3g} in {dtype}); "
+            f"increase lam (now {lam}) or solve in float64."
+        )
+    if precision_lost > 1e-3:
+        warnings.warn(
+            f"Ill-conditioned closed-form system (condition number {condition:.3g} in {dtype}): the edit may be "
+            "inaccurate. Increase lam or solve in float64.",
+            RuntimeWarning,
+            stacklevel=3,  # the caller of solve_ridge
+        )
+    return chol, condition
 
 
 def solve_constrained(
